@@ -1,0 +1,113 @@
+// Small CPU building blocks for the attention kernels: a row-major GEMM on top of the BLAS that torch
+// already links (no extra dependency), a branch-free exp the compiler vectorises, and tile loads that
+// read any strides and convert to float.
+#pragma once
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+extern "C" {
+// Fortran BLAS, exported by libtorch_cpu (MKL or OpenBLAS). Weak so a torch build without it still
+// loads; gemm_rm then uses the portable loop below.
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+            const float* beta, float* c, const int* ldc) __attribute__((weak));
+}
+
+namespace hierkern::cpu {
+
+// Row-major C[m, n] = alpha * op(A) op(B) + beta * C, where op(X) = X or X^T (trans_x true).
+inline void gemm_rm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
+                    const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c,
+                    int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  if (sgemm_ != nullptr) {
+    // A row-major matrix is its column-major transpose, so swap the operands.
+    const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
+    const int M = (int)n, N = (int)m, K = (int)k, LDA = (int)ldb, LDB = (int)lda, LDC = (int)ldc;
+    sgemm_(&tb, &ta, &M, &N, &K, &alpha, b, &LDA, a, &LDB, &beta, c, &LDC);
+    return;
+  }
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t j = 0; j < n; ++j) {
+      float acc = 0.f;
+      for (int64_t p = 0; p < k; ++p) {
+        const float av = trans_a ? a[p * lda + i] : a[i * lda + p];
+        const float bv = trans_b ? b[j * ldb + p] : b[p * ldb + j];
+        acc += av * bv;
+      }
+      c[i * ldc + j] = alpha * acc + (beta == 0.f ? 0.f : beta * c[i * ldc + j]);
+    }
+  }
+}
+
+// exp(x) with ~2 ulp error on [-87, 88]; exactly 0 below (so masked -inf scores vanish). Written
+// without branches so `#pragma omp simd` loops over it vectorise.
+inline float fast_exp(float x) {
+  const bool underflow = x < -87.0f;
+  x = std::min(std::max(x, -87.0f), 88.0f);
+  const float t = x * 1.44269504088896341f;
+  const float n = std::nearbyint(t);
+  const float f = x - n * 0.693145751953125f - n * 1.428606765330187e-06f;  // Cody-Waite
+  // exp(f) on |f| <= ln2/2, degree-6 minimax-style Taylor.
+  float p = 1.3888889e-3f;
+  p = p * f + 8.3333338e-3f;
+  p = p * f + 4.1666668e-2f;
+  p = p * f + 1.6666667e-1f;
+  p = p * f + 0.5f;
+  p = p * f + 1.0f;
+  p = p * f + 1.0f;
+  const int32_t bits = ((int32_t)n + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return underflow ? 0.0f : p * scale;
+}
+
+template <typename T>
+inline float to_f(T x) { return static_cast<float>(x); }
+
+// Pointer to a rows x cols float tile of `base` (strides in elements). float data with unit column
+// stride is used in place (ld = row stride); anything else is converted into `buf` (ld = cols).
+template <typename T>
+inline const float* load_tile(const T* base, int64_t rows, int64_t cols, int64_t row_stride,
+                              int64_t col_stride, float* buf, int64_t* ld) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (col_stride == 1) {
+      *ld = row_stride;
+      return base;
+    }
+  }
+  for (int64_t i = 0; i < rows; ++i) {
+    const T* src = base + i * row_stride;
+    float* dst = buf + i * cols;
+    if (col_stride == 1) {
+#pragma omp simd
+      for (int64_t j = 0; j < cols; ++j) dst[j] = to_f(src[j]);
+    } else {
+      for (int64_t j = 0; j < cols; ++j) dst[j] = to_f(src[j * col_stride]);
+    }
+  }
+  *ld = cols;
+  return buf;
+}
+
+// Writes a rows x cols float tile (ld = cols) to `base` with any strides, converting to T.
+template <typename T>
+inline void store_tile(const float* tile, int64_t rows, int64_t cols, T* base, int64_t row_stride,
+                       int64_t col_stride) {
+  for (int64_t i = 0; i < rows; ++i) {
+    T* dst = base + i * row_stride;
+    const float* src = tile + i * cols;
+    if (col_stride == 1) {
+      for (int64_t j = 0; j < cols; ++j) dst[j] = static_cast<T>(src[j]);
+    } else {
+      for (int64_t j = 0; j < cols; ++j) dst[j * col_stride] = static_cast<T>(src[j]);
+    }
+  }
+}
+
+}  // namespace hierkern::cpu

@@ -1,0 +1,32 @@
+// Every hierkern operator schema, in one place. Kernels register against these names from
+// csrc/cpu/*.cpp, csrc/cuda/*.cu (C++) and hierkern/ops/*/triton.py (Triton, via torch.library).
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// `import hierkern._C` loads this library, which runs the TORCH_LIBRARY registrations below.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(hierkern, m) {
+  // Interval attention: query row r sees the (at most two) key ranges that `pattern` derives from the
+  // segment `offsets` (int32, cumulative, offsets[0] == 0, offsets[-1] == seq len) and `block_size`.
+  // q (B, L, H, D), k/v (B, L, Hkv, D) with H % Hkv == 0; returns out (B, L, H, D) and the float32
+  // log-sum-exp (B, H, L) that the backward pass needs.
+  m.def("interval_attn_fwd(Tensor q, Tensor k, Tensor v, Tensor offsets, int pattern, int block_size, "
+        "float scale) -> (Tensor, Tensor)");
+  m.def("interval_attn_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+        "Tensor offsets, int pattern, int block_size, float scale) -> (Tensor, Tensor, Tensor)");
+  // The Triton kernels take host-built tile schedules as extra metadata (hierkern/ops/attention/
+  // tiling.py): q_tiles / dq_tiles are (n, 4) int32 rows (q_start, q_end, k_start, k_end) for the
+  // forward and dQ passes, k_tiles rows (k_start, k_end, q_start, q_end) for the dK/dV pass. The
+  // forward takes the backward's schedules too so autograd can hand them on without a host sync.
+  m.def("interval_attn_fwd_triton(Tensor q, Tensor k, Tensor v, Tensor offsets, Tensor q_tiles, "
+        "Tensor dq_tiles, Tensor k_tiles, int pattern, int block_size, float scale) -> (Tensor, Tensor)");
+  m.def("interval_attn_bwd_triton(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
+        "Tensor lse, Tensor offsets, Tensor dq_tiles, Tensor k_tiles, int pattern, int block_size, "
+        "float scale) -> (Tensor, Tensor, Tensor)");
+}

@@ -1,0 +1,116 @@
+"""Interval attention: torch.library registration (fake kernels, autograd, Triton kernels) and the
+backend dispatch behind every public attention wrapper (next_scale_attention, ...)."""
+import torch
+
+from ... import _backend
+from . import reference, tiling
+
+_LIB = "hierkern"
+
+
+def _fake_fwd(q, k, v):
+    out = q.new_empty(q.shape[:3] + (v.shape[3],))
+    lse = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
+    return out, lse
+
+
+def _fake_bwd(q, k, v):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _register():
+    if not _backend.has_compiled_ops():
+        return
+
+    @torch.library.register_fake(f"{_LIB}::interval_attn_fwd")
+    def _(q, k, v, offsets, pattern, block_size, scale):
+        return _fake_fwd(q, k, v)
+
+    @torch.library.register_fake(f"{_LIB}::interval_attn_bwd")
+    def _(grad_out, q, k, v, out, lse, offsets, pattern, block_size, scale):
+        return _fake_bwd(q, k, v)
+
+    @torch.library.register_fake(f"{_LIB}::interval_attn_fwd_triton")
+    def _(q, k, v, offsets, q_tiles, dq_tiles, k_tiles, pattern, block_size, scale):
+        return _fake_fwd(q, k, v)
+
+    @torch.library.register_fake(f"{_LIB}::interval_attn_bwd_triton")
+    def _(grad_out, q, k, v, out, lse, offsets, dq_tiles, k_tiles, pattern, block_size, scale):
+        return _fake_bwd(q, k, v)
+
+    # Autograd: the forward saves q, k, v, out and the float32 log-sum-exp; the backward recomputes
+    # the probabilities tile by tile (no L x L tensor is kept).
+    def _setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:3], inputs[3], *output)
+        ctx.args = inputs[4:]
+
+    def _bwd_cpp(ctx, grad_out, grad_lse):
+        q, k, v, offsets, out, lse = ctx.saved_tensors
+        pattern, block_size, scale = ctx.args
+        dq, dk, dv = torch.ops.hierkern.interval_attn_bwd(grad_out, q, k, v, out, lse, offsets, pattern,
+                                                          block_size, scale)
+        return dq, dk, dv, None, None, None, None
+
+    torch.library.register_autograd(f"{_LIB}::interval_attn_fwd", _bwd_cpp, setup_context=_setup)
+
+    def _setup_triton(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:7], *output)
+        ctx.args = inputs[7:]
+
+    def _bwd_triton(ctx, grad_out, grad_lse):
+        q, k, v, offsets, _, dq_tiles, k_tiles, out, lse = ctx.saved_tensors
+        pattern, block_size, scale = ctx.args
+        dq, dk, dv = torch.ops.hierkern.interval_attn_bwd_triton(
+            grad_out, q, k, v, out, lse, offsets, dq_tiles, k_tiles, pattern, block_size, scale)
+        return dq, dk, dv, None, None, None, None, None, None, None
+
+    torch.library.register_autograd(f"{_LIB}::interval_attn_fwd_triton", _bwd_triton,
+                                    setup_context=_setup_triton)
+
+    if _backend.has_triton():
+        # CPU tensors reach the Triton kernels only under the interpreter (tests without a GPU).
+        keys = ["cuda"] + (["cpu"] if _backend.triton_interpreted() else [])
+        for key in keys:
+            torch.library.register_kernel(f"{_LIB}::interval_attn_fwd_triton", key, _triton_fwd)
+            torch.library.register_kernel(f"{_LIB}::interval_attn_bwd_triton", key, _triton_bwd)
+
+
+def _triton_fwd(q, k, v, offsets, q_tiles, dq_tiles, k_tiles, pattern, block_size, scale):
+    from . import triton as tk  # imported on first use: importing triton costs about a second
+    return tk.interval_attn_fwd(q, k, v, offsets, q_tiles, pattern, block_size, scale)
+
+
+def _triton_bwd(grad_out, q, k, v, out, lse, offsets, dq_tiles, k_tiles, pattern, block_size, scale):
+    from . import triton as tk
+    return tk.interval_attn_bwd(grad_out, q, k, v, out, lse, offsets, dq_tiles, k_tiles, pattern,
+                                block_size, scale)
+
+
+_register()
+
+
+def interval_attention(q, k, v, offsets, offsets_tensor, pattern, block_size, scale, impl,
+                       opname, return_lse=False):
+    """Run interval attention on the resolved backend.
+
+    offsets: the host tuple of cumulative segment offsets; offsets_tensor(device) returns the cached
+    int32 device copy. Inputs are already validated by the public wrapper."""
+    if impl == "reference":
+        out, lse = reference.interval_attention_reference(q, k, v, offsets, pattern, scale, return_lse=True)
+    elif impl == "cpu":
+        out, lse = torch.ops.hierkern.interval_attn_fwd(q, k, v, offsets_tensor(q.device), pattern,
+                                                       block_size, scale)
+    elif impl == "triton":
+        from . import triton as tk
+        d = q.shape[-1]
+        fbm, _ = tk.fwd_blocks(d, q.dtype, q.device)
+        bbm, bbn = tk.bwd_blocks(d, q.dtype, q.device)
+        out, lse = torch.ops.hierkern.interval_attn_fwd_triton(
+            q, k, v, offsets_tensor(q.device),
+            tiling.q_tiles(offsets, pattern, fbm, q.device),
+            tiling.q_tiles(offsets, pattern, bbm, q.device),
+            tiling.k_tiles(offsets, pattern, bbn, q.device), pattern, block_size, scale)
+    else:
+        out, lse = torch.ops.hierkern.interval_attn_fwd(q, k, v, offsets_tensor(q.device), pattern,
+                                                       block_size, scale)
+    return (out, lse) if return_lse else out
