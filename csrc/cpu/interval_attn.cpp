@@ -96,6 +96,9 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const int64_t nseg = offsets.numel() - 1;
   TORCH_CHECK(off[0] == 0 && off[nseg] == q.size(1) && off[nseg] == k.size(1),
               "hierkern::interval_attn: offsets must start at 0 and end at the sequence length");
+  for (int64_t i = 0; i < nseg; ++i)
+    TORCH_CHECK(off[i] < off[i + 1], "hierkern::interval_attn: offsets must be strictly increasing, got offsets[",
+                i, "] = ", off[i], " >= offsets[", i + 1, "] = ", off[i + 1]);
 }
 
 template <typename T>
