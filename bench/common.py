@@ -215,6 +215,25 @@ def flex_mask_mod(cfg: Config, device):
     return mask_mod
 
 
+_FLEX_BWD_PROBE = {}
+
+
+def flex_backward_error(device) -> str | None:
+    """Why flex_attention cannot differentiate on `device` (None if it can). Probed once with a tiny
+    eager call: a failing call inside the compiled wrapper can leave dynamo running that code
+    eagerly for later (unrelated) calls, so the compiled function never sees an unsupported call."""
+    key = str(device)
+    if key not in _FLEX_BWD_PROBE:
+        from torch.nn.attention.flex_attention import flex_attention
+        try:
+            t = torch.randn(1, 1, 128, 16, device=device, requires_grad=True)
+            flex_attention(t, t, t).sum().backward()
+            _FLEX_BWD_PROBE[key] = None
+        except Exception as e:  # noqa: BLE001
+            _FLEX_BWD_PROBE[key] = _short_error(e)
+    return _FLEX_BWD_PROBE[key]
+
+
 def make_block_mask(cfg: Config, device):
     from torch.nn.attention.flex_attention import create_block_mask
     return create_block_mask(flex_mask_mod(cfg, device), None, None, cfg.L, cfg.L, device=device)
@@ -302,6 +321,10 @@ class Case:
 
     def step(self, peer: str, op: str) -> Callable[[], object]:
         """A zero-argument callable doing one forward (op='fwd') or forward+backward."""
+        if peer == "flex" and op == "fwd+bwd":
+            err = flex_backward_error(self.device)
+            if err is not None:
+                raise Unsupported(err)
         f = self.forward_fn(peer)
         if op == "fwd":
             q, k, v = self.q, self.k, self.v
@@ -409,48 +432,105 @@ def peak_memory_bytes(fn: Callable, device: str) -> int:
 def _short_error(e: BaseException) -> str:
     msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
     msg = msg[:160]
+    if isinstance(e, Unsupported):
+        return msg
     return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+
+
+def new_row(case: Case, peer: str, op: str) -> dict:
+    cfg = case.cfg
+    return {"config": cfg.name, "config_id": cfg.id, "op": op, "peer": peer,
+            "label": case.hierkern_label() if peer == "hierkern" else PEER_LABELS[peer],
+            "flops": cfg.flops(op) if op in OPS else None, "median_ms": None, "tflops": None,
+            "peak_mb": None, "reps": 0, "times_ms": [], "error": None}
+
+
+def prepare(case: Case, peer: str, op: str, policy: TimingPolicy, memory: bool = True):
+    """Build the step for (peer, op) and run its warm-up calls. Returns (row, fn, est_s); fn is None
+    when the peer cannot run (row['error'] says why).
+
+    CPU: the first call runs under the memory profiler (it doubles as the warm-up; its time, with
+    profiler overhead, only sizes the number of reps). flex: the first call is the torch.compile
+    call, timed on its own as compile_s. CUDA: memory is taken on a call after the warm-ups (so
+    compile/autotune allocations are not counted)."""
+    device = case.device
+    row = new_row(case, peer, op)
+    try:
+        fn = case.step(peer, op)
+        if peer == "flex":
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            row["compile_s"] = round(time.perf_counter() - t0, 3)
+        est = None
+        if device == "cpu":
+            t0 = time.perf_counter()
+            if memory:
+                row["peak_mb"] = peak_memory_bytes(fn, device) / 2**20
+            else:
+                fn()
+            est = time.perf_counter() - t0
+            for _ in range(policy.warmup - 1):
+                est = time_call(fn, device)
+        else:
+            for _ in range(max(policy.warmup, 1)):
+                est = time_call(fn, device)
+            if memory:
+                row["peak_mb"] = peak_memory_bytes(fn, device) / 2**20
+    except Exception as e:  # noqa: BLE001 - a peer failing is a result, not a crash
+        row["error"] = _short_error(e)
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        return row, None, None
+    return row, fn, est
+
+
+def measure_group(case: Case, peers, op: str, policy: TimingPolicy, memory: bool = True,
+                  min_reps: dict | None = None) -> list:
+    """Measure all `peers` for one (config, op). Timed calls are interleaved round-robin across
+    the peers, so background load on a shared machine hits every peer alike; each peer gets
+    clamp(budget_s / its warm-up time, min_reps, max_reps) reps (min_reps may be lowered per peer)."""
+    entries = []
+    rows = []
+    for peer in peers:
+        row, fn, est = prepare(case, peer, op, policy, memory)
+        rows.append(row)
+        if fn is not None:
+            lo = (min_reps or {}).get(peer, policy.min_reps)
+            reps = max(lo, min(policy.max_reps, int(policy.budget_s / max(est, 1e-9))))
+            entries.append((row, fn, reps))
+    times = {id(row): [] for row, _, _ in entries}
+    try:
+        for r in range(max([n for _, _, n in entries], default=0)):
+            for row, fn, n in entries:
+                if r < n and row["error"] is None:
+                    try:
+                        times[id(row)].append(time_call(fn, case.device))
+                    except Exception as e:  # noqa: BLE001
+                        row["error"] = _short_error(e)
+    finally:
+        if case.device == "cuda":
+            torch.cuda.empty_cache()
+    for row, _, _ in entries:
+        ts = times[id(row)]
+        if row["error"] is None and ts:
+            med = statistics.median(ts)
+            row.update(median_ms=med * 1e3, min_ms=min(ts) * 1e3, tflops=row["flops"] / med / 1e12, reps=len(ts),
+                       times_ms=[t * 1e3 for t in ts])
+    return rows
 
 
 def measure(case: Case, peer: str, op: str, policy: TimingPolicy, memory: bool = True,
             min_reps: int | None = None) -> dict:
-    """Time one (peer, op) on a case. Never raises for a peer that cannot run: returns error='...'.
-
-    Order: a first call (for flex this is the torch.compile call, timed on its own as compile_s),
-    the memory call, then time_fn's warm-up + timed reps."""
-    cfg, device = case.cfg, case.device
-    row = {"config": cfg.name, "config_id": cfg.id, "op": op, "peer": peer,
-           "label": case.hierkern_label() if peer == "hierkern" else PEER_LABELS[peer],
-           "flops": cfg.flops(op), "median_ms": None, "tflops": None, "peak_mb": None,
-           "reps": 0, "times_ms": [], "error": None}
-    try:
-        fn = case.step(peer, op)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        first_s = time.perf_counter() - t0
-        if peer == "flex":
-            row["compile_s"] = round(first_s, 3)
-        if memory:
-            row["peak_mb"] = peak_memory_bytes(fn, device) / 2**20
-        med, times = time_fn(fn, device, policy, min_reps=min_reps)
-    except Exception as e:  # noqa: BLE001 - a peer failing is a result, not a crash
-        row["error"] = _short_error(e)
-        return row
-    finally:
-        if device == "cuda":
-            torch.cuda.empty_cache()
-    row.update(median_ms=med * 1e3, tflops=cfg.flops(op) / med / 1e12, reps=len(times),
-               times_ms=[t * 1e3 for t in times])
-    return row
+    """One (peer, op) on its own (see measure_group)."""
+    return measure_group(case, [peer], op, policy, memory,
+                         None if min_reps is None else {peer: min_reps})[0]
 
 
 def measure_block_mask(case: Case, reps: int = 5) -> dict:
     """create_block_mask for this config, timed on its own (median of `reps` after one warm-up)."""
     cfg, device = case.cfg, case.device
-    row = {"config": cfg.name, "config_id": cfg.id, "op": "mask", "peer": "flex_block_mask",
-           "label": PEER_LABELS["flex_block_mask"], "flops": None, "median_ms": None, "tflops": None,
-           "peak_mb": None, "reps": 0, "times_ms": [], "error": None}
+    row = new_row(case, "flex_block_mask", "mask")
     try:
         make_block_mask(cfg, device)
         sync(device)

@@ -5,10 +5,16 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define HK_AVX2 1
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 
 extern "C" {
 // Fortran BLAS, exported by libtorch_cpu (MKL or OpenBLAS). Weak so a torch build without it still
@@ -65,6 +71,84 @@ inline float fast_exp(float x) {
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   return underflow ? 0.0f : p * scale;
+}
+
+#ifdef HK_AVX2
+// Eight lanes of fast_exp (same polynomial, same error, same exact 0 below -87).
+inline __m256 exp8(__m256 x) {
+  const __m256 underflow = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_LT_OQ);
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 f = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
+  f = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), f);
+  __m256 p = _mm256_set1_ps(1.3888889e-3f);
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(8.3333338e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(4.1666668e-2f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.6666667e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(underflow, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline float hmax8(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+#endif
+
+inline float row_max(const float* x, int64_t n) {
+  float mx = -std::numeric_limits<float>::infinity();
+  int64_t j = 0;
+#ifdef HK_AVX2
+  __m256 vm = _mm256_set1_ps(mx);
+  for (; j + 8 <= n; j += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(x + j));
+  mx = hmax8(vm);
+#endif
+  for (; j < n; ++j) mx = std::max(mx, x[j]);
+  return mx;
+}
+
+// x[j] = exp(x[j] - m) in place; returns the sum.
+inline float exp_sub_sum(float* x, int64_t n, float m) {
+  float sum = 0.f;
+  int64_t j = 0;
+#ifdef HK_AVX2
+  const __m256 vm = _mm256_set1_ps(m);
+  __m256 vs = _mm256_setzero_ps();
+  for (; j + 8 <= n; j += 8) {
+    const __m256 p = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + j), vm));
+    _mm256_storeu_ps(x + j, p);
+    vs = _mm256_add_ps(vs, p);
+  }
+  sum = hsum8(vs);
+#endif
+  for (; j < n; ++j) {
+    x[j] = fast_exp(x[j] - m);
+    sum += x[j];
+  }
+  return sum;
+}
+
+// x[j] = exp(x[j] - m) in place (the backward, with m the row's log-sum-exp).
+inline void exp_sub(float* x, int64_t n, float m) {
+  int64_t j = 0;
+#ifdef HK_AVX2
+  const __m256 vm = _mm256_set1_ps(m);
+  for (; j + 8 <= n; j += 8) _mm256_storeu_ps(x + j, exp8(_mm256_sub_ps(_mm256_loadu_ps(x + j), vm)));
+#endif
+  for (; j < n; ++j) x[j] = fast_exp(x[j] - m);
 }
 
 template <typename T>

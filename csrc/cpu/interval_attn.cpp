@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <limits>
 #include <vector>
 
@@ -15,8 +16,14 @@
 namespace hierkern::cpu {
 namespace {
 
-constexpr int64_t kBlockQ = 64;
-constexpr int64_t kBlockK = 128;
+// Tile sizes; HIERKERN_CPU_BLOCK_Q / HIERKERN_CPU_BLOCK_K override them (read once) for tuning.
+int64_t env_block(const char* name, int64_t dflt) {
+  const char* s = std::getenv(name);
+  const int64_t v = s ? std::atoll(s) : 0;
+  return v > 0 ? v : dflt;
+}
+const int64_t kBlockQ = env_block("HIERKERN_CPU_BLOCK_Q", 128);
+const int64_t kBlockK = env_block("HIERKERN_CPU_BLOCK_K", 512);
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 enum class TileKind { kEmpty, kFull, kPartial };
@@ -62,6 +69,33 @@ struct RowRanges {
     }
   }
 };
+
+// Scale-aligned query tiles (the same rule as hierkern/ops/attention/tiling.py): consecutive small
+// segments share a tile, big ones are split into full tiles. Rows of a tile inside one segment share
+// their key ranges, so its key tiles need no mask and no key is computed only to be masked away.
+std::vector<std::pair<int64_t, int64_t>> query_blocks(const int32_t* off, int64_t nseg, int64_t bq) {
+  std::vector<std::pair<int64_t, int64_t>> tiles;
+  int64_t cur0 = 0, cur1 = 0;
+  for (int64_t i = 0; i < nseg; ++i) {
+    const int64_t s0 = off[i], s1 = off[i + 1], n = s1 - s0;
+    if (n <= bq && cur1 - cur0 + n <= bq) {
+      cur1 = s1;
+      continue;
+    }
+    if (cur1 > cur0) tiles.emplace_back(cur0, cur1);
+    if (n <= bq) {
+      cur0 = s0;
+      cur1 = s1;
+      continue;
+    }
+    const int64_t rem = n % bq;
+    for (int64_t t = s0; t + bq <= s1; t += bq) tiles.emplace_back(t, t + bq);
+    cur0 = s1 - rem;
+    cur1 = s1;
+  }
+  if (cur1 > cur0) tiles.emplace_back(cur0, cur1);
+  return tiles;
+}
 
 struct Dims {
   int64_t B, L, H, D, Lk, Hk, Dv, group;
@@ -115,7 +149,8 @@ void fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   T* op = out.mutable_data_ptr<T>();
   float* lp = lse.mutable_data_ptr<float>();
   const auto qs = q.strides(), ks = k.strides(), vs = v.strides(), os = out.strides();
-  const int64_t n_qt = (d.L + kBlockQ - 1) / kBlockQ;
+  const auto qblocks = query_blocks(off, nseg, kBlockQ);
+  const int64_t n_qt = (int64_t)qblocks.size();
 
   at::parallel_for(0, d.B * d.H * n_qt, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qbuf(kBlockQ * d.D), kbuf(kBlockK * d.D), vbuf(kBlockK * d.Dv);
@@ -124,7 +159,7 @@ void fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     for (int64_t task = begin; task < end; ++task) {
       const int64_t qt = task % n_qt, h = (task / n_qt) % d.H, b = task / (n_qt * d.H);
       const int64_t hk = h / d.group;
-      const int64_t r0 = qt * kBlockQ, r1 = std::min(d.L, r0 + kBlockQ), nr = r1 - r0;
+      const int64_t r0 = qblocks[qt].first, r1 = qblocks[qt].second, nr = r1 - r0;
       rr.build(off, nseg, pattern, r0, r1);
       int64_t ldq;
       const float* qt_ptr = load_tile(qp + b * qs[0] + r0 * qs[1] + h * qs[2], nr, d.D, qs[1], qs[3],
@@ -145,20 +180,12 @@ void fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         if (kind == TileKind::kPartial) rr.mask(s.data(), nc, c0, c1);
         for (int64_t i = 0; i < nr; ++i) {
           float* si = s.data() + i * nc;
-          float mx = kNegInf;
-          for (int64_t j = 0; j < nc; ++j) mx = std::max(mx, si[j]);
-          const float m_new = std::max(m[i], mx);
+          const float m_new = std::max(m[i], row_max(si, nc));
           if (m_new == kNegInf) {  // row sees nothing yet: keep P = 0
             std::fill(si, si + nc, 0.f);
             continue;
           }
-          float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-          for (int64_t j = 0; j < nc; ++j) {
-            const float p = fast_exp(si[j] - m_new);
-            si[j] = p;
-            sum += p;
-          }
+          const float sum = exp_sub_sum(si, nc, m_new);
           const float alpha = fast_exp(m[i] - m_new);
           float* ai = acc.data() + i * d.Dv;
           if (alpha != 1.f)
@@ -199,7 +226,7 @@ void bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k
   T* dvp = dv.mutable_data_ptr<T>();
   const auto qs = q.strides(), ks = k.strides(), vs = v.strides(), os = out.strides(),
              gs = dout.strides(), dqs = dq.strides(), dks = dk.strides(), dvs = dv.strides();
-  const int64_t n_qt = (d.L + kBlockQ - 1) / kBlockQ;
+  const auto qblocks = query_blocks(off, nseg, kBlockQ);
 
   at::parallel_for(0, d.B * d.Hk, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qbuf(kBlockQ * d.D), gbuf(kBlockQ * d.Dv), obuf(kBlockQ * d.Dv);
@@ -212,8 +239,8 @@ void bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k
       std::fill(dka.begin(), dka.end(), 0.f);
       std::fill(dva.begin(), dva.end(), 0.f);
       for (int64_t h = hk * d.group; h < (hk + 1) * d.group; ++h) {
-        for (int64_t qt = 0; qt < n_qt; ++qt) {
-          const int64_t r0 = qt * kBlockQ, r1 = std::min(d.L, r0 + kBlockQ), nr = r1 - r0;
+        for (const auto& [r0, r1] : qblocks) {
+          const int64_t nr = r1 - r0;
           rr.build(off, nseg, pattern, r0, r1);
           int64_t ldq, ldg, ldo;
           const float* qt_ptr = load_tile(qp + b * qs[0] + r0 * qs[1] + h * qs[2], nr, d.D, qs[1],
@@ -240,12 +267,7 @@ void bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k
                                         vs[3], vbuf.data(), &ldv);
             gemm_rm(false, true, nr, nc, d.D, scale, qt_ptr, ldq, kt, ldk, 0.f, p.data(), nc);
             if (kind == TileKind::kPartial) rr.mask(p.data(), nc, c0, c1);
-            for (int64_t i = 0; i < nr; ++i) {
-              float* pi = p.data() + i * nc;
-              const float li = lrow[i];
-#pragma omp simd
-              for (int64_t j = 0; j < nc; ++j) pi[j] = fast_exp(pi[j] - li);
-            }
+            for (int64_t i = 0; i < nr; ++i) exp_sub(p.data() + i * nc, nc, lrow[i]);
             // dV += P^T dO ; dP = dO V^T ; dS = P (dP - delta) ; dQ += dS K ; dK += dS^T Q
             gemm_rm(true, false, nc, d.Dv, nr, 1.f, p.data(), nc, gt, ldg, 1.f,
                     dva.data() + c0 * d.Dv, d.Dv);

@@ -29,13 +29,12 @@ import triton.language as tl
 from .patterns import SEGMENT_CAUSAL, SEGMENT_DIAGONAL
 
 LOG2E = math.log2(math.e)
-LN2 = math.log(2.0)
+_LOG2E: tl.constexpr = tl.constexpr(LOG2E)
+_LN2: tl.constexpr = tl.constexpr(math.log(2.0))
 
 # Integers that change with the sequence length or the tile schedule: never specialised (neither on
 # value 1 nor on divisibility by 16), so one compiled kernel serves every layout.
-_VARYING = ["stride_qb", "stride_kb", "stride_vb", "stride_ob", "stride_dob", "stride_dqb", "stride_dkb",
-            "stride_dvb", "stride_lb", "stride_lh", "stride_deb", "stride_deh", "seq_len", "n_seg",
-            "pattern", "block_size"]
+_VARYING = ["stride_lb", "stride_lh", "stride_deb", "stride_deh", "seq_len", "n_seg", "pattern", "block_size"]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -76,28 +75,34 @@ def _key_query_range(Offsets, n_seg, pattern, block_size, cols):
 
 
 @triton.jit
-def _interior_blocks(span_start, span_end, full_lo, full_hi, BLOCK: tl.constexpr):
-    """Blocks [span_start + t * BLOCK) for t < n cover the span; blocks t in [t_a, t_b) lie inside
-    [full_lo, full_hi), the part every valid row (or key) of the tile sees, and need no element mask."""
-    n = (span_end - span_start + BLOCK - 1) // BLOCK
-    t_a = tl.minimum(tl.maximum((full_lo - span_start + BLOCK - 1) // BLOCK, 0), n)
-    t_b = tl.maximum(tl.minimum((full_hi - span_start) // BLOCK, n), t_a)
-    return t_a, t_b, n
+def _full_span(idx, idx_ok, lo, hi, fallback_hi):
+    """Mask padding entries out of per-entry ranges (a padding row / key sees nothing) and return the
+    scalars (max lo, min hi) over the valid entries: the span every valid entry of the tile sees."""
+    lo = tl.where(idx_ok, lo, 0)
+    hi = tl.where(idx_ok, hi, 0)
+    full_lo = tl.max(lo, 0)
+    full_hi = tl.min(tl.where(idx_ok, hi, fallback_hi), 0)
+    return lo, hi, full_lo, full_hi
 
 
 @triton.jit
-def _load_tile(ptrs, idx_ok, d_ok, MASK_IDX: tl.constexpr, EVEN_D: tl.constexpr):
-    """Load a (rows, BLOCK_D) tile, masking only what can be out of range (unmasked loads vectorise)."""
-    if MASK_IDX:
-        if EVEN_D:
-            x = tl.load(ptrs, mask=idx_ok[:, None], other=0.0)
-        else:
-            x = tl.load(ptrs, mask=idx_ok[:, None] & d_ok[None, :], other=0.0)
+def _load_rows(ptrs, row_ok, d_ok, EVEN_D: tl.constexpr):
+    """(rows, BLOCK_D) tile; rows past the end read 0. The row mask is constant along the contiguous
+    head dim, so loads stay vectorised; the head-dim mask exists only when HEAD_DIM < BLOCK_D."""
+    if EVEN_D:
+        x = tl.load(ptrs, mask=row_ok[:, None], other=0.0)
     else:
-        if EVEN_D:
-            x = tl.load(ptrs)
-        else:
-            x = tl.load(ptrs, mask=d_ok[None, :], other=0.0)
+        x = tl.load(ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    return x
+
+
+@triton.jit
+def _load_cols(ptrs, col_ok, d_ok, EVEN_D: tl.constexpr):
+    """(BLOCK_D, cols) tile: a transposed operand loaded directly in the layout the dot consumes."""
+    if EVEN_D:
+        x = tl.load(ptrs, mask=col_ok[None, :], other=0.0)
+    else:
+        x = tl.load(ptrs, mask=col_ok[None, :] & d_ok[:, None], other=0.0)
     return x
 
 
@@ -105,25 +110,19 @@ def _load_tile(ptrs, idx_ok, d_ok, MASK_IDX: tl.constexpr, EVEN_D: tl.constexpr)
 # Forward
 # ----------------------------------------------------------------------------------------------------
 @triton.jit
-def _fwd_step(acc, l_i, m_i, q, K_base, V_base, stride_kl, stride_kd, stride_vl, stride_vd, start_n,
-              k_end, lo, hi, offs_d, d_ok, qk_scale, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr,
-              MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _fwd_step(acc, l_i, m_i, q, K_base, V_base, stride_kl, stride_kd, stride_vl, stride_vd, start_n, k_end,
+              edge, lo, hi, offs_d, d_ok, qk_scale, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr,
+              DOT_PRECISION: tl.constexpr):
     cols = start_n + tl.arange(0, BLOCK_N)
     col_ok = cols < k_end
-    k = _load_tile(K_base + cols[:, None] * stride_kl + offs_d[None, :] * stride_kd, col_ok, d_ok,
-                   MASKED, EVEN_D)
-    v = _load_tile(V_base + cols[:, None] * stride_vl + offs_d[None, :] * stride_vd, col_ok, d_ok,
-                   MASKED, EVEN_D)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-    if MASKED:
-        visible = (cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None])
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row that has seen no key yet keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN.
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    else:
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = m_new
+    k_t = _load_cols(K_base + cols[None, :] * stride_kl + offs_d[:, None] * stride_kd, col_ok, d_ok, EVEN_D)
+    v = _load_rows(V_base + cols[:, None] * stride_vl + offs_d[None, :] * stride_vd, col_ok, d_ok, EVEN_D)
+    s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale
+    if edge:  # a block at the edge of the visible span: element mask
+        s = tl.where((cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None]), s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A row that has seen no key yet keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN.
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.math.exp2(s - m_use[:, None])
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
@@ -156,38 +155,27 @@ def _fwd_kernel(Q, K, V, Out, Lse, Offsets, Tiles,
     row_ok = rows < q_end
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    q = _load_tile(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_ql + offs_d[None, :] * stride_qd,
-                   row_ok, d_ok, True, EVEN_D)
-
+    q = _load_rows(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_ql + offs_d[None, :] * stride_qd,
+                   row_ok, d_ok, EVEN_D)
     lo, hi = _row_key_range(Offsets, n_seg, pattern, block_size, rows)
-    lo = tl.where(row_ok, lo, 0)  # padding rows see nothing
-    hi = tl.where(row_ok, hi, 0)
-    full_lo = tl.max(tl.where(row_ok, lo, 0), 0)
-    full_hi = tl.min(tl.where(row_ok, hi, k_end), 0)
-    t_a, t_b, n_blocks = _interior_blocks(k_start, k_end, full_lo, full_hi, BLOCK_N)
+    lo, hi, full_lo, full_hi = _full_span(rows, row_ok, lo, hi, k_end)
 
     K_base = K + b * stride_kb + hk * stride_kh
     V_base = V + b * stride_vb + hk * stride_vh
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    for t in range(0, t_a):
+    for start_n in range(k_start, k_end, BLOCK_N):
+        edge = (start_n < full_lo) | (start_n + BLOCK_N > full_hi)
         acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, K_base, V_base, stride_kl, stride_kd, stride_vl, stride_vd,
-                                  k_start + t * BLOCK_N, k_end, lo, hi, offs_d, d_ok, qk_scale, BLOCK_N,
-                                  EVEN_D, True, DOT_PRECISION)
-    for t in range(t_a, t_b):
-        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, K_base, V_base, stride_kl, stride_kd, stride_vl, stride_vd,
-                                  k_start + t * BLOCK_N, k_end, lo, hi, offs_d, d_ok, qk_scale, BLOCK_N,
-                                  EVEN_D, False, DOT_PRECISION)
-    for t in range(t_b, n_blocks):
-        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, K_base, V_base, stride_kl, stride_kd, stride_vl, stride_vd,
-                                  k_start + t * BLOCK_N, k_end, lo, hi, offs_d, d_ok, qk_scale, BLOCK_N,
-                                  EVEN_D, True, DOT_PRECISION)
+                                  start_n, k_end, edge, lo, hi, offs_d, d_ok, qk_scale, BLOCK_N, EVEN_D,
+                                  DOT_PRECISION)
 
     # Rows that saw no key: out 0, lse -inf.
     seen = l_i > 0
-    out = acc / tl.where(seen, l_i, 1.0)[:, None]
-    lse = tl.where(seen, (m_i + tl.math.log2(l_i)) * 0.6931471805599453, float("-inf"))
+    l_safe = tl.where(seen, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * _LN2, float("-inf"))
     o_ptrs = Out + b * stride_ob + h * stride_oh + rows[:, None] * stride_ol + offs_d[None, :] * stride_od
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     tl.store(Lse + b * stride_lb + h * stride_lh + rows * stride_ll, lse, mask=row_ok)
@@ -210,40 +198,34 @@ def _bwd_delta_kernel(Out, DO, Delta,
     row_ok = rows < seq_len
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    o = _load_tile(Out + b * stride_ob + h * stride_oh + rows[:, None] * stride_ol + offs_d[None, :] * stride_od,
-                   row_ok, d_ok, True, HEAD_DIM == BLOCK_D)
-    do = _load_tile(DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_dol
-                    + offs_d[None, :] * stride_dod, row_ok, d_ok, True, HEAD_DIM == BLOCK_D)
+    o = _load_rows(Out + b * stride_ob + h * stride_oh + rows[:, None] * stride_ol + offs_d[None, :] * stride_od,
+                   row_ok, d_ok, HEAD_DIM == BLOCK_D)
+    do = _load_rows(DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_dol + offs_d[None, :] * stride_dod,
+                    row_ok, d_ok, HEAD_DIM == BLOCK_D)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(Delta + b * stride_deb + h * stride_deh + rows, delta, mask=row_ok)
 
 
 @triton.jit
 def _bwd_dkdv_step(dk, dv, k, v, Q_base, DO_base, Lse_base, Delta_base, stride_ql, stride_qd, stride_dol,
-                   stride_dod, stride_ll, start_m, q_end, q_lo, q_hi, offs_d, d_ok, qk_scale, BLOCK_M: tl.constexpr,
-                   EVEN_D: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                   stride_dod, stride_ll, start_m, q_end, edge, q_lo, q_hi, offs_d, d_ok, qk_scale,
+                   BLOCK_M: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
     rows = start_m + tl.arange(0, BLOCK_M)
     row_ok = rows < q_end
-    q = _load_tile(Q_base + rows[:, None] * stride_ql + offs_d[None, :] * stride_qd, row_ok, d_ok, MASKED, EVEN_D)
-    do = _load_tile(DO_base + rows[:, None] * stride_dol + offs_d[None, :] * stride_dod, row_ok, d_ok, MASKED,
-                    EVEN_D)
-    if MASKED:
-        lse2 = tl.load(Lse_base + rows * stride_ll, mask=row_ok, other=0.0) * 1.4426950408889634
-        delta = tl.load(Delta_base + rows, mask=row_ok, other=0.0)
-    else:
-        lse2 = tl.load(Lse_base + rows * stride_ll) * 1.4426950408889634
-        delta = tl.load(Delta_base + rows)
-    # Transposed scores (keys x queries), so dK and dV come out of plain dots without transposing P.
-    s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+    q_t = _load_cols(Q_base + rows[None, :] * stride_ql + offs_d[:, None] * stride_qd, row_ok, d_ok, EVEN_D)
+    do = _load_rows(DO_base + rows[:, None] * stride_dol + offs_d[None, :] * stride_dod, row_ok, d_ok, EVEN_D)
+    lse2 = tl.load(Lse_base + rows * stride_ll, mask=row_ok, other=0.0) * _LOG2E
+    delta = tl.load(Delta_base + rows, mask=row_ok, other=0.0)
+    # Transposed scores (keys x queries), so dK and dV come out of plain dots.
+    s_t = tl.dot(k, q_t, input_precision=DOT_PRECISION) * qk_scale
     p_t = tl.math.exp2(s_t - lse2[None, :])
-    if MASKED:
+    if edge:
         # Rows outside a key's query range (padding rows, rows with lse = -inf included) get p = 0.
-        visible = (rows[None, :] >= q_lo[:, None]) & (rows[None, :] < q_hi[:, None])
-        p_t = tl.where(visible, p_t, 0.0)
+        p_t = tl.where((rows[None, :] >= q_lo[:, None]) & (rows[None, :] < q_hi[:, None]), p_t, 0.0)
     dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
     dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
     ds_t = p_t * (dp_t - delta[None, :])
-    dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+    dk += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), input_precision=DOT_PRECISION)
     return dk, dv
 
 
@@ -273,18 +255,13 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, Lse, Delta, Offsets, Tiles,
     col_ok = cols < k_end
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    k = _load_tile(K + b * stride_kb + hk * stride_kh + cols[:, None] * stride_kl + offs_d[None, :] * stride_kd,
-                   col_ok, d_ok, True, EVEN_D)
-    v = _load_tile(V + b * stride_vb + hk * stride_vh + cols[:, None] * stride_vl + offs_d[None, :] * stride_vd,
-                   col_ok, d_ok, True, EVEN_D)
-
-    # Transposed ranges per key, computed once; padding keys are seen by nobody.
+    k = _load_rows(K + b * stride_kb + hk * stride_kh + cols[:, None] * stride_kl + offs_d[None, :] * stride_kd,
+                   col_ok, d_ok, EVEN_D)
+    v = _load_rows(V + b * stride_vb + hk * stride_vh + cols[:, None] * stride_vl + offs_d[None, :] * stride_vd,
+                   col_ok, d_ok, EVEN_D)
+    # Transposed ranges per key, computed once for all heads of the group.
     q_lo, q_hi = _key_query_range(Offsets, n_seg, pattern, block_size, cols)
-    q_lo = tl.where(col_ok, q_lo, 0)
-    q_hi = tl.where(col_ok, q_hi, 0)
-    full_lo = tl.max(tl.where(col_ok, q_lo, 0), 0)
-    full_hi = tl.min(tl.where(col_ok, q_hi, q_end), 0)
-    t_a, t_b, n_blocks = _interior_blocks(q_start, q_end, full_lo, full_hi, BLOCK_M)
+    q_lo, q_hi, full_lo, full_hi = _full_span(cols, col_ok, q_lo, q_hi, q_end)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -294,18 +271,11 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, Lse, Delta, Offsets, Tiles,
         DO_base = DO + b * stride_dob + h * stride_doh
         Lse_base = Lse + b * stride_lb + h * stride_lh
         Delta_base = Delta + b * stride_deb + h * stride_deh
-        for t in range(0, t_a):
+        for start_m in range(q_start, q_end, BLOCK_M):
+            edge = (start_m < full_lo) | (start_m + BLOCK_M > full_hi)
             dk, dv = _bwd_dkdv_step(dk, dv, k, v, Q_base, DO_base, Lse_base, Delta_base, stride_ql, stride_qd,
-                                    stride_dol, stride_dod, stride_ll, q_start + t * BLOCK_M, q_end, q_lo, q_hi, offs_d,
-                                    d_ok, qk_scale, BLOCK_M, EVEN_D, True, DOT_PRECISION)
-        for t in range(t_a, t_b):
-            dk, dv = _bwd_dkdv_step(dk, dv, k, v, Q_base, DO_base, Lse_base, Delta_base, stride_ql, stride_qd,
-                                    stride_dol, stride_dod, stride_ll, q_start + t * BLOCK_M, q_end, q_lo, q_hi, offs_d,
-                                    d_ok, qk_scale, BLOCK_M, EVEN_D, False, DOT_PRECISION)
-        for t in range(t_b, n_blocks):
-            dk, dv = _bwd_dkdv_step(dk, dv, k, v, Q_base, DO_base, Lse_base, Delta_base, stride_ql, stride_qd,
-                                    stride_dol, stride_dod, stride_ll, q_start + t * BLOCK_M, q_end, q_lo, q_hi, offs_d,
-                                    d_ok, qk_scale, BLOCK_M, EVEN_D, True, DOT_PRECISION)
+                                    stride_dol, stride_dod, stride_ll, start_m, q_end, edge, q_lo, q_hi, offs_d,
+                                    d_ok, qk_scale, BLOCK_M, EVEN_D, DOT_PRECISION)
 
     out_mask = col_ok[:, None] & d_ok[None, :]
     tl.store(DK + b * stride_dkb + hk * stride_dkh + cols[:, None] * stride_dkl + offs_d[None, :] * stride_dkd,
@@ -316,22 +286,19 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, Lse, Delta, Offsets, Tiles,
 
 @triton.jit
 def _bwd_dq_step(dq, q, do, lse2, delta, K_base, V_base, stride_kl, stride_kd, stride_vl, stride_vd, start_n,
-                 k_end, lo, hi, offs_d, d_ok, qk_scale, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr,
-                 MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                 k_end, edge, lo, hi, offs_d, d_ok, qk_scale, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr):
     cols = start_n + tl.arange(0, BLOCK_N)
     col_ok = cols < k_end
-    k = _load_tile(K_base + cols[:, None] * stride_kl + offs_d[None, :] * stride_kd, col_ok, d_ok,
-                   MASKED, EVEN_D)
-    v = _load_tile(V_base + cols[:, None] * stride_vl + offs_d[None, :] * stride_vd, col_ok, d_ok,
-                   MASKED, EVEN_D)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    k_t = _load_cols(K_base + cols[None, :] * stride_kl + offs_d[:, None] * stride_kd, col_ok, d_ok, EVEN_D)
+    v_t = _load_cols(V_base + cols[None, :] * stride_vl + offs_d[:, None] * stride_vd, col_ok, d_ok, EVEN_D)
+    s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale
     p = tl.math.exp2(s - lse2[:, None])
-    if MASKED:
-        visible = (cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None])
-        p = tl.where(visible, p, 0.0)
-    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    if edge:
+        p = tl.where((cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None]), p, 0.0)
+    dp = tl.dot(do, v_t, input_precision=DOT_PRECISION)
     ds = p * (dp - delta[:, None])
-    dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    dq += tl.dot(ds.to(k_t.dtype), tl.trans(k_t), input_precision=DOT_PRECISION)
     return dq
 
 
@@ -361,35 +328,22 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, Lse, Delta, Offsets, Tiles,
     row_ok = rows < q_end
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    q = _load_tile(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_ql + offs_d[None, :] * stride_qd,
-                   row_ok, d_ok, True, EVEN_D)
-    do = _load_tile(DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_dol
-                    + offs_d[None, :] * stride_dod, row_ok, d_ok, True, EVEN_D)
-    lse2 = tl.load(Lse + b * stride_lb + h * stride_lh + rows * stride_ll, mask=row_ok, other=0.0) * 1.4426950408889634
+    q = _load_rows(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_ql + offs_d[None, :] * stride_qd,
+                   row_ok, d_ok, EVEN_D)
+    do = _load_rows(DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_dol + offs_d[None, :] * stride_dod,
+                    row_ok, d_ok, EVEN_D)
+    lse2 = tl.load(Lse + b * stride_lb + h * stride_lh + rows * stride_ll, mask=row_ok, other=0.0) * _LOG2E
     delta = tl.load(Delta + b * stride_deb + h * stride_deh + rows, mask=row_ok, other=0.0)
-
     lo, hi = _row_key_range(Offsets, n_seg, pattern, block_size, rows)
-    lo = tl.where(row_ok, lo, 0)
-    hi = tl.where(row_ok, hi, 0)
-    full_lo = tl.max(tl.where(row_ok, lo, 0), 0)
-    full_hi = tl.min(tl.where(row_ok, hi, k_end), 0)
-    t_a, t_b, n_blocks = _interior_blocks(k_start, k_end, full_lo, full_hi, BLOCK_N)
+    lo, hi, full_lo, full_hi = _full_span(rows, row_ok, lo, hi, k_end)
 
     K_base = K + b * stride_kb + hk * stride_kh
     V_base = V + b * stride_vb + hk * stride_vh
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for t in range(0, t_a):
+    for start_n in range(k_start, k_end, BLOCK_N):
+        edge = (start_n < full_lo) | (start_n + BLOCK_N > full_hi)
         dq = _bwd_dq_step(dq, q, do, lse2, delta, K_base, V_base, stride_kl, stride_kd, stride_vl, stride_vd,
-                          k_start + t * BLOCK_N, k_end, lo, hi, offs_d, d_ok, qk_scale, BLOCK_N, EVEN_D, True,
-                          DOT_PRECISION)
-    for t in range(t_a, t_b):
-        dq = _bwd_dq_step(dq, q, do, lse2, delta, K_base, V_base, stride_kl, stride_kd, stride_vl, stride_vd,
-                          k_start + t * BLOCK_N, k_end, lo, hi, offs_d, d_ok, qk_scale, BLOCK_N, EVEN_D, False,
-                          DOT_PRECISION)
-    for t in range(t_b, n_blocks):
-        dq = _bwd_dq_step(dq, q, do, lse2, delta, K_base, V_base, stride_kl, stride_kd, stride_vl, stride_vd,
-                          k_start + t * BLOCK_N, k_end, lo, hi, offs_d, d_ok, qk_scale, BLOCK_N, EVEN_D, True,
-                          DOT_PRECISION)
+                          start_n, k_end, edge, lo, hi, offs_d, d_ok, qk_scale, BLOCK_N, EVEN_D, DOT_PRECISION)
 
     tl.store(DQ + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dql + offs_d[None, :] * stride_dqd,
              (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
@@ -406,10 +360,33 @@ class _Config:
     num_stages: int
 
 
-# GPU tables, keyed by (head-dim bucket, element size); PLACEHOLDER: tuned by the static check.
-_FWD_GPU = {}
-_DKDV_GPU = {}
-_DQ_GPU = {}
+# GPU tables, keyed by (head-dim bucket, dtype bits), the same for sm_80 and sm_90 (H100/H200 and A100
+# both fit them in shared memory; tools/static_gpu_check.py verifies no spills and mma/wgmma for both).
+# 16-bit tiles use tensor cores; fp32 runs exact ieee dots (FMA), so its tiles are smaller.
+_FWD_GPU = {
+    (64, 16): _Config(128, 64, 4, 3),
+    (128, 16): _Config(128, 64, 8, 2),
+    (256, 16): _Config(64, 32, 4, 2),
+    (64, 32): _Config(64, 32, 4, 2),
+    (128, 32): _Config(32, 32, 4, 2),
+    (256, 32): _Config(32, 16, 4, 1),
+}
+_DKDV_GPU = {
+    (64, 16): _Config(64, 64, 4, 2),
+    (128, 16): _Config(64, 64, 8, 2),
+    (256, 16): _Config(32, 64, 8, 1),
+    (64, 32): _Config(32, 32, 4, 2),
+    (128, 32): _Config(32, 32, 4, 1),
+    (256, 32): _Config(16, 32, 4, 1),
+}
+_DQ_GPU = {
+    (64, 16): _Config(64, 64, 4, 2),
+    (128, 16): _Config(64, 64, 8, 2),
+    (256, 16): _Config(64, 32, 8, 1),
+    (64, 32): _Config(32, 32, 4, 2),
+    (128, 32): _Config(32, 32, 4, 1),
+    (256, 32): _Config(32, 16, 4, 1),
+}
 _DELTA_BLOCK_M = 64  # the delta preprocess is a row reduction: any tile height works, 64 rows is plenty
 _DELTA_WARPS = 4
 
@@ -534,3 +511,66 @@ def interval_attn_bwd(grad_out, q, k, v, out, lse, offsets, dq_tiles, k_tiles, p
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DOT_PRECISION=precision,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------------------
+# Ahead-of-time configurations (tools/static_gpu_check.py compiles each for sm_80 and sm_90)
+# ----------------------------------------------------------------------------------------------------
+_TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+_POINTER_DTYPE = {"Offsets": "*i32", "Tiles": "*i32", "Lse": "*fp32", "Delta": "*fp32"}
+# Strides that are 1 for contiguous head_dim (and lse rows): triton specialises them to the constant 1,
+# so the AOT signature does the same to compile the variant that real (contiguous) calls run.
+_UNIT_STRIDES = {"stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_dod", "stride_dqd", "stride_dkd",
+                 "stride_dvd", "stride_ll"}
+
+
+def _aot_entry(name, kernel, dtype, constexprs, cfg_warps, cfg_stages, uses_dot):
+    signature, divisible = {}, []
+    constexprs = dict(constexprs)
+    for param in kernel.params:
+        arg = param.name
+        if param.is_constexpr:
+            signature[arg] = "constexpr"
+        elif arg[0].isupper():
+            signature[arg] = _POINTER_DTYPE.get(arg, "*" + _TRITON_DTYPE[dtype])
+            divisible.append(arg)
+        elif arg in _UNIT_STRIDES:
+            signature[arg] = "constexpr"
+            constexprs[arg] = 1
+        elif arg in ("qk_scale", "scale"):
+            signature[arg] = "fp32"
+        else:
+            signature[arg] = "i32"
+            if arg.startswith("stride_") and arg not in _VARYING:
+                divisible.append(arg)  # row / head strides of BSHD tensors are multiples of head_dim
+    return {"name": name, "kernel": kernel, "signature": signature, "constexprs": constexprs,
+            "divisible_by_16": divisible, "num_warps": cfg_warps, "num_stages": cfg_stages, "uses_dot": uses_dot}
+
+
+def aot_configs() -> list[dict]:
+    """Every kernel configuration the GPU launchers can pick, for the static compile check.
+
+    Each dict: name, kernel (the @triton.jit function), signature (arg -> triton type, "constexpr" for
+    compile-time args), constexprs, divisible_by_16 (args triton would mark 16-aligned on a real call),
+    num_warps, num_stages, uses_dot. `uses_dot` means "its dots must lower to tensor-core mma/wgmma":
+    false for the delta preprocess (a row reduction, no dot) and for fp32, whose ieee-precision dots are
+    exact FMA loops by design (tensor cores only offer tf32 for fp32 inputs).
+    """
+    entries = []
+    kernels = (("fwd", _fwd_kernel, _FWD_GPU), ("dkdv", _bwd_dkdv_kernel, _DKDV_GPU), ("dq", _bwd_dq_kernel, _DQ_GPU))
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        bits = torch.finfo(dtype).bits
+        # Every head-dim bucket at its widest head_dim (most registers), plus 96 for the masked-D path.
+        head_dims = _HEAD_DIM_BUCKETS + ((96,) if dtype == torch.float16 else ())
+        for head_dim in head_dims:
+            block_d = triton.next_power_of_2(head_dim)
+            for kname, kernel, table in kernels:
+                cfg = table[(_bucket(head_dim), bits)]
+                constexprs = {"HEAD_DIM": head_dim, "BLOCK_D": block_d, "BLOCK_M": cfg.block_m,
+                              "BLOCK_N": cfg.block_n, "DOT_PRECISION": _dot_precision(dtype)}
+                entries.append(_aot_entry(f"{kname}_{_TRITON_DTYPE[dtype]}_d{head_dim}", kernel, dtype, constexprs,
+                                          cfg.num_warps, cfg.num_stages, uses_dot=bits == 16))
+        entries.append(_aot_entry(f"delta_{_TRITON_DTYPE[dtype]}_d128", _bwd_delta_kernel, dtype,
+                                  {"HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_M": _DELTA_BLOCK_M},
+                                  _DELTA_WARPS, 1, uses_dot=False))
+    return entries

@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# One prepared check for a lent GPU (H200, no network): build, static GPU check, the full test suite
+# on CUDA, and the next_scale benchmark report. Must finish in under 8 minutes; every step has a
+# timeout taken from one overall budget (GPU_CHECK_BUDGET_S, default 450 s).
+#
+#   bash bench/gpu_check.sh            # run from the repository root; results under $OUT (default ./out)
+#
+# Everything goes under $OUT: gpu_check.log (timestamped), logs/<step>.log, static_gpu_check.json,
+# pytest.xml, bench/next_scale_cuda.{json,md,png}. The bench results are also copied to
+# bench/results/<date>_<device>/. Keeps going after a failing step; exits non-zero if any failed.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+OUT="${OUT:-./out}"
+mkdir -p "$OUT/logs"
+OUT="$(cd "$OUT" && pwd)"
+LOG="$OUT/gpu_check.log"
+: > "$LOG"
+BUDGET="${GPU_CHECK_BUDGET_S:-450}"
+PY="${PYTHON:-$(command -v python || command -v python3)}"
+T0=$SECONDS
+FAILED=()
+
+ts() { date '+%Y-%m-%d %H:%M:%S'; }
+say() { echo "[$(ts)] [+$((SECONDS - T0))s] $*" | tee -a "$LOG"; }
+
+# budget_for CAP RESERVE: seconds for the next step: at most CAP, leaving RESERVE for the later steps.
+budget_for() {
+    local left=$((BUDGET - (SECONDS - T0) - $2))
+    local t=$(( left < $1 ? left : $1 ))
+    echo $(( t < 20 ? 20 : t ))
+}
+
+# step NAME TIMEOUT CMD...: run, log with timestamps, record failure, never abort the script.
+step() {
+    local name="$1" t="$2"; shift 2
+    say "START $name (timeout ${t}s): $*"
+    local start=$SECONDS rc
+    set +e
+    timeout --kill-after=15 "$t" "$@" 2>&1 | tee "$OUT/logs/$name.log" | sed "s/^/    [$name] /" >> "$LOG"
+    rc=${PIPESTATUS[0]}
+    set -e
+    if [ "$rc" -eq 0 ]; then
+        say "PASS  $name ($((SECONDS - start))s)"
+    else
+        [ "$rc" -eq 124 ] && say "      $name timed out after ${t}s"
+        say "FAIL  $name rc=$rc ($((SECONDS - start))s); last lines:"
+        tail -n 25 "$OUT/logs/$name.log" | sed 's/^/      /' | tee -a "$LOG"
+        FAILED+=("$name")
+    fi
+}
+
+say "gpu_check: repo $(pwd), OUT=$OUT, budget ${BUDGET}s, python $PY"
+step env 30 bash -c "nvidia-smi; $PY -c 'import sys, torch, triton; print(sys.version); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"available\", torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else \"\"); print(\"triton\", triton.__version__)'; command -v nvcc && nvcc --version | tail -n 2 || true"
+
+export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+step build "$(budget_for 200 270)" "$PY" -m pip install --no-build-isolation --no-deps -e .
+
+if [ -f tools/static_gpu_check.py ]; then
+    step static_gpu_check "$(budget_for 90 240)" "$PY" tools/static_gpu_check.py --json "$OUT/static_gpu_check.json"
+else
+    say "SKIP  static_gpu_check: tools/static_gpu_check.py not found"
+fi
+
+step tests "$(budget_for 150 180)" env HIERKERN_TEST_DEVICE=cuda "$PY" -m pytest -q -p no:cacheprovider tests \
+    --junitxml "$OUT/pytest.xml"
+
+# The report stops starting new configs 35 s before its timeout, so it always writes its outputs.
+BT="$(budget_for 600 10)"
+step bench "$BT" "$PY" -m bench.report --device cuda --out "$OUT/bench" --time-limit $((BT - 35))
+
+DEV="$("$PY" -c 'import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else "nogpu")' 2>/dev/null || echo unknown)"
+SLUG="$(echo "$DEV" | tr '[:upper:]' '[:lower:]' | sed -e 's/^nvidia //' -e 's/[^a-z0-9]\+/-/g' -e 's/^-//' -e 's/-$//')"
+DEST="bench/results/$(date +%F)_${SLUG}"
+if compgen -G "$OUT/bench/*" > /dev/null; then
+    mkdir -p "$DEST"
+    cp "$OUT"/bench/* "$DEST"/
+    say "copied $(ls "$OUT/bench" | tr '\n' ' ')to $DEST/"
+    mkdir -p "$OUT/results/$(basename "$DEST")"
+    cp "$OUT"/bench/* "$OUT/results/$(basename "$DEST")"/
+fi
+
+# a short summary on the console (the full logs are under $OUT/logs)
+[ -f "$OUT/logs/tests.log" ] && { echo "--- tests (tail)"; tail -n 5 "$OUT/logs/tests.log"; }
+[ -f "$OUT/bench/next_scale_cuda.md" ] && { echo "--- bench"; cat "$OUT/bench/next_scale_cuda.md"; }
+
+if [ ${#FAILED[@]} -gt 0 ]; then
+    say "gpu_check FAILED steps: ${FAILED[*]} (total $((SECONDS - T0))s)"
+    [ -d "$DEST" ] && cp "$LOG" "$DEST/gpu_check.log"
+    exit 1
+fi
+say "gpu_check: all steps passed (total $((SECONDS - T0))s)"
+[ -d "$DEST" ] && cp "$LOG" "$DEST/gpu_check.log"
+exit 0

@@ -1,0 +1,228 @@
+#!/usr/bin/env python
+"""Static GPU checks that need no GPU: compile every kernel configuration ahead of time and inspect it.
+
+  python tools/static_gpu_check.py [--arch 80 90] [--json out.json] [--jobs N]
+
+1. Triton: every entry of hierkern.ops.attention.triton.aot_configs() is compiled for each arch with
+   triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32)). It fails on a compile error, on
+   register spills (the cubin's stack frame, read with the cuobjdump shipped in the triton wheel), on
+   shared memory beyond the arch's per-block limit, and, for entries with uses_dot, when the PTX has no
+   tensor-core instruction (mma on sm_80, wgmma on sm_90).
+2. CUDA C++: every csrc/cuda/*.cu is compiled with nvcc for sm_80 and sm_90a with -Xptxas -v; it fails on
+   any compile error or spill stores/loads.
+
+Prints one line per check and exits non-zero on any failure. `run_checks(archs)` returns the result
+dicts. Triton is compiled with TRITON_INTERPRET unset: the variable changes what triton.jit returns at
+import time, so when it is set the checks run in a clean subprocess.
+"""
+import argparse
+import concurrent.futures as cf
+import glob
+import json
+import multiprocessing
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Opt-in shared memory per block (bytes): A100 (sm_80) 163 KiB, H100/H200 (sm_90) 227 KiB.
+SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+TENSOR_CORE_OP = {80: re.compile(r"\bmma\.sync\b"), 90: re.compile(r"\bwgmma\.mma_async\b")}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Triton
+# ----------------------------------------------------------------------------------------------------
+def _cuobjdump():
+    import triton
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def _resource_usage(cubin: bytes):
+    """(registers, stack-frame bytes, local-memory bytes) of the kernel in a cubin."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([_cuobjdump(), "-res-usage", f.name], check=True, capture_output=True,
+                              text=True).stdout
+    usage = {key: int(val) for key, val in re.findall(r"\b(REG|STACK|LOCAL):(\d+)", text)}
+    return usage["REG"], usage.get("STACK", 0), usage.get("LOCAL", 0)
+
+
+def _compile_triton(index: int, arch: int) -> dict:
+    """Compile aot_configs()[index] for sm_<arch> and check it (runs in a worker process)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from hierkern.ops.attention.triton import aot_configs
+
+    cfg = aot_configs()[index]
+    kernel = cfg["kernel"]
+    result = {"kind": "triton", "name": cfg["name"], "arch": arch, "regs": None, "spills": None,
+              "shared": None, "mma": None, "ok": False, "error": ""}
+    attrs = {(kernel.arg_names.index(arg),): [["tt.divisibility", 16]] for arg in cfg["divisible_by_16"]}
+    try:
+        compiled = triton.compile(
+            ASTSource(fn=kernel, signature=cfg["signature"], constexprs=cfg["constexprs"], attrs=attrs),
+            target=GPUTarget("cuda", arch, 32),
+            options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]})
+    except Exception as exc:  # noqa: BLE001 - any compiler failure is a check failure, reported verbatim
+        result["error"] = f"compile error: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}"
+        return result
+
+    regs, stack, local = _resource_usage(compiled.asm["cubin"])
+    result.update(regs=regs, spills=stack + local, shared=compiled.metadata.shared)
+    problems = []
+    if stack or local:
+        problems.append(f"spills ({stack} B stack frame, {local} B local)")
+    if compiled.metadata.shared > SHARED_LIMIT[arch]:
+        problems.append(f"shared memory {compiled.metadata.shared} B > {SHARED_LIMIT[arch]} B")
+    if cfg["uses_dot"]:
+        result["mma"] = bool(TENSOR_CORE_OP[arch].search(compiled.asm["ptx"]))
+        if not result["mma"]:
+            problems.append("no " + ("wgmma" if arch >= 90 else "mma") + " in the PTX")
+    result["error"] = "; ".join(problems)
+    result["ok"] = not problems
+    return result
+
+
+def _triton_checks(archs, jobs):
+    from hierkern.ops.attention.triton import aot_configs
+
+    tasks = [(i, arch) for i in range(len(aot_configs())) for arch in archs]
+    # Fresh interpreters (spawn): compiling in parallel, each with a clean triton state.
+    ctx = multiprocessing.get_context("spawn")
+    with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+        futures = [pool.submit(_compile_triton, i, arch) for i, arch in tasks]
+        for future in futures:
+            yield future.result()
+
+
+# ----------------------------------------------------------------------------------------------------
+# CUDA C++
+# ----------------------------------------------------------------------------------------------------
+def _cuda_home():
+    if os.environ.get("CUDA_HOME"):
+        return os.environ["CUDA_HOME"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        # The nvcc on PATH may be a wrapper; its dry run names the real toolkit as TOP=<root>/bin/..
+        with tempfile.TemporaryDirectory() as tmp:
+            src = os.path.join(tmp, "x.cu")
+            open(src, "w").close()
+            proc = subprocess.run([nvcc, "--dryrun", src], capture_output=True, text=True, cwd=tmp)
+        match = re.search(r"^#\$ TOP=(.+)$", proc.stdout + proc.stderr, re.MULTILINE)
+        if match:
+            return os.path.normpath(match.group(1).strip())
+    return "/usr/local/cuda"
+
+
+def _cuda_includes():
+    import torch.utils.cpp_extension as cpp
+
+    dirs = list(cpp.include_paths()) + [os.path.join(REPO, "csrc")]
+    import nvidia  # the nvidia-* wheels torch depends on: cusparse.h, cublas_v2.h, ...
+
+    for root in nvidia.__path__:
+        dirs += sorted(glob.glob(os.path.join(root, "cu*", "include")))
+    return dirs
+
+
+def _compile_cu(path, arch, cuda_home, includes):
+    import torch
+
+    gencode = f"arch=compute_{arch}{'a' if arch >= 90 else ''},code=sm_{arch}{'a' if arch >= 90 else ''}"
+    cmd = [os.path.join(cuda_home, "bin", "nvcc"), "-c", path, "-o", os.devnull, "-std=c++17", "-O3",
+           "-gencode", gencode, "-Xptxas", "-v", "--expt-relaxed-constexpr", "--expt-extended-lambda",
+           f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}", "-DTORCH_EXTENSION_NAME=_C",
+           *[f"-I{d}" for d in includes]]
+    name = os.path.relpath(path, REPO)
+    result = {"kind": "cuda", "name": name, "arch": arch, "regs": None, "spills": None, "shared": None,
+              "mma": None, "ok": False, "error": ""}
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    log = proc.stdout + proc.stderr
+    if proc.returncode:
+        result["error"] = "nvcc failed: " + " | ".join(log.strip().splitlines()[-5:])[:500]
+        return result
+    spills = [int(a) + int(b) for a, b in re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)]
+    regs = [int(r) for r in re.findall(r"Used (\d+) registers", log)]
+    result.update(regs=max(regs, default=None), spills=sum(spills))
+    result["ok"] = result["spills"] == 0
+    if not result["ok"]:
+        result["error"] = "spill stores/loads in ptxas -v output"
+    return result
+
+
+def _cuda_checks(archs):
+    sources = sorted(glob.glob(os.path.join(REPO, "csrc", "cuda", "*.cu")))
+    print(f"cuda: {len(sources)} .cu file(s) found under csrc/cuda", flush=True)
+    if not sources:
+        return
+    cuda_home = _cuda_home()
+    includes = _cuda_includes()
+    for path in sources:
+        for arch in archs:
+            yield _compile_cu(path, arch, cuda_home, includes)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Driver
+# ----------------------------------------------------------------------------------------------------
+def _format(r):
+    fmt = lambda x: "-" if x is None else str(x)  # noqa: E731
+    mma = "-" if r["mma"] is None else ("yes" if r["mma"] else "NO")
+    status = "PASS" if r["ok"] else "FAIL " + r["error"]
+    return (f"{r['kind']:6} {r['name']:28} sm_{r['arch']}  regs {fmt(r['regs']):>4}  spills {fmt(r['spills']):>4}"
+            f"  smem {fmt(r['shared']):>6}  mma {mma:3}  {status}")
+
+
+def run_checks(archs=(80, 90), jobs=None, verbose=True):
+    """Run every check for the given archs; returns a list of result dicts (key "ok" per check)."""
+    archs = tuple(int(a) for a in archs)
+    if os.environ.get("TRITON_INTERPRET"):
+        return _run_clean_subprocess(archs, jobs)
+    if REPO not in sys.path:
+        sys.path.insert(0, REPO)
+    jobs = jobs or os.cpu_count() or 1
+    results = []
+    for r in list(_triton_checks(archs, jobs)) + list(_cuda_checks(archs)):
+        if verbose:
+            print(_format(r), flush=True)
+        results.append(r)
+    return results
+
+
+def _run_clean_subprocess(archs, jobs):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "results.json")
+        cmd = [sys.executable, os.path.abspath(__file__), "--arch", *map(str, archs), "--json", out]
+        if jobs:
+            cmd += ["--jobs", str(jobs)]
+        subprocess.run(cmd, env=env, cwd=REPO)
+        with open(out) as f:
+            return json.load(f)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], choices=sorted(SHARED_LIMIT))
+    parser.add_argument("--json", help="write the result dicts to this file")
+    parser.add_argument("--jobs", type=int, help="parallel compile processes (default: all cores)")
+    args = parser.parse_args(argv)
+    results = run_checks(args.arch, args.jobs)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    failed = [r for r in results if not r["ok"]]
+    print(f"{len(results) - len(failed)}/{len(results)} checks passed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
