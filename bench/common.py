@@ -1,5 +1,5 @@
 """Shared benchmark cases for next_scale_attention: configurations, peers, timing, peak memory and
-useful-FLOP accounting. Used by both bench/test_next_scale.py (pytest-benchmark) and bench/report.py,
+useful-FLOP accounting. Used by both bench/test_bench_next_scale.py (pytest-benchmark) and bench/report.py,
 so the two always measure the same things.
 
 Definitions (see bench/README.md):

@@ -6,6 +6,7 @@ Tolerance rule (DESIGN.md §5): a kernel's error against the float64 reference m
 floor relative to the magnitude of the result. There is no global atol.
 """
 import contextlib
+import os
 
 import torch
 
@@ -73,3 +74,18 @@ def assert_close_rel(name, out, ref64, ref_lowp, factor=2.0, floor_ulps=32.0):
     assert err <= tol, (f"{name}: max abs error {err:.3e} exceeds tolerance {tol:.3e} "
                         f"(eager {out.dtype} error {max_abs_err(ref_lowp, ref64):.3e})")
     return err, tol
+
+
+def kernel_backends():
+    """(impl, device) pairs that this machine can test: the C++ CPU kernels always; Triton on CUDA
+    (compiled) or on CPU under TRITON_INTERPRET=1; the CUDA C++ kernels when built and a GPU exists."""
+    from . import _backend
+    pairs = [("cpu", "cpu")] if _backend.has_compiled_ops() else []
+    if _backend.has_triton():
+        if torch.cuda.is_available():
+            pairs.append(("triton", "cuda"))
+        elif _backend.triton_interpreted():
+            pairs.append(("triton", "cpu"))
+    if torch.cuda.is_available() and _backend.has_kernel("interval_attn_fwd", "CUDA"):
+        pairs.append(("cuda", "cuda"))
+    return pairs

@@ -1,11 +1,10 @@
 """next_scale_attention kernels against the float64 reference, forward and backward."""
 import pytest
 import torch
-from conftest import kernel_backends
 
 import hierkern
 from hierkern.layouts import VAR_256
-from hierkern.testing import assert_close_rel, make_qkv, poisoned_outputs
+from hierkern.testing import kernel_backends, assert_close_rel, make_qkv, poisoned_outputs
 
 BACKENDS = kernel_backends()
 IRREGULAR = (1, 3, 7, 130, 257)

@@ -1,11 +1,10 @@
 """torch.library.opcheck for every op: schema, fake kernel, autograd registration, torch.compile."""
 import pytest
 import torch
-from conftest import kernel_backends
 
 import hierkern
 from hierkern.ops.attention import tiling
-from hierkern.testing import make_qkv
+from hierkern.testing import kernel_backends, make_qkv
 
 LAY = hierkern.ScaleLayout.from_sizes((1, 3, 7, 20))
 

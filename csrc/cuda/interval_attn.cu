@@ -1,0 +1,134 @@
+// CUDA registrations of the interval-attention ops (impl="cuda"); kernels in interval_attn_kernels.cuh,
+// instantiated per dtype in interval_attn_{fp32,fp16,bf16}.cu. Offsets on the device are trusted: the
+// public wrappers build them from a validated layout (checking them here would cost a host sync).
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "cuda/interval_attn_kernels.cuh"
+
+namespace hierkern::cuda {
+
+extern template void launch_fwd<float>(const AttnArgs&, cudaStream_t);
+extern template void launch_fwd<at::Half>(const AttnArgs&, cudaStream_t);
+extern template void launch_fwd<at::BFloat16>(const AttnArgs&, cudaStream_t);
+extern template void launch_bwd<float>(const AttnArgs&, cudaStream_t);
+extern template void launch_bwd<at::Half>(const AttnArgs&, cudaStream_t);
+extern template void launch_bwd<at::BFloat16>(const AttnArgs&, cudaStream_t);
+
+namespace {
+
+Strides4 strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
+
+void check(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& offsets,
+           int64_t pattern) {
+  TORCH_CHECK(q.is_cuda() && k.is_cuda() && v.is_cuda() && offsets.is_cuda(),
+              "hierkern::interval_attn (cuda): q, k, v and offsets must be CUDA tensors");
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "hierkern::interval_attn: q, k, v must be 4-D");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
+              "hierkern::interval_attn: q, k, v must share a dtype");
+  TORCH_CHECK(k.sizes() == v.sizes() && q.size(0) == k.size(0) && q.size(1) == k.size(1) &&
+                  q.size(3) == k.size(3) && q.size(2) % k.size(2) == 0,
+              "hierkern::interval_attn: shapes must be q (B, L, H, D), k/v (B, L, Hkv, D), H % Hkv == 0");
+  TORCH_CHECK(q.size(3) <= 256, "hierkern::interval_attn (cuda): head_dim must be <= 256");
+  TORCH_CHECK(offsets.scalar_type() == at::kInt && offsets.dim() == 1 && offsets.is_contiguous(),
+              "hierkern::interval_attn: offsets must be a contiguous 1-D int32 tensor");
+  TORCH_CHECK(pattern >= 0 && pattern < kNumPatterns, "hierkern::interval_attn: unknown pattern ", pattern);
+}
+
+
+template <typename F>
+void by_dtype(at::ScalarType dtype, F&& f) {
+  switch (dtype) {
+    case at::kFloat: f(float{}); break;
+    case at::kHalf: f(at::Half{}); break;
+    case at::kBFloat16: f(at::BFloat16{}); break;
+    default: TORCH_CHECK(false, "hierkern::interval_attn (cuda): unsupported dtype ", dtype);
+  }
+}
+
+void fill_common(AttnArgs& a, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                 const at::Tensor& offsets, int64_t pattern, double scale) {
+  a.q = q.data_ptr();
+  a.k = k.data_ptr();
+  a.v = v.data_ptr();
+  a.off = offsets.data_ptr<int32_t>();
+  a.nseg = offsets.numel() - 1;
+  a.pattern = pattern;
+  a.B = q.size(0);
+  a.L = q.size(1);
+  a.H = q.size(2);
+  a.Hk = k.size(2);
+  a.D = q.size(3);
+  a.scale = (float)scale;
+  a.qs = strides_of(q);
+  a.ks = strides_of(k);
+  a.vs = strides_of(v);
+}
+
+std::tuple<at::Tensor, at::Tensor> interval_attn_fwd_cuda(const at::Tensor& q, const at::Tensor& k,
+                                                          const at::Tensor& v,
+                                                          const at::Tensor& offsets, int64_t pattern,
+                                                          int64_t block_size, double scale) {
+  (void)block_size;
+  check(q, k, v, offsets, pattern);
+  const c10::cuda::CUDAGuard guard(q.device());
+  const int B = q.size(0), L = q.size(1), H = q.size(2);
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor lse = at::empty({B, H, L}, q.options().dtype(at::kFloat));
+  if (q.numel() == 0) return {out, lse};
+  AttnArgs a{};
+  fill_common(a, q, k, v, offsets, pattern, scale);
+  a.o = out.data_ptr();
+  a.lse_out = lse.data_ptr<float>();
+  a.os = strides_of(out);
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  by_dtype(q.scalar_type(), [&](auto tag) { launch_fwd<decltype(tag)>(a, stream); });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> interval_attn_bwd_cuda(
+    const at::Tensor& g, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& offsets, int64_t pattern,
+    int64_t block_size, double scale) {
+  (void)block_size;
+  check(q, k, v, offsets, pattern);
+  TORCH_CHECK(g.sizes() == out.sizes() && g.scalar_type() == q.scalar_type(),
+              "hierkern::interval_attn_bwd: grad_out must match out in shape and dtype");
+  TORCH_CHECK(lse.is_contiguous() && lse.scalar_type() == at::kFloat,
+              "hierkern::interval_attn_bwd: lse must be contiguous float32");
+  const c10::cuda::CUDAGuard guard(q.device());
+  const int B = q.size(0), L = q.size(1), H = q.size(2);
+  at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  at::Tensor delta = at::empty({B, H, L}, q.options().dtype(at::kFloat));
+  if (q.numel() == 0) return {dq, dk, dv};
+  AttnArgs a{};
+  fill_common(a, q, k, v, offsets, pattern, scale);
+  a.g = g.data_ptr();
+  a.out = out.data_ptr();
+  a.lse = lse.data_ptr<float>();
+  a.dq = dq.data_ptr();
+  a.dk = dk.data_ptr();
+  a.dv = dv.data_ptr();
+  a.delta = delta.data_ptr<float>();
+  a.gs = strides_of(g);
+  a.os = strides_of(out);
+  a.dqs = strides_of(dq);
+  a.dks = strides_of(dk);
+  a.dvs = strides_of(dv);
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  by_dtype(q.scalar_type(), [&](auto tag) { launch_bwd<decltype(tag)>(a, stream); });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {dq, dk, dv};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(hierkern, CUDA, m) {
+  m.impl("interval_attn_fwd", &interval_attn_fwd_cuda);
+  m.impl("interval_attn_bwd", &interval_attn_bwd_cuda);
+}
+
+}  // namespace hierkern::cuda

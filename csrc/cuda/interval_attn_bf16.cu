@@ -1,0 +1,7 @@
+// at::BFloat16 instantiation of the interval-attention CUDA kernels (one file per dtype: parallel builds).
+#include "cuda/interval_attn_kernels.cuh"
+
+namespace hierkern::cuda {
+template void launch_fwd<at::BFloat16>(const AttnArgs&, cudaStream_t);
+template void launch_bwd<at::BFloat16>(const AttnArgs&, cudaStream_t);
+}  // namespace hierkern::cuda

@@ -1,0 +1,7 @@
+// at::Half instantiation of the interval-attention CUDA kernels (one file per dtype: parallel builds).
+#include "cuda/interval_attn_kernels.cuh"
+
+namespace hierkern::cuda {
+template void launch_fwd<at::Half>(const AttnArgs&, cudaStream_t);
+template void launch_bwd<at::Half>(const AttnArgs&, cudaStream_t);
+}  // namespace hierkern::cuda
