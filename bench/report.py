@@ -39,6 +39,18 @@ def environment(device):
         env["triton"] = triton.__version__
     except ImportError:
         env["triton"] = None
+    try:  # which code was measured: the kernels change under the benchmarks while they are tuned
+        import subprocess
+        git = ["git", "-C", os.path.dirname(HERE)]
+        env["git_head"] = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True,
+                                         text=True, timeout=10).stdout.strip() or None
+        env["git_dirty"] = subprocess.run(git + ["status", "--porcelain", "--untracked-files=no"],
+                                          capture_output=True, text=True, timeout=10).stdout.split()[1::2]
+        import hierkern._C as _c
+        env["hierkern_C_mtime"] = datetime.datetime.fromtimestamp(os.path.getmtime(_c.__file__)).isoformat(
+            timespec="seconds")
+    except Exception:  # noqa: BLE001 - informational only
+        pass
     if device == "cuda":
         env["gpu"] = torch.cuda.get_device_name()
         env["cuda"] = torch.version.cuda
@@ -103,6 +115,11 @@ def markdown(env, configs, rows, targets, skipped, quick, elapsed):
                  f"python {env['python']} | total {elapsed:.0f} s"
                  + (f" | load avg before/after {env['loadavg_before'][0]:.1f}/{env['loadavg_after'][0]:.1f}"
                     if "loadavg_after" in env else ""))
+    if env.get("git_head"):
+        dirty = env.get("git_dirty") or []
+        lines.append("")
+        lines.append(f"code: git {env['git_head']}" + (f" + uncommitted changes in {', '.join(dirty)}" if dirty else "")
+                     + (f"; hierkern._C built {env['hierkern_C_mtime']}" if env.get("hierkern_C_mtime") else ""))
     lines.append("")
     lines.append("Median ms of single calls after warm-up; TFLOP/s counts useful FLOPs only "
                  "(4·B·H·D·visible_pairs forward, 3.5x that for fwd+bwd); peak MB is the peak extra "

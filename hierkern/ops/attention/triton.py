@@ -3,8 +3,9 @@
 Query row r sees the key range(s) that the pattern derives from the int32 cumulative segment offsets
 (see csrc/interval.h and patterns.py). Nothing L x L and nothing per (batch, head) exists: each program
 reads one row of a host-built tile schedule (tiling.py) and computes per-row key ranges in-kernel, so
-a new sequence length or schedule never triggers a recompile (only head_dim, dtype and tile sizes are
-compile-time constants; every length- or schedule-dependent integer is in `do_not_specialize`).
+a new sequence length or schedule never triggers a recompile: only head_dim, dtype and tile sizes are
+compile-time constants, and the integers that change with the length or schedule are not specialised
+(see _VARYING).
 
 Kernels
   _fwd_kernel        grid (n_q_tiles, B*H): online softmax over the key tiles of one query tile.
@@ -13,10 +14,14 @@ Kernels
                      GQA group and the query blocks that see it; accumulates in registers (no atomics).
   _bwd_dq_kernel     grid (n_dq_tiles, B*H): dQ of one query tile, schedule as the forward.
 
-Inside a tile's span only boundary blocks (not fully visible to every valid row / key of the tile) apply
-the element mask; the visibility test runs once per tile on two scalars (max lo, min hi), so interior
-blocks run the unmasked code path. Softmax runs in base 2 (qk is pre-scaled by scale * log2(e)); the
-stored lse is the natural-log float32 value the reference returns.
+Each program walks its tile's whole span in one loop (one loop so triton software-pipelines it).
+Only edge blocks, those not fully visible to every valid row (or key) of the tile, apply the element
+mask: the per-row ranges are reduced once per tile to two scalars (max lo, min hi), and a block inside
+[max lo, min hi) takes the unmasked branch. Softmax runs in base 2 (qk is pre-scaled by scale * log2 e);
+the stored lse is the natural-log float32 value the reference returns.
+
+Operands a dot needs transposed are loaded transposed from global memory rather than tl.trans'ed in
+registers: on sm_80 a register transpose feeding mma keeps a whole tile per warp live and spills.
 """
 import math
 import os
@@ -31,10 +36,17 @@ from .patterns import SEGMENT_CAUSAL, SEGMENT_DIAGONAL
 LOG2E = math.log2(math.e)
 _LOG2E: tl.constexpr = tl.constexpr(LOG2E)
 _LN2: tl.constexpr = tl.constexpr(math.log(2.0))
+_SEGMENT_CAUSAL: tl.constexpr = tl.constexpr(SEGMENT_CAUSAL)
 
-# Integers that change with the sequence length or the tile schedule: never specialised (neither on
-# value 1 nor on divisibility by 16), so one compiled kernel serves every layout.
-_VARYING = ["stride_lb", "stride_lh", "stride_deb", "stride_deh", "seq_len", "n_seg", "pattern", "block_size"]
+# Arguments that change with the sequence length or the tile schedule: never specialised (neither on
+# the value 1 nor on divisibility by 16), so one compiled kernel serves every layout. The (B, H, L)
+# lse / delta strides are multiples of L; the metadata pointers may sit at any offset.
+# The batch strides of the BSHD tensors are deliberately left specialised: they are L * (row stride),
+# so their divisibility by 16 does not change with L whenever the row stride is a multiple of 16 (every
+# contiguous or head-transposed layout with H * D % 16 == 0), and without that alignment fact triton
+# cannot vectorise any q/k/v load (the tile loads then fall back to scalar accesses and spill).
+_VARYING = ["stride_lb", "stride_lh", "stride_deb", "stride_deh", "seq_len", "n_seg", "pattern", "block_size",
+            "Offsets", "Tiles"]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -60,7 +72,7 @@ def _row_key_range(Offsets, n_seg, pattern, block_size, rows):
     s = _segment_of(Offsets, n_seg, rows)
     start = tl.load(Offsets + s)
     end = tl.load(Offsets + s + 1)
-    lo = tl.where(pattern == 0, 0, start)  # 0: SEGMENT_CAUSAL, 1: SEGMENT_DIAGONAL
+    lo = tl.where(pattern == _SEGMENT_CAUSAL, 0, start)  # otherwise SEGMENT_DIAGONAL
     return lo, end
 
 
@@ -70,12 +82,12 @@ def _key_query_range(Offsets, n_seg, pattern, block_size, cols):
     s = _segment_of(Offsets, n_seg, cols)
     start = tl.load(Offsets + s)
     end = tl.load(Offsets + s + 1)
-    hi = tl.where(pattern == 0, tl.load(Offsets + n_seg), end)
+    hi = tl.where(pattern == _SEGMENT_CAUSAL, tl.load(Offsets + n_seg), end)
     return start, hi
 
 
 @triton.jit
-def _full_span(idx, idx_ok, lo, hi, fallback_hi):
+def _full_span(idx_ok, lo, hi, fallback_hi):
     """Mask padding entries out of per-entry ranges (a padding row / key sees nothing) and return the
     scalars (max lo, min hi) over the valid entries: the span every valid entry of the tile sees."""
     lo = tl.where(idx_ok, lo, 0)
@@ -158,7 +170,7 @@ def _fwd_kernel(Q, K, V, Out, Lse, Offsets, Tiles,
     q = _load_rows(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_ql + offs_d[None, :] * stride_qd,
                    row_ok, d_ok, EVEN_D)
     lo, hi = _row_key_range(Offsets, n_seg, pattern, block_size, rows)
-    lo, hi, full_lo, full_hi = _full_span(rows, row_ok, lo, hi, k_end)
+    lo, hi, full_lo, full_hi = _full_span(row_ok, lo, hi, k_end)
 
     K_base = K + b * stride_kb + hk * stride_kh
     V_base = V + b * stride_vb + hk * stride_vh
@@ -261,7 +273,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, Lse, Delta, Offsets, Tiles,
                    col_ok, d_ok, EVEN_D)
     # Transposed ranges per key, computed once for all heads of the group.
     q_lo, q_hi = _key_query_range(Offsets, n_seg, pattern, block_size, cols)
-    q_lo, q_hi, full_lo, full_hi = _full_span(cols, col_ok, q_lo, q_hi, q_end)
+    q_lo, q_hi, full_lo, full_hi = _full_span(col_ok, q_lo, q_hi, q_end)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -335,7 +347,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, Lse, Delta, Offsets, Tiles,
     lse2 = tl.load(Lse + b * stride_lb + h * stride_lh + rows * stride_ll, mask=row_ok, other=0.0) * _LOG2E
     delta = tl.load(Delta + b * stride_deb + h * stride_deh + rows, mask=row_ok, other=0.0)
     lo, hi = _row_key_range(Offsets, n_seg, pattern, block_size, rows)
-    lo, hi, full_lo, full_hi = _full_span(rows, row_ok, lo, hi, k_end)
+    lo, hi, full_lo, full_hi = _full_span(row_ok, lo, hi, k_end)
 
     K_base = K + b * stride_kb + hk * stride_kh
     V_base = V + b * stride_vb + hk * stride_vh
@@ -360,31 +372,34 @@ class _Config:
     num_stages: int
 
 
-# GPU tables, keyed by (head-dim bucket, dtype bits), the same for sm_80 and sm_90 (H100/H200 and A100
-# both fit them in shared memory; tools/static_gpu_check.py verifies no spills and mma/wgmma for both).
-# 16-bit tiles use tensor cores; fp32 runs exact ieee dots (FMA), so its tiles are smaller.
+# GPU tables, keyed by (head-dim bucket, dtype bits), the same for sm_80 and sm_90: each entry fits the
+# A100's shared memory and compiles without register spills for both archs, with mma (sm_80) and wgmma
+# (sm_90) for 16-bit dtypes (tools/static_gpu_check.py verifies all of it). fp32 runs exact ieee dots
+# (FMA, no tensor cores), so its tiles are smaller. ptxas is erratic near the register limit: retune an
+# entry with the static check, not by rule of thumb.
 _FWD_GPU = {
     (64, 16): _Config(128, 64, 4, 3),
     (128, 16): _Config(128, 64, 8, 2),
-    (256, 16): _Config(64, 32, 4, 2),
-    (64, 32): _Config(64, 32, 4, 2),
-    (128, 32): _Config(32, 32, 4, 2),
+    (256, 16): _Config(64, 64, 8, 2),
+    (64, 32): _Config(64, 32, 8, 2),
+    (128, 32): _Config(32, 16, 4, 2),
     (256, 32): _Config(32, 16, 4, 1),
 }
+# dK/dV: block_n is the key tile (k_tiles), block_m the query block it steps through.
 _DKDV_GPU = {
-    (64, 16): _Config(64, 64, 4, 2),
-    (128, 16): _Config(64, 64, 8, 2),
-    (256, 16): _Config(32, 64, 8, 1),
-    (64, 32): _Config(32, 32, 4, 2),
-    (128, 32): _Config(32, 32, 4, 1),
+    (64, 16): _Config(32, 64, 4, 1),
+    (128, 16): _Config(32, 64, 8, 2),
+    (256, 16): _Config(16, 64, 8, 1),
+    (64, 32): _Config(16, 32, 4, 2),
+    (128, 32): _Config(32, 32, 8, 1),
     (256, 32): _Config(16, 32, 4, 1),
 }
 _DQ_GPU = {
     (64, 16): _Config(64, 64, 4, 2),
     (128, 16): _Config(64, 64, 8, 2),
-    (256, 16): _Config(64, 32, 8, 1),
+    (256, 16): _Config(64, 32, 8, 2),
     (64, 32): _Config(32, 32, 4, 2),
-    (128, 32): _Config(32, 32, 4, 1),
+    (128, 32): _Config(32, 32, 8, 1),
     (256, 32): _Config(32, 16, 4, 1),
 }
 _DELTA_BLOCK_M = 64  # the delta preprocess is a row reduction: any tile height works, 64 rows is plenty
@@ -393,7 +408,7 @@ _DELTA_WARPS = 4
 # The interpreter runs on CPU tensors one program at a time: small tiles keep tests fast and exercise
 # packing, splitting and the masked/unmasked block paths on short sequences.
 _INTERP_FWD = _Config(32, 16, 4, 1)
-_INTERP_BWD = _Config(16, 32, 4, 1)
+_INTERP_DKDV = _Config(16, 32, 4, 1)
 _INTERP_DQ = _Config(32, 16, 4, 1)
 
 _HEAD_DIM_BUCKETS = (64, 128, 256)
@@ -410,22 +425,22 @@ def _interpreted(device):
     return torch.device(device).type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _fwd_config(head_dim, dtype, device):
+def _config(table, interpreted_cfg, head_dim, dtype, device):
     if _interpreted(device):
-        return _INTERP_FWD
-    return _FWD_GPU[(_bucket(head_dim), torch.finfo(dtype).bits)]
+        return interpreted_cfg
+    return table[(_bucket(head_dim), torch.finfo(dtype).bits)]
+
+
+def _fwd_config(head_dim, dtype, device):
+    return _config(_FWD_GPU, _INTERP_FWD, head_dim, dtype, device)
 
 
 def _dkdv_config(head_dim, dtype, device):
-    if _interpreted(device):
-        return _INTERP_BWD
-    return _DKDV_GPU[(_bucket(head_dim), torch.finfo(dtype).bits)]
+    return _config(_DKDV_GPU, _INTERP_DKDV, head_dim, dtype, device)
 
 
 def _dq_config(head_dim, dtype, device):
-    if _interpreted(device):
-        return _INTERP_DQ
-    return _DQ_GPU[(_bucket(head_dim), torch.finfo(dtype).bits)]
+    return _config(_DQ_GPU, _INTERP_DQ, head_dim, dtype, device)
 
 
 def fwd_blocks(head_dim: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int]:
@@ -533,7 +548,8 @@ def _aot_entry(name, kernel, dtype, constexprs, cfg_warps, cfg_stages, uses_dot)
             signature[arg] = "constexpr"
         elif arg[0].isupper():
             signature[arg] = _POINTER_DTYPE.get(arg, "*" + _TRITON_DTYPE[dtype])
-            divisible.append(arg)
+            if arg not in _VARYING:
+                divisible.append(arg)
         elif arg in _UNIT_STRIDES:
             signature[arg] = "constexpr"
             constexprs[arg] = 1

@@ -1,15 +1,15 @@
 #!/usr/bin/env python
 """Static GPU checks that need no GPU: compile every kernel configuration ahead of time and inspect it.
 
-  python tools/static_gpu_check.py [--arch 80 90] [--json out.json] [--jobs N]
+  python tests/static_gpu_check.py [--arch 80 90] [--json out.json] [--jobs N]
 
 1. Triton: every entry of hierkern.ops.attention.triton.aot_configs() is compiled for each arch with
    triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32)). It fails on a compile error, on
    register spills (the cubin's stack frame, read with the cuobjdump shipped in the triton wheel), on
-   shared memory beyond the arch's per-block limit, and, for entries with uses_dot, when the PTX has no
-   tensor-core instruction (mma on sm_80, wgmma on sm_90).
-2. CUDA C++: every csrc/cuda/*.cu is compiled with nvcc for sm_80 and sm_90a with -Xptxas -v; it fails on
-   any compile error or spill stores/loads.
+   shared memory beyond the arch's per-block limit, and, for entries with uses_dot, when any of its dots
+   is not lowered to tensor cores (wgmma on sm_90, mma on sm_80; checked per dot in the TTGIR).
+2. CUDA C++: the device code of every csrc/cuda/*.cu is compiled with nvcc (-cubin) for sm_80 and sm_90a
+   with setup.py's flags and -Xptxas -v; it fails on any compile error or spill stores/loads.
 
 Prints one line per check and exits non-zero on any failure. `run_checks(archs)` returns the result
 dicts. Triton is compiled with TRITON_INTERPRET unset: the variable changes what triton.jit returns at
@@ -19,6 +19,7 @@ import argparse
 import concurrent.futures as cf
 import glob
 import json
+import logging
 import multiprocessing
 import os
 import re
@@ -31,7 +32,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Opt-in shared memory per block (bytes): A100 (sm_80) 163 KiB, H100/H200 (sm_90) 227 KiB.
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
-TENSOR_CORE_OP = {80: re.compile(r"\bmma\.sync\b"), 90: re.compile(r"\bwgmma\.mma_async\b")}
+TENSOR_CORE_PTX = {80: "mma.sync", 90: "wgmma.mma_async"}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -51,6 +52,23 @@ def _resource_usage(cubin: bytes):
                               text=True).stdout
     usage = {key: int(val) for key, val in re.findall(r"\b(REG|STACK|LOCAL):(\d+)", text)}
     return usage["REG"], usage.get("STACK", 0), usage.get("LOCAL", 0)
+
+
+def _tensor_core_problem(ttgir: str, ptx: str, arch: int):
+    """None when every dot of the kernel runs on tensor cores (wgmma on sm_90, mma on sm_80); else why not.
+
+    Counted per dot in the TTGIR, so one dot falling back (to mma v2 on sm_90, to FMA on sm_80) fails
+    even when another dot of the kernel did get the fast instruction."""
+    dots = re.findall(r"= tt\.dot .*", ttgir)
+    if arch >= 90:
+        n_fast = len(re.findall(r"= ttng\.warp_group_dot ", ttgir))
+        slow = len(dots)
+    else:
+        n_fast = sum(1 for d in dots if re.search(r"-> tensor<[^>]*#mma", d))
+        slow = len(dots) - n_fast
+    if slow or not n_fast or TENSOR_CORE_PTX[arch] not in ptx:
+        return f"{slow} of {slow + n_fast} dots not on {TENSOR_CORE_PTX[arch]}"
+    return None
 
 
 def _compile_triton(index: int, arch: int) -> dict:
@@ -83,24 +101,19 @@ def _compile_triton(index: int, arch: int) -> dict:
     if compiled.metadata.shared > SHARED_LIMIT[arch]:
         problems.append(f"shared memory {compiled.metadata.shared} B > {SHARED_LIMIT[arch]} B")
     if cfg["uses_dot"]:
-        result["mma"] = bool(TENSOR_CORE_OP[arch].search(compiled.asm["ptx"]))
-        if not result["mma"]:
-            problems.append("no " + ("wgmma" if arch >= 90 else "mma") + " in the PTX")
+        problem = _tensor_core_problem(compiled.asm["ttgir"], compiled.asm["ptx"], arch)
+        result["mma"] = problem is None
+        if problem:
+            problems.append(problem)
     result["error"] = "; ".join(problems)
     result["ok"] = not problems
     return result
 
 
-def _triton_checks(archs, jobs):
+def _triton_tasks(archs):
     from hierkern.ops.attention.triton import aot_configs
 
-    tasks = [(i, arch) for i in range(len(aot_configs())) for arch in archs]
-    # Fresh interpreters (spawn): compiling in parallel, each with a clean triton state.
-    ctx = multiprocessing.get_context("spawn")
-    with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-        futures = [pool.submit(_compile_triton, i, arch) for i, arch in tasks]
-        for future in futures:
-            yield future.result()
+    return [(_compile_triton, i, arch) for i in range(len(aot_configs())) for arch in archs]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -122,32 +135,43 @@ def _cuda_home():
     return "/usr/local/cuda"
 
 
-def _cuda_includes():
-    import torch.utils.cpp_extension as cpp
-
-    dirs = list(cpp.include_paths()) + [os.path.join(REPO, "csrc")]
+def _torch_cuda_flags(cuda_home):
+    """torch's include dirs and nvcc flags, as setup.py's CUDAExtension passes them."""
+    saved = os.environ.get("CUDA_HOME")
+    os.environ["CUDA_HOME"] = cuda_home  # importing cpp_extension guesses (and warns) without it
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "no CUDA runtime": expected here
+    try:
+        import torch
+        import torch.utils.cpp_extension as cpp
+    finally:
+        if saved is None:
+            del os.environ["CUDA_HOME"]
     import nvidia  # the nvidia-* wheels torch depends on: cusparse.h, cublas_v2.h, ...
 
+    includes = list(cpp.include_paths()) + [os.path.join(REPO, "csrc")]
     for root in nvidia.__path__:
-        dirs += sorted(glob.glob(os.path.join(root, "cu*", "include")))
-    return dirs
+        includes += sorted(glob.glob(os.path.join(root, "cu*", "include")))
+    flags = [*cpp.COMMON_NVCC_FLAGS, "-std=c++20", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+             "-DTORCH_EXTENSION_NAME=_C", "-DHIERKERN_WITH_CUDA"]
+    return flags + [f"-I{d}" for d in includes]
 
 
-def _compile_cu(path, arch, cuda_home, includes):
-    import torch
-
-    gencode = f"arch=compute_{arch}{'a' if arch >= 90 else ''},code=sm_{arch}{'a' if arch >= 90 else ''}"
-    cmd = [os.path.join(cuda_home, "bin", "nvcc"), "-c", path, "-o", os.devnull, "-std=c++17", "-O3",
-           "-gencode", gencode, "-Xptxas", "-v", "--expt-relaxed-constexpr", "--expt-extended-lambda",
-           f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}", "-DTORCH_EXTENSION_NAME=_C",
-           *[f"-I{d}" for d in includes]]
+def _compile_cu(path, arch, cuda_home, torch_flags):
+    """nvcc one .cu for one arch, device code only (-cubin: the host half, three times slower, is
+    compiled by the build itself), with setup.py's optimisation flags, and read ptxas -v."""
+    suffix = "a" if arch >= 90 else ""  # sm_90a: wgmma / setmaxnreg need the arch-specific target
     name = os.path.relpath(path, REPO)
     result = {"kind": "cuda", "name": name, "arch": arch, "regs": None, "spills": None, "shared": None,
               "mma": None, "ok": False, "error": ""}
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [os.path.join(cuda_home, "bin", "nvcc"), "-cubin", f"-arch=sm_{arch}{suffix}", path,
+               "-o", os.path.join(tmp, "out.cubin"), "-O3", "--use_fast_math", "-lineinfo", "-Xptxas", "-v",
+               *torch_flags]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
     log = proc.stdout + proc.stderr
     if proc.returncode:
-        result["error"] = "nvcc failed: " + " | ".join(log.strip().splitlines()[-5:])[:500]
+        errors = [line for line in log.splitlines() if "error" in line] or log.strip().splitlines()[-3:]
+        result["error"] = "nvcc failed: " + " | ".join(errors[:3])[:500]
         return result
     spills = [int(a) + int(b) for a, b in re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)]
     regs = [int(r) for r in re.findall(r"Used (\d+) registers", log)]
@@ -158,16 +182,14 @@ def _compile_cu(path, arch, cuda_home, includes):
     return result
 
 
-def _cuda_checks(archs):
+def _cuda_tasks(archs):
     sources = sorted(glob.glob(os.path.join(REPO, "csrc", "cuda", "*.cu")))
     print(f"cuda: {len(sources)} .cu file(s) found under csrc/cuda", flush=True)
     if not sources:
-        return
+        return []
     cuda_home = _cuda_home()
-    includes = _cuda_includes()
-    for path in sources:
-        for arch in archs:
-            yield _compile_cu(path, arch, cuda_home, includes)
+    torch_flags = _torch_cuda_flags(cuda_home)
+    return [(_compile_cu, path, arch, cuda_home, torch_flags) for path in sources for arch in archs]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -177,7 +199,7 @@ def _format(r):
     fmt = lambda x: "-" if x is None else str(x)  # noqa: E731
     mma = "-" if r["mma"] is None else ("yes" if r["mma"] else "NO")
     status = "PASS" if r["ok"] else "FAIL " + r["error"]
-    return (f"{r['kind']:6} {r['name']:28} sm_{r['arch']}  regs {fmt(r['regs']):>4}  spills {fmt(r['spills']):>4}"
+    return (f"{r['kind']:6} {r['name']:32} sm_{r['arch']}  regs {fmt(r['regs']):>4}  spills {fmt(r['spills']):>4}"
             f"  smem {fmt(r['shared']):>6}  mma {mma:3}  {status}")
 
 
@@ -185,26 +207,33 @@ def run_checks(archs=(80, 90), jobs=None, verbose=True):
     """Run every check for the given archs; returns a list of result dicts (key "ok" per check)."""
     archs = tuple(int(a) for a in archs)
     if os.environ.get("TRITON_INTERPRET"):
-        return _run_clean_subprocess(archs, jobs)
-    if REPO not in sys.path:
-        sys.path.insert(0, REPO)
+        return _run_clean_subprocess(archs, jobs, verbose)
+    # Spawned workers unpickle the task functions by module name: keep this module and hierkern importable.
+    for path in (REPO, os.path.dirname(os.path.abspath(__file__))):
+        if path not in sys.path:
+            sys.path.insert(0, path)
     jobs = jobs or os.cpu_count() or 1
+    tasks = _triton_tasks(archs) + _cuda_tasks(archs)
     results = []
-    for r in list(_triton_checks(archs, jobs)) + list(_cuda_checks(archs)):
-        if verbose:
-            print(_format(r), flush=True)
-        results.append(r)
+    # Every compile (triton and nvcc) in one pool of fresh (spawned) interpreters, reported in order.
+    with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for future in [pool.submit(*task) for task in tasks]:
+            results.append(future.result())
+            if verbose:
+                print(_format(results[-1]), flush=True)
     return results
 
 
-def _run_clean_subprocess(archs, jobs):
+def _run_clean_subprocess(archs, jobs, verbose):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "results.json")
         cmd = [sys.executable, os.path.abspath(__file__), "--arch", *map(str, archs), "--json", out]
         if jobs:
             cmd += ["--jobs", str(jobs)]
-        subprocess.run(cmd, env=env, cwd=REPO)
+        proc = subprocess.run(cmd, env=env, cwd=REPO, stdout=None if verbose else subprocess.DEVNULL)
+        if not os.path.exists(out):
+            raise RuntimeError(f"static GPU check subprocess died (exit code {proc.returncode})")
         with open(out) as f:
             return json.load(f)
 
