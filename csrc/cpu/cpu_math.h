@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 
@@ -49,6 +50,75 @@ inline void gemm_rm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
       c[i * ldc + j] = alpha * acc + (beta == 0.f ? 0.f : beta * c[i * ldc + j]);
     }
   }
+}
+
+#ifdef HK_AVX2
+// C[m, n] += alpha * op(A)[m, k] * B[k, n], row-major, n % 8 == 0. For the attention GEMMs whose
+// output width is head_dim (P V, dS K, P^T dO, dS^T Q): A is a fresh score tile used for only n
+// columns, so BLAS spends a large share of its time packing it; this register-blocked kernel
+// (6 rows x 16 columns of C in 12 accumulators) reads A in place instead.
+template <bool TransA>
+inline void gemm_acc_narrow_avx2(int64_t m, int64_t n, int64_t k, float alpha, const float* a,
+                                 int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc) {
+  auto A = [&](int64_t i, int64_t p) { return TransA ? a[p * lda + i] : a[i * lda + p]; };
+  constexpr int MR = 6;
+  for (int64_t j0 = 0; j0 < n; j0 += 16) {
+    const bool two = j0 + 16 <= n;  // else an 8-wide tail
+    int64_t i0 = 0;
+    for (; i0 + MR <= m; i0 += MR) {
+      __m256 c0[MR], c1[MR];
+      for (int r = 0; r < MR; ++r) { c0[r] = _mm256_setzero_ps(); c1[r] = _mm256_setzero_ps(); }
+      for (int64_t p = 0; p < k; ++p) {
+        const float* bp = b + p * ldb + j0;
+        const __m256 b0 = _mm256_loadu_ps(bp);
+        const __m256 b1 = two ? _mm256_loadu_ps(bp + 8) : _mm256_setzero_ps();
+        for (int r = 0; r < MR; ++r) {
+          const __m256 av = _mm256_set1_ps(A(i0 + r, p));
+          c0[r] = _mm256_fmadd_ps(av, b0, c0[r]);
+          c1[r] = _mm256_fmadd_ps(av, b1, c1[r]);
+        }
+      }
+      const __m256 va = _mm256_set1_ps(alpha);
+      for (int r = 0; r < MR; ++r) {
+        float* cp = c + (i0 + r) * ldc + j0;
+        _mm256_storeu_ps(cp, _mm256_fmadd_ps(va, c0[r], _mm256_loadu_ps(cp)));
+        if (two) _mm256_storeu_ps(cp + 8, _mm256_fmadd_ps(va, c1[r], _mm256_loadu_ps(cp + 8)));
+      }
+    }
+    for (; i0 < m; ++i0) {  // leftover rows
+      __m256 c0 = _mm256_setzero_ps(), c1 = _mm256_setzero_ps();
+      for (int64_t p = 0; p < k; ++p) {
+        const float* bp = b + p * ldb + j0;
+        const __m256 av = _mm256_set1_ps(A(i0, p));
+        c0 = _mm256_fmadd_ps(av, _mm256_loadu_ps(bp), c0);
+        if (two) c1 = _mm256_fmadd_ps(av, _mm256_loadu_ps(bp + 8), c1);
+      }
+      const __m256 va = _mm256_set1_ps(alpha);
+      float* cp = c + i0 * ldc + j0;
+      _mm256_storeu_ps(cp, _mm256_fmadd_ps(va, c0, _mm256_loadu_ps(cp)));
+      if (two) _mm256_storeu_ps(cp + 8, _mm256_fmadd_ps(va, c1, _mm256_loadu_ps(cp + 8)));
+    }
+  }
+}
+#endif
+
+// C[m, n] += alpha * op(A) * B for the narrow (n = head_dim) attention GEMMs; see above.
+inline void gemm_acc_narrow(bool trans_a, int64_t m, int64_t n, int64_t k, float alpha,
+                            const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
+                            int64_t ldc) {
+#ifdef HK_AVX2
+  // HIERKERN_CPU_NARROW_GEMM=0 routes these through BLAS as well (A/B measurements).
+  static const bool enabled = [] {
+    const char* s = std::getenv("HIERKERN_CPU_NARROW_GEMM");
+    return s == nullptr || s[0] != '0';
+  }();
+  if (enabled && n % 8 == 0 && n <= 256) {
+    if (trans_a) gemm_acc_narrow_avx2<true>(m, n, k, alpha, a, lda, b, ldb, c, ldc);
+    else gemm_acc_narrow_avx2<false>(m, n, k, alpha, a, lda, b, ldb, c, ldc);
+    return;
+  }
+#endif
+  gemm_rm(trans_a, false, m, n, k, alpha, a, lda, b, ldb, 1.f, c, ldc);
 }
 
 // exp(x) with ~2 ulp error on [-87, 88]; exactly 0 below (so masked -inf scores vanish). Written
@@ -156,11 +226,13 @@ inline float to_f(T x) { return static_cast<float>(x); }
 
 // Pointer to a rows x cols float tile of `base` (strides in elements). float data with unit column
 // stride is used in place (ld = row stride); anything else is converted into `buf` (ld = cols).
+// With `pack`, float data is copied too: the narrow GEMMs stream the tile row by row, and rows a
+// (heads * head_dim)-sized stride apart (4 KiB for 16 x 64 floats) alias in the L1 sets.
 template <typename T>
 inline const float* load_tile(const T* base, int64_t rows, int64_t cols, int64_t row_stride,
-                              int64_t col_stride, float* buf, int64_t* ld) {
+                              int64_t col_stride, float* buf, int64_t* ld, bool pack = false) {
   if constexpr (std::is_same_v<T, float>) {
-    if (col_stride == 1) {
+    if (col_stride == 1 && (!pack || row_stride == cols)) {
       *ld = row_stride;
       return base;
     }

@@ -175,11 +175,12 @@ void fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         const float* kt = load_tile(kp + b * ks[0] + c0 * ks[1] + hk * ks[2], nc, d.D, ks[1], ks[3],
                                     kbuf.data(), &ldk);
         const float* vt = load_tile(vp + b * vs[0] + c0 * vs[1] + hk * vs[2], nc, d.Dv, vs[1], vs[3],
-                                    vbuf.data(), &ldv);
-        gemm_rm(false, true, nr, nc, d.D, scale, qt_ptr, ldq, kt, ldk, 0.f, s.data(), nc);
-        if (kind == TileKind::kPartial) rr.mask(s.data(), nc, c0, c1);
+                                    vbuf.data(), &ldv, /*pack=*/true);
+        const int64_t lds = nc;
+        gemm_rm(false, true, nr, nc, d.D, scale, qt_ptr, ldq, kt, ldk, 0.f, s.data(), lds);
+        if (kind == TileKind::kPartial) rr.mask(s.data(), lds, c0, c1);
         for (int64_t i = 0; i < nr; ++i) {
-          float* si = s.data() + i * nc;
+          float* si = s.data() + i * lds;
           const float m_new = std::max(m[i], row_max(si, nc));
           if (m_new == kNegInf) {  // row sees nothing yet: keep P = 0
             std::fill(si, si + nc, 0.f);
@@ -193,7 +194,7 @@ void fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
           l[i] = l[i] * alpha + sum;
           m[i] = m_new;
         }
-        gemm_rm(false, false, nr, d.Dv, nc, 1.f, s.data(), nc, vt, ldv, 1.f, acc.data(), d.Dv);
+        gemm_acc_narrow(false, nr, d.Dv, nc, 1.f, s.data(), lds, vt, ldv, acc.data(), d.Dv);
       }
       for (int64_t i = 0; i < nr; ++i) {
         const float inv = l[i] > 0.f ? 1.f / l[i] : 0.f;
@@ -244,9 +245,9 @@ void bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k
           rr.build(off, nseg, pattern, r0, r1);
           int64_t ldq, ldg, ldo;
           const float* qt_ptr = load_tile(qp + b * qs[0] + r0 * qs[1] + h * qs[2], nr, d.D, qs[1],
-                                          qs[3], qbuf.data(), &ldq);
+                                          qs[3], qbuf.data(), &ldq, /*pack=*/true);
           const float* gt = load_tile(gp + b * gs[0] + r0 * gs[1] + h * gs[2], nr, d.Dv, gs[1],
-                                      gs[3], gbuf.data(), &ldg);
+                                      gs[3], gbuf.data(), &ldg, /*pack=*/true);
           const float* ot = load_tile(op + b * os[0] + r0 * os[1] + h * os[2], nr, d.Dv, os[1],
                                       os[3], obuf.data(), &ldo);
           for (int64_t i = 0; i < nr; ++i) {
@@ -262,26 +263,27 @@ void bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k
             if (kind == TileKind::kEmpty) continue;
             int64_t ldk, ldv;
             const float* kt = load_tile(kp + b * ks[0] + c0 * ks[1] + hk * ks[2], nc, d.D, ks[1],
-                                        ks[3], kbuf.data(), &ldk);
+                                        ks[3], kbuf.data(), &ldk, /*pack=*/true);
             const float* vt = load_tile(vp + b * vs[0] + c0 * vs[1] + hk * vs[2], nc, d.Dv, vs[1],
                                         vs[3], vbuf.data(), &ldv);
-            gemm_rm(false, true, nr, nc, d.D, scale, qt_ptr, ldq, kt, ldk, 0.f, p.data(), nc);
-            if (kind == TileKind::kPartial) rr.mask(p.data(), nc, c0, c1);
-            for (int64_t i = 0; i < nr; ++i) exp_sub(p.data() + i * nc, nc, lrow[i]);
+            const int64_t lds = nc;
+            gemm_rm(false, true, nr, nc, d.D, scale, qt_ptr, ldq, kt, ldk, 0.f, p.data(), lds);
+            if (kind == TileKind::kPartial) rr.mask(p.data(), lds, c0, c1);
+            for (int64_t i = 0; i < nr; ++i) exp_sub(p.data() + i * lds, nc, lrow[i]);
             // dV += P^T dO ; dP = dO V^T ; dS = P (dP - delta) ; dQ += dS K ; dK += dS^T Q
-            gemm_rm(true, false, nc, d.Dv, nr, 1.f, p.data(), nc, gt, ldg, 1.f,
-                    dva.data() + c0 * d.Dv, d.Dv);
-            gemm_rm(false, true, nr, nc, d.Dv, 1.f, gt, ldg, vt, ldv, 0.f, dp.data(), nc);
+            gemm_acc_narrow(true, nc, d.Dv, nr, 1.f, p.data(), lds, gt, ldg, dva.data() + c0 * d.Dv,
+                            d.Dv);
+            gemm_rm(false, true, nr, nc, d.Dv, 1.f, gt, ldg, vt, ldv, 0.f, dp.data(), lds);
             for (int64_t i = 0; i < nr; ++i) {
-              float* pi = p.data() + i * nc;
-              const float* dpi = dp.data() + i * nc;
+              float* pi = p.data() + i * lds;
+              const float* dpi = dp.data() + i * lds;
               const float di = delta[i];
 #pragma omp simd
               for (int64_t j = 0; j < nc; ++j) pi[j] = pi[j] * (dpi[j] - di);
             }
-            gemm_rm(false, false, nr, d.D, nc, scale, p.data(), nc, kt, ldk, 1.f, dqa.data(), d.D);
-            gemm_rm(true, false, nc, d.D, nr, scale, p.data(), nc, qt_ptr, ldq, 1.f,
-                    dka.data() + c0 * d.D, d.D);
+            gemm_acc_narrow(false, nr, d.D, nc, scale, p.data(), lds, kt, ldk, dqa.data(), d.D);
+            gemm_acc_narrow(true, nc, d.D, nr, scale, p.data(), lds, qt_ptr, ldq, dka.data() + c0 * d.D,
+                            d.D);
           }
           store_tile(dqa.data(), nr, d.D, dqp + b * dqs[0] + r0 * dqs[1] + h * dqs[2], dqs[1],
                      dqs[3]);

@@ -142,6 +142,17 @@ def _fwd_step(acc, l_i, m_i, q, K_base, V_base, stride_kl, stride_kd, stride_vl,
     return acc, l_i, m_new
 
 
+@triton.jit
+def _query_tile(Tiles, n_heads, group):
+    """(batch, head, kv head, q_start, q_end, k_start, k_end) of this program: axis 0 picks a row of
+    the tile schedule, axis 1 a (batch, head) pair."""
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    h = bh % n_heads
+    return ((bh // n_heads).to(tl.int64), h, h // group, tl.load(Tiles + tile * 4), tl.load(Tiles + tile * 4 + 1),
+            tl.load(Tiles + tile * 4 + 2), tl.load(Tiles + tile * 4 + 3))
+
+
 @triton.jit(do_not_specialize=_VARYING)
 def _fwd_kernel(Q, K, V, Out, Lse, Offsets, Tiles,
                 stride_qb, stride_ql, stride_qh, stride_qd,
@@ -153,16 +164,7 @@ def _fwd_kernel(Q, K, V, Out, Lse, Offsets, Tiles,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
-    tile = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // n_heads).to(tl.int64)
-    h = bh % n_heads
-    hk = h // group
-    q_start = tl.load(Tiles + tile * 4)
-    q_end = tl.load(Tiles + tile * 4 + 1)
-    k_start = tl.load(Tiles + tile * 4 + 2)
-    k_end = tl.load(Tiles + tile * 4 + 3)
-
+    b, h, hk, q_start, q_end, k_start, k_end = _query_tile(Tiles, n_heads, group)
     rows = q_start + tl.arange(0, BLOCK_M)
     row_ok = rows < q_end
     offs_d = tl.arange(0, BLOCK_D)
@@ -326,16 +328,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, Lse, Delta, Offsets, Tiles,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
-    tile = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // n_heads).to(tl.int64)
-    h = bh % n_heads
-    hk = h // group
-    q_start = tl.load(Tiles + tile * 4)
-    q_end = tl.load(Tiles + tile * 4 + 1)
-    k_start = tl.load(Tiles + tile * 4 + 2)
-    k_end = tl.load(Tiles + tile * 4 + 3)
-
+    b, h, hk, q_start, q_end, k_start, k_end = _query_tile(Tiles, n_heads, group)
     rows = q_start + tl.arange(0, BLOCK_M)
     row_ok = rows < q_end
     offs_d = tl.arange(0, BLOCK_D)
