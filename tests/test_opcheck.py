@@ -46,3 +46,9 @@ def test_compiles_without_graph_break():
     f = torch.compile(lambda q, k, v: hierkern.next_scale_attention(q, k, v, LAY, impl="cpu"),
                       fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(f(q, k, v), hierkern.next_scale_attention(q, k, v, LAY, impl="cpu"))
+
+
+def test_lse_output_is_not_differentiable():
+    q, k, v, off = _args("cpu", requires_grad=True)
+    out, lse = torch.ops.hierkern.interval_attn_fwd(q, k, v, off, 0, 0, 0.2)
+    assert out.requires_grad and not lse.requires_grad

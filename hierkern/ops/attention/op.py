@@ -39,22 +39,24 @@ def _register():
         return _fake_bwd(q, k, v)
 
     # Autograd: the forward saves q, k, v, out and the float32 log-sum-exp; the backward recomputes
-    # the probabilities tile by tile (no L x L tensor is kept).
+    # the probabilities tile by tile (no L x L tensor is kept). The lse output is not differentiable.
     def _setup(ctx, inputs, output):
         ctx.save_for_backward(*inputs[:3], inputs[3], *output)
+        ctx.mark_non_differentiable(output[1])
         ctx.args = inputs[4:]
 
-    def _bwd_cpp(ctx, grad_out, grad_lse):
+    def _bwd_compiled(ctx, grad_out, grad_lse):
         q, k, v, offsets, out, lse = ctx.saved_tensors
         pattern, block_size, scale = ctx.args
         dq, dk, dv = torch.ops.hierkern.interval_attn_bwd(grad_out, q, k, v, out, lse, offsets, pattern,
                                                           block_size, scale)
         return dq, dk, dv, None, None, None, None
 
-    torch.library.register_autograd(f"{_LIB}::interval_attn_fwd", _bwd_cpp, setup_context=_setup)
+    torch.library.register_autograd(f"{_LIB}::interval_attn_fwd", _bwd_compiled, setup_context=_setup)
 
     def _setup_triton(ctx, inputs, output):
         ctx.save_for_backward(*inputs[:7], *output)
+        ctx.mark_non_differentiable(output[1])
         ctx.args = inputs[7:]
 
     def _bwd_triton(ctx, grad_out, grad_lse):
