@@ -367,7 +367,7 @@ class _Config:
 
 # GPU tables, keyed by (head-dim bucket, dtype bits), the same for sm_80 and sm_90: each entry fits the
 # A100's shared memory and compiles without register spills for both archs, with mma (sm_80) and wgmma
-# (sm_90) for 16-bit dtypes (tools/static_gpu_check.py verifies all of it). fp32 runs exact ieee dots
+# (sm_90) for 16-bit dtypes (tests/static_gpu_check.py verifies all of it). fp32 runs exact ieee dots
 # (FMA, no tensor cores), so its tiles are smaller. ptxas is erratic near the register limit: retune an
 # entry with the static check, not by rule of thumb.
 _FWD_GPU = {
@@ -522,7 +522,7 @@ def interval_attn_bwd(grad_out, q, k, v, out, lse, offsets, dq_tiles, k_tiles, p
 
 
 # ----------------------------------------------------------------------------------------------------
-# Ahead-of-time configurations (tools/static_gpu_check.py compiles each for sm_80 and sm_90)
+# Ahead-of-time configurations (tests/static_gpu_check.py compiles each for sm_80 and sm_90)
 # ----------------------------------------------------------------------------------------------------
 _TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 _POINTER_DTYPE = {"Offsets": "*i32", "Tiles": "*i32", "Lse": "*fp32", "Delta": "*fp32"}
