@@ -12,6 +12,7 @@
 
 #include "cpu/cpu_math.h"
 #include "interval.h"
+#include "interval_checks.h"
 
 namespace hierkern::cpu {
 namespace {
@@ -109,23 +110,7 @@ Dims dims_of(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
 
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                   const at::Tensor& offsets, int64_t pattern) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
-              "hierkern::interval_attn: q, k, v must be 4-D (batch, seq, heads, head_dim)");
-  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(),
-              "hierkern::interval_attn (cpu): q, k, v must be CPU tensors");
-  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
-              "hierkern::interval_attn: q, k, v must share a dtype");
-  TORCH_CHECK(k.size(0) == v.size(0) && k.size(1) == v.size(1) && k.size(2) == v.size(2),
-              "hierkern::interval_attn: k and v must agree in batch, seq, heads");
-  TORCH_CHECK(q.size(0) == k.size(0) && q.size(3) == k.size(3),
-              "hierkern::interval_attn: q and k must agree in batch and head_dim");
-  TORCH_CHECK(k.size(2) > 0 && q.size(2) % k.size(2) == 0,
-              "hierkern::interval_attn: q heads must be a multiple of k/v heads (GQA)");
-  TORCH_CHECK(offsets.scalar_type() == at::kInt && offsets.dim() == 1 && offsets.numel() >= 2 &&
-                  offsets.is_contiguous() && offsets.device().is_cpu(),
-              "hierkern::interval_attn: offsets must be a contiguous 1-D int32 CPU tensor");
-  TORCH_CHECK(pattern >= 0 && pattern < kNumPatterns, "hierkern::interval_attn: unknown pattern ",
-              pattern);
+  check_interval_inputs(q, k, v, offsets, pattern, c10::DeviceType::CPU, "cpu");
   const int32_t* off = offsets.data_ptr<int32_t>();
   const int64_t nseg = offsets.numel() - 1;
   TORCH_CHECK(off[0] == 0 && off[nseg] == q.size(1) && off[nseg] == k.size(1),
@@ -295,18 +280,6 @@ void bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k
   });
 }
 
-#define HK_DISPATCH_FLOATING(dtype, NAME, ...)                                   \
-  [&] {                                                                          \
-    switch (dtype) {                                                             \
-      case at::kFloat: { using scalar_t = float; return __VA_ARGS__(); }         \
-      case at::kBFloat16: { using scalar_t = c10::BFloat16; return __VA_ARGS__(); } \
-      case at::kHalf: { using scalar_t = c10::Half; return __VA_ARGS__(); }      \
-      default:                                                                   \
-        TORCH_CHECK(false, NAME " (cpu): unsupported dtype ", dtype,             \
-                    "; expected float32, bfloat16 or float16");                  \
-    }                                                                            \
-  }()
-
 std::tuple<at::Tensor, at::Tensor> interval_attn_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
                                                          const at::Tensor& v,
                                                          const at::Tensor& offsets, int64_t pattern,
@@ -315,8 +288,8 @@ std::tuple<at::Tensor, at::Tensor> interval_attn_fwd_cpu(const at::Tensor& q, co
   check_inputs(q, k, v, offsets, pattern);
   at::Tensor out = at::empty({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
   at::Tensor lse = at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(at::kFloat));
-  HK_DISPATCH_FLOATING(q.scalar_type(), "hierkern::interval_attn_fwd", [&] {
-    fwd_kernel<scalar_t>(q, k, v, offsets, pattern, scale, out, lse);
+  by_dtype(q.scalar_type(), "hierkern::interval_attn_fwd (cpu)", [&](auto tag) {
+    fwd_kernel<decltype(tag)>(q, k, v, offsets, pattern, scale, out, lse);
   });
   return {out, lse};
 }
@@ -334,8 +307,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> interval_attn_bwd_cpu(
   at::Tensor dq = at::empty_like(q);
   at::Tensor dk = at::empty_like(k);
   at::Tensor dv = at::empty_like(v);
-  HK_DISPATCH_FLOATING(q.scalar_type(), "hierkern::interval_attn_bwd", [&] {
-    bwd_kernel<scalar_t>(dout, q, k, v, out, lse, offsets, pattern, scale, dq, dk, dv);
+  by_dtype(q.scalar_type(), "hierkern::interval_attn_bwd (cpu)", [&](auto tag) {
+    bwd_kernel<decltype(tag)>(dout, q, k, v, out, lse, offsets, pattern, scale, dq, dk, dv);
   });
   return {dq, dk, dv};
 }

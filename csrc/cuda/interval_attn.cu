@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include "cuda/interval_attn_kernels.cuh"
+#include "interval_checks.h"
 
 namespace hierkern::cuda {
 
@@ -23,29 +24,8 @@ Strides4 strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.s
 
 void check(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& offsets,
            int64_t pattern) {
-  TORCH_CHECK(q.is_cuda() && k.is_cuda() && v.is_cuda() && offsets.is_cuda(),
-              "hierkern::interval_attn (cuda): q, k, v and offsets must be CUDA tensors");
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "hierkern::interval_attn: q, k, v must be 4-D");
-  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
-              "hierkern::interval_attn: q, k, v must share a dtype");
-  TORCH_CHECK(k.sizes() == v.sizes() && q.size(0) == k.size(0) && q.size(1) == k.size(1) &&
-                  q.size(3) == k.size(3) && q.size(2) % k.size(2) == 0,
-              "hierkern::interval_attn: shapes must be q (B, L, H, D), k/v (B, L, Hkv, D), H % Hkv == 0");
+  check_interval_inputs(q, k, v, offsets, pattern, c10::DeviceType::CUDA, "cuda");
   TORCH_CHECK(q.size(3) <= 256, "hierkern::interval_attn (cuda): head_dim must be <= 256");
-  TORCH_CHECK(offsets.scalar_type() == at::kInt && offsets.dim() == 1 && offsets.is_contiguous(),
-              "hierkern::interval_attn: offsets must be a contiguous 1-D int32 tensor");
-  TORCH_CHECK(pattern >= 0 && pattern < kNumPatterns, "hierkern::interval_attn: unknown pattern ", pattern);
-}
-
-
-template <typename F>
-void by_dtype(at::ScalarType dtype, F&& f) {
-  switch (dtype) {
-    case at::kFloat: f(float{}); break;
-    case at::kHalf: f(at::Half{}); break;
-    case at::kBFloat16: f(at::BFloat16{}); break;
-    default: TORCH_CHECK(false, "hierkern::interval_attn (cuda): unsupported dtype ", dtype);
-  }
 }
 
 void fill_common(AttnArgs& a, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -84,7 +64,7 @@ std::tuple<at::Tensor, at::Tensor> interval_attn_fwd_cuda(const at::Tensor& q, c
   a.lse_out = lse.data_ptr<float>();
   a.os = strides_of(out);
   const auto stream = at::cuda::getCurrentCUDAStream();
-  by_dtype(q.scalar_type(), [&](auto tag) { launch_fwd<decltype(tag)>(a, stream); });
+  by_dtype(q.scalar_type(), "hierkern::interval_attn_fwd (cuda)", [&](auto tag) { launch_fwd<decltype(tag)>(a, stream); });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {out, lse};
 }
@@ -119,7 +99,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> interval_attn_bwd_cuda(
   a.dks = strides_of(dk);
   a.dvs = strides_of(dv);
   const auto stream = at::cuda::getCurrentCUDAStream();
-  by_dtype(q.scalar_type(), [&](auto tag) { launch_bwd<decltype(tag)>(a, stream); });
+  by_dtype(q.scalar_type(), "hierkern::interval_attn_bwd (cuda)", [&](auto tag) { launch_bwd<decltype(tag)>(a, stream); });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {dq, dk, dv};
 }

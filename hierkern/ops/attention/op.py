@@ -99,9 +99,6 @@ def interval_attention(q, k, v, offsets, offsets_tensor, pattern, block_size, sc
     int32 device copy. Inputs are already validated by the public wrapper."""
     if impl == "reference":
         out, lse = reference.interval_attention_reference(q, k, v, offsets, pattern, scale, return_lse=True)
-    elif impl == "cpu":
-        out, lse = torch.ops.hierkern.interval_attn_fwd(q, k, v, offsets_tensor(q.device), pattern,
-                                                       block_size, scale)
     elif impl == "triton":
         from . import triton as tk
         d = q.shape[-1]
@@ -112,7 +109,7 @@ def interval_attention(q, k, v, offsets, offsets_tensor, pattern, block_size, sc
             tiling.q_tiles(offsets, pattern, fbm, q.device),
             tiling.q_tiles(offsets, pattern, bbm, q.device),
             tiling.k_tiles(offsets, pattern, bbn, q.device), pattern, block_size, scale)
-    else:
+    else:  # "cpu" or "cuda": the C++ op, dispatched on the tensors' device
         out, lse = torch.ops.hierkern.interval_attn_fwd(q, k, v, offsets_tensor(q.device), pattern,
                                                        block_size, scale)
     return (out, lse) if return_lse else out
