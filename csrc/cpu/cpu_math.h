@@ -121,6 +121,84 @@ inline void gemm_acc_narrow(bool trans_a, int64_t m, int64_t n, int64_t k, float
   gemm_rm(trans_a, false, m, n, k, alpha, a, lda, b, ldb, 1.f, c, ldc);
 }
 
+// ---------------------------------------------------------------------------------------------
+// Panel GEMM. B is stored as column panels of kPanel floats: panel j holds B[:, 16j : 16j + 16] as k
+// rows of 16 contiguous floats, at bp + j * panel_stride. The forward attention packs K^T and V once
+// per (batch, kv head) in this layout, so no GEMM packs an operand per tile (BLAS spent ~30% of its
+// time there) and every B row the kernel streams is one cache line.
+// ---------------------------------------------------------------------------------------------
+constexpr int64_t kPanel = 16;
+constexpr int64_t kPanelDepth = 256;  // k rows per pass: a 16 KiB panel slice stays in L1
+
+#ifdef HK_AVX2
+// C[MR rows, 16] (= or +=) alpha * A[MR rows, k] * panel.
+template <int MR>
+inline void panel_block_avx2(int64_t k, float alpha, const float* a, int64_t lda, const float* b,
+                             float* c, int64_t ldc, bool accumulate) {
+  __m256 c0[MR], c1[MR];
+  _Pragma("GCC unroll 8") for (int r = 0; r < MR; ++r) { c0[r] = _mm256_setzero_ps(); c1[r] = _mm256_setzero_ps(); }
+  for (int64_t p = 0; p < k; ++p) {
+    const __m256 b0 = _mm256_loadu_ps(b + p * kPanel);
+    const __m256 b1 = _mm256_loadu_ps(b + p * kPanel + 8);
+    _Pragma("GCC unroll 8") for (int r = 0; r < MR; ++r) {
+      const __m256 av = _mm256_broadcast_ss(a + r * lda + p);
+      c0[r] = _mm256_fmadd_ps(av, b0, c0[r]);
+      c1[r] = _mm256_fmadd_ps(av, b1, c1[r]);
+    }
+  }
+  const __m256 va = _mm256_set1_ps(alpha);
+  _Pragma("GCC unroll 8") for (int r = 0; r < MR; ++r) {
+    float* cp = c + r * ldc;
+    if (accumulate) {
+      _mm256_storeu_ps(cp, _mm256_fmadd_ps(va, c0[r], _mm256_loadu_ps(cp)));
+      _mm256_storeu_ps(cp + 8, _mm256_fmadd_ps(va, c1[r], _mm256_loadu_ps(cp + 8)));
+    } else {
+      _mm256_storeu_ps(cp, _mm256_mul_ps(va, c0[r]));
+      _mm256_storeu_ps(cp + 8, _mm256_mul_ps(va, c1[r]));
+    }
+  }
+}
+#endif
+
+inline void panel_block(int64_t mr, int64_t k, float alpha, const float* a, int64_t lda,
+                        const float* b, float* c, int64_t ldc, bool accumulate) {
+#ifdef HK_AVX2
+  switch (mr) {
+    case 6: return panel_block_avx2<6>(k, alpha, a, lda, b, c, ldc, accumulate);
+    case 5: return panel_block_avx2<5>(k, alpha, a, lda, b, c, ldc, accumulate);
+    case 4: return panel_block_avx2<4>(k, alpha, a, lda, b, c, ldc, accumulate);
+    case 3: return panel_block_avx2<3>(k, alpha, a, lda, b, c, ldc, accumulate);
+    case 2: return panel_block_avx2<2>(k, alpha, a, lda, b, c, ldc, accumulate);
+    default: return panel_block_avx2<1>(k, alpha, a, lda, b, c, ldc, accumulate);
+  }
+#else
+  for (int64_t r = 0; r < mr; ++r) {
+    float acc[kPanel] = {};
+    for (int64_t p = 0; p < k; ++p)
+      for (int64_t j = 0; j < kPanel; ++j) acc[j] += a[r * lda + p] * b[p * kPanel + j];
+    for (int64_t j = 0; j < kPanel; ++j)
+      c[r * ldc + j] = alpha * acc[j] + (accumulate ? c[r * ldc + j] : 0.f);
+  }
+#endif
+}
+
+// C[m, 16 * n_panels] (= or +=) alpha * A[m, k] * B, B in panels (see above); A row-major.
+inline void gemm_panels(int64_t m, int64_t n_panels, int64_t k, float alpha, const float* a,
+                        int64_t lda, const float* bp, int64_t panel_stride, float* c, int64_t ldc,
+                        bool accumulate) {
+  constexpr int64_t MR = 6;
+  for (int64_t p0 = 0; p0 < k; p0 += kPanelDepth) {
+    const int64_t kc = std::min(kPanelDepth, k - p0);
+    const bool acc = accumulate || p0 > 0;
+    for (int64_t j = 0; j < n_panels; ++j) {
+      const float* b = bp + j * panel_stride + p0 * kPanel;
+      for (int64_t i0 = 0; i0 < m; i0 += MR)
+        panel_block(std::min(MR, m - i0), kc, alpha, a + i0 * lda + p0, lda, b,
+                    c + i0 * ldc + j * kPanel, ldc, acc);
+    }
+  }
+}
+
 // exp(x) with ~2 ulp error on [-87, 88]; exactly 0 below (so masked -inf scores vanish). Written
 // without branches so `#pragma omp simd` loops over it vectorise.
 inline float fast_exp(float x) {
@@ -161,6 +239,26 @@ inline __m256 exp8(__m256 x) {
   p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
   const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_andnot_ps(underflow, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+
+// dst[c * ldd + r] = src[r * lds + c] for an 8 x 8 block.
+inline void transpose8x8(const float* src, int64_t lds, float* dst, int64_t ldd) {
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * lds);
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    r[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; ++i) {
+    _mm256_storeu_ps(dst + i * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+    _mm256_storeu_ps(dst + (i + 4) * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+  }
 }
 
 inline float hsum8(__m256 v) {

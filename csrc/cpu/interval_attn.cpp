@@ -8,6 +8,7 @@
 
 #include <cstdlib>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include "cpu/cpu_math.h"
@@ -61,12 +62,23 @@ struct RowRanges {
     return !any ? TileKind::kEmpty : (all ? TileKind::kFull : TileKind::kPartial);
   }
 
-  // Sets s[i, j] = -inf where row r0 + i does not see key c0 + j.
+  // Sets s[i, j] = -inf where row r0 + i does not see key c0 + j: fills the gaps around each row's
+  // (at most two) ranges rather than testing every element.
   void mask(float* s, int64_t ld, int64_t c0, int64_t c1) const {
     for (size_t i = 0; i < rows.size(); ++i) {
-      const KeyRanges& kr = rows[i];
-      for (int64_t j = c0; j < c1; ++j)
-        if (!in_ranges(kr, j)) s[i * ld + (j - c0)] = kNegInf;
+      KeyRanges kr = rows[i];
+      if (kr.hi1 > kr.lo1 && (kr.hi0 <= kr.lo0 || kr.lo1 < kr.lo0)) {
+        std::swap(kr.lo0, kr.lo1);
+        std::swap(kr.hi0, kr.hi1);
+      }
+      float* si = s + i * ld - c0;
+      int64_t cur = c0;
+      for (const auto& [lo, hi] : {std::pair{kr.lo0, kr.hi0}, std::pair{kr.lo1, kr.hi1}}) {
+        if (hi <= lo) continue;
+        for (int64_t j = cur; j < std::min(lo, c1); ++j) si[j] = kNegInf;
+        cur = std::max(cur, hi);
+      }
+      for (int64_t j = cur; j < c1; ++j) si[j] = kNegInf;
     }
   }
 };
@@ -120,6 +132,58 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                 i, "] = ", off[i], " >= offsets[", i + 1, "] = ", off[i + 1]);
 }
 
+// Packs the keys of one (batch, kv head) as K^T panels for gemm_panels: panel p holds keys
+// [16p, 16p + 16) as D rows of 16 floats; keys past n are zero.
+template <typename T>
+void pack_kt_panels(const T* src, int64_t n, int64_t D, int64_t row_stride, int64_t col_stride,
+                    float* dst) {
+  const int64_t np = (n + kPanel - 1) / kPanel;
+  for (int64_t p = 0; p < np; ++p) {
+    float* panel = dst + p * D * kPanel;
+    int64_t j = 0;
+#ifdef HK_AVX2
+    // Eight whole keys at a time: 8 x 8 register transposes (the scalar loop below is 8x slower).
+    if constexpr (std::is_same_v<T, float>) {
+      if (col_stride == 1 && D % 8 == 0)
+        for (; j + 8 <= kPanel && p * kPanel + j + 8 <= n; j += 8)
+          for (int64_t c = 0; c < D; c += 8)
+            transpose8x8(src + (p * kPanel + j) * row_stride + c, row_stride, panel + c * kPanel + j,
+                         kPanel);
+    }
+#endif
+    for (; j < kPanel; ++j) {
+      const int64_t key = p * kPanel + j;
+      const T* row = src + key * row_stride;
+      for (int64_t c = 0; c < D; ++c)
+        panel[c * kPanel + j] = key < n ? to_f(row[c * col_stride]) : 0.f;
+    }
+  }
+}
+
+// Packs the values of one (batch, kv head) as column panels: panel p holds dims [16p, 16p + 16) of
+// every key as n rows of 16 floats; dims past D are zero.
+template <typename T>
+void pack_v_panels(const T* src, int64_t n, int64_t D, int64_t row_stride, int64_t col_stride,
+                   float* dst) {
+  const int64_t np = (D + kPanel - 1) / kPanel;
+  for (int64_t key = 0; key < n; ++key) {
+    const T* row = src + key * row_stride;
+    for (int64_t p = 0; p < np; ++p) {
+      float* out = dst + (p * n + key) * kPanel;
+      if constexpr (std::is_same_v<T, float>) {
+        if (col_stride == 1 && (p + 1) * kPanel <= D) {
+          std::memcpy(out, row + p * kPanel, kPanel * sizeof(float));
+          continue;
+        }
+      }
+      for (int64_t j = 0; j < kPanel; ++j) {
+        const int64_t c = p * kPanel + j;
+        out[j] = c < D ? to_f(row[c * col_stride]) : 0.f;
+      }
+    }
+  }
+}
+
 template <typename T>
 void fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                 const at::Tensor& offsets, int64_t pattern, double scale_d, at::Tensor& out,
@@ -136,36 +200,50 @@ void fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const auto qs = q.strides(), ks = k.strides(), vs = v.strides(), os = out.strides();
   const auto qblocks = query_blocks(off, nseg, kBlockQ);
   const int64_t n_qt = (int64_t)qblocks.size();
+  const int64_t block_k = (kBlockK + kPanel - 1) / kPanel * kPanel;
+
+  // K^T and V of every (batch, kv head), packed once in float panels (O(L * H * D) extra memory)
+  // instead of once per query tile; it also converts bf16 inputs a single time.
+  const int64_t k_panels = (d.Lk + kPanel - 1) / kPanel, v_panels = (d.Dv + kPanel - 1) / kPanel;
+  const int64_t kpack_size = k_panels * d.D * kPanel, vpack_size = v_panels * d.Lk * kPanel;
+  const int64_t ldacc = v_panels * kPanel;
+  std::unique_ptr<float[]> kpack(new float[d.B * d.Hk * kpack_size]);
+  std::unique_ptr<float[]> vpack(new float[d.B * d.Hk * vpack_size]);
+  at::parallel_for(0, d.B * d.Hk, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t hk = t % d.Hk, b = t / d.Hk;
+      pack_kt_panels(kp + b * ks[0] + hk * ks[2], d.Lk, d.D, ks[1], ks[3], kpack.get() + t * kpack_size);
+      pack_v_panels(vp + b * vs[0] + hk * vs[2], d.Lk, d.Dv, vs[1], vs[3], vpack.get() + t * vpack_size);
+    }
+  });
 
   at::parallel_for(0, d.B * d.H * n_qt, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qbuf(kBlockQ * d.D), kbuf(kBlockK * d.D), vbuf(kBlockK * d.Dv);
-    std::vector<float> s(kBlockQ * kBlockK), acc(kBlockQ * d.Dv), m(kBlockQ), l(kBlockQ);
+    std::vector<float> qbuf(kBlockQ * d.D), s(kBlockQ * block_k), acc(kBlockQ * ldacc);
+    std::vector<float> m(kBlockQ), l(kBlockQ);
     RowRanges rr;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t qt = task % n_qt, h = (task / n_qt) % d.H, b = task / (n_qt * d.H);
       const int64_t hk = h / d.group;
+      const float* kpanels = kpack.get() + (b * d.Hk + hk) * kpack_size;
+      const float* vpanels = vpack.get() + (b * d.Hk + hk) * vpack_size;
       const int64_t r0 = qblocks[qt].first, r1 = qblocks[qt].second, nr = r1 - r0;
       rr.build(off, nseg, pattern, r0, r1);
       int64_t ldq;
       const float* qt_ptr = load_tile(qp + b * qs[0] + r0 * qs[1] + h * qs[2], nr, d.D, qs[1], qs[3],
                                       qbuf.data(), &ldq);
-      std::fill(acc.begin(), acc.begin() + nr * d.Dv, 0.f);
+      std::fill(acc.begin(), acc.begin() + nr * ldacc, 0.f);
       std::fill(m.begin(), m.end(), kNegInf);
       std::fill(l.begin(), l.end(), 0.f);
-      for (int64_t c0 = rr.kmin; c0 < rr.kmax; c0 += kBlockK) {
-        const int64_t c1 = std::min(rr.kmax, c0 + kBlockK), nc = c1 - c0;
+      // Key tiles start on a panel boundary; keys left of a row's range are masked like any other.
+      for (int64_t c0 = rr.kmin / kPanel * kPanel; c0 < rr.kmax; c0 += block_k) {
+        const int64_t c1 = std::min(rr.kmax, c0 + block_k), nc = c1 - c0;
         const TileKind kind = rr.classify(c0, c1);
         if (kind == TileKind::kEmpty) continue;
-        int64_t ldk, ldv;
-        const float* kt = load_tile(kp + b * ks[0] + c0 * ks[1] + hk * ks[2], nc, d.D, ks[1], ks[3],
-                                    kbuf.data(), &ldk);
-        const float* vt = load_tile(vp + b * vs[0] + c0 * vs[1] + hk * vs[2], nc, d.Dv, vs[1], vs[3],
-                                    vbuf.data(), &ldv, /*pack=*/true);
-        const int64_t lds = nc;
-        gemm_rm(false, true, nr, nc, d.D, scale, qt_ptr, ldq, kt, ldk, 0.f, s.data(), lds);
-        if (kind == TileKind::kPartial) rr.mask(s.data(), lds, c0, c1);
+        gemm_panels(nr, (nc + kPanel - 1) / kPanel, d.D, scale, qt_ptr, ldq,
+                    kpanels + c0 * d.D, d.D * kPanel, s.data(), block_k, /*accumulate=*/false);
+        if (kind == TileKind::kPartial) rr.mask(s.data(), block_k, c0, c1);
         for (int64_t i = 0; i < nr; ++i) {
-          float* si = s.data() + i * lds;
+          float* si = s.data() + i * block_k;
           const float m_new = std::max(m[i], row_max(si, nc));
           if (m_new == kNegInf) {  // row sees nothing yet: keep P = 0
             std::fill(si, si + nc, 0.f);
@@ -173,17 +251,19 @@ void fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
           }
           const float sum = exp_sub_sum(si, nc, m_new);
           const float alpha = fast_exp(m[i] - m_new);
-          float* ai = acc.data() + i * d.Dv;
+          float* ai = acc.data() + i * ldacc;
           if (alpha != 1.f)
             for (int64_t j = 0; j < d.Dv; ++j) ai[j] *= alpha;
           l[i] = l[i] * alpha + sum;
           m[i] = m_new;
         }
-        gemm_acc_narrow(false, nr, d.Dv, nc, 1.f, s.data(), lds, vt, ldv, acc.data(), d.Dv);
+        gemm_panels(nr, v_panels, nc, 1.f, s.data(), block_k, vpanels + c0 * kPanel, d.Lk * kPanel,
+                    acc.data(), ldacc, /*accumulate=*/true);
       }
       for (int64_t i = 0; i < nr; ++i) {
         const float inv = l[i] > 0.f ? 1.f / l[i] : 0.f;
-        for (int64_t j = 0; j < d.Dv; ++j) acc[i * d.Dv + j] *= inv;
+        // Compact the padded accumulator rows to Dv floats for store_tile (in place, row order).
+        for (int64_t j = 0; j < d.Dv; ++j) acc[i * d.Dv + j] = acc[i * ldacc + j] * inv;
         lp[(b * d.H + h) * d.L + r0 + i] = l[i] > 0.f ? m[i] + std::log(l[i]) : kNegInf;
       }
       store_tile(acc.data(), nr, d.Dv, op + b * os[0] + r0 * os[1] + h * os[2], os[1], os[3]);
