@@ -32,6 +32,16 @@ inline void check_interval_inputs(const at::Tensor& q, const at::Tensor& k, cons
               pattern);
 }
 
+// The optional cos-attention temperature: float32, one value per query head, on the inputs' device.
+inline void check_temperature(const c10::optional<at::Tensor>& temperature, const at::Tensor& q) {
+  if (!temperature.has_value()) return;
+  const at::Tensor& t = *temperature;
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.dim() == 1 && t.size(0) == q.size(2) &&
+                  t.device() == q.device(),
+              "hierkern::interval_attn: temperature must be a float32 (heads,) tensor on q's device, "
+              "got ", t.scalar_type(), " ", t.sizes(), " on ", t.device());
+}
+
 // Calls f(scalar_t{}) for the floating dtypes the kernels support.
 template <typename F>
 void by_dtype(at::ScalarType dtype, const char* op, F&& f) {

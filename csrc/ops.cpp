@@ -16,17 +16,24 @@ TORCH_LIBRARY(hierkern, m) {
   // segment `offsets` (int32, cumulative, offsets[0] == 0, offsets[-1] == seq len) and `block_size`.
   // q (B, L, H, D), k/v (B, L, Hkv, D) with H % Hkv == 0; returns out (B, L, H, D) and the float32
   // log-sum-exp (B, H, L) that the backward pass needs.
+  // With `temperature` (float32, (H,)) the kernels run VAR's cos-attention prologue on every q / k
+  // tile they load: q_hat = q / |q| * exp(min(temperature[h], ln 100)), k_hat = k / |k| (|x| clamped
+  // below at 1e-12, as F.normalize), and attend with q_hat, k_hat. The backward then returns the
+  // gradients with respect to q_hat and k_hat (and v); the chain rule through the normalisation and
+  // the temperature is elementwise per row and runs in the Python autograd function.
   m.def("interval_attn_fwd(Tensor q, Tensor k, Tensor v, Tensor offsets, int pattern, int block_size, "
-        "float scale) -> (Tensor, Tensor)");
+        "float scale, Tensor? temperature=None) -> (Tensor, Tensor)");
   m.def("interval_attn_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
-        "Tensor offsets, int pattern, int block_size, float scale) -> (Tensor, Tensor, Tensor)");
+        "Tensor offsets, int pattern, int block_size, float scale, Tensor? temperature=None) "
+        "-> (Tensor, Tensor, Tensor)");
   // The Triton kernels take host-built tile schedules as extra metadata (hierkern/ops/attention/
   // tiling.py): q_tiles / dq_tiles are (n, 4) int32 rows (q_start, q_end, k_start, k_end) for the
   // forward and dQ passes, k_tiles rows (k_start, k_end, q_start, q_end) for the dK/dV pass. The
   // forward takes the backward's schedules too so autograd can hand them on without a host sync.
   m.def("interval_attn_fwd_triton(Tensor q, Tensor k, Tensor v, Tensor offsets, Tensor q_tiles, "
-        "Tensor dq_tiles, Tensor k_tiles, int pattern, int block_size, float scale) -> (Tensor, Tensor)");
+        "Tensor dq_tiles, Tensor k_tiles, int pattern, int block_size, float scale, "
+        "Tensor? temperature=None) -> (Tensor, Tensor)");
   m.def("interval_attn_bwd_triton(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
         "Tensor lse, Tensor offsets, Tensor dq_tiles, Tensor k_tiles, int pattern, int block_size, "
-        "float scale) -> (Tensor, Tensor, Tensor)");
+        "float scale, Tensor? temperature=None) -> (Tensor, Tensor, Tensor)");
 }

@@ -326,11 +326,13 @@ inline float to_f(T x) { return static_cast<float>(x); }
 // stride is used in place (ld = row stride); anything else is converted into `buf` (ld = cols).
 // With `pack`, float data is copied too: the narrow GEMMs stream the tile row by row, and rows a
 // (heads * head_dim)-sized stride apart (4 KiB for 16 x 64 floats) alias in the L1 sets.
+// `copy` always converts into `buf` (for callers that modify the tile).
 template <typename T>
 inline const float* load_tile(const T* base, int64_t rows, int64_t cols, int64_t row_stride,
-                              int64_t col_stride, float* buf, int64_t* ld, bool pack = false) {
+                              int64_t col_stride, float* buf, int64_t* ld, bool pack = false,
+                              bool copy = false) {
   if constexpr (std::is_same_v<T, float>) {
-    if (col_stride == 1 && (!pack || row_stride == cols)) {
+    if (!copy && col_stride == 1 && (!pack || row_stride == cols)) {
       *ld = row_stride;
       return base;
     }
@@ -348,6 +350,22 @@ inline const float* load_tile(const T* base, int64_t rows, int64_t cols, int64_t
   *ld = cols;
   return buf;
 }
+
+// Scales each row of a float tile to unit L2 norm times `mult` (the norm clamped below at 1e-12, as
+// F.normalize): the cos-attention prologue, applied to q and k tiles as they are loaded.
+inline void normalize_rows(float* x, int64_t rows, int64_t cols, int64_t ld, float mult) {
+  for (int64_t i = 0; i < rows; ++i) {
+    float* xi = x + i * ld;
+    float ss = 0.f;  // summed in order, as the forward's panel packing does (same bits)
+    for (int64_t j = 0; j < cols; ++j) ss += xi[j] * xi[j];
+    const float f = mult / std::max(std::sqrt(ss), 1e-12f);
+#pragma omp simd
+    for (int64_t j = 0; j < cols; ++j) xi[j] *= f;
+  }
+}
+
+// exp(min(t, ln 100)): VAR's clamped per-head logit multiplier.
+inline float temperature_multiplier(float t) { return std::exp(std::min(t, std::log(100.f))); }
 
 // Writes a rows x cols float tile (ld = cols) to `base` with any strides, converting to T.
 template <typename T>

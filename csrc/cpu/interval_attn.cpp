@@ -134,9 +134,10 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 
 // Packs the keys of one (batch, kv head) as K^T panels for gemm_panels: panel p holds keys
 // [16p, 16p + 16) as D rows of 16 floats; keys past n are zero.
+// With `normalize`, every key is scaled to unit L2 norm (the cos-attention prologue).
 template <typename T>
 void pack_kt_panels(const T* src, int64_t n, int64_t D, int64_t row_stride, int64_t col_stride,
-                    float* dst) {
+                    float* dst, bool normalize) {
   const int64_t np = (n + kPanel - 1) / kPanel;
   for (int64_t p = 0; p < np; ++p) {
     float* panel = dst + p * D * kPanel;
@@ -156,6 +157,14 @@ void pack_kt_panels(const T* src, int64_t n, int64_t D, int64_t row_stride, int6
       const T* row = src + key * row_stride;
       for (int64_t c = 0; c < D; ++c)
         panel[c * kPanel + j] = key < n ? to_f(row[c * col_stride]) : 0.f;
+    }
+    if (normalize) {
+      float ss[kPanel] = {};
+      for (int64_t c = 0; c < D; ++c)
+        for (int64_t j = 0; j < kPanel; ++j) ss[j] += panel[c * kPanel + j] * panel[c * kPanel + j];
+      for (int64_t j = 0; j < kPanel; ++j) ss[j] = 1.f / std::max(std::sqrt(ss[j]), 1e-12f);
+      for (int64_t c = 0; c < D; ++c)
+        for (int64_t j = 0; j < kPanel; ++j) panel[c * kPanel + j] *= ss[j];
     }
   }
 }
@@ -186,8 +195,8 @@ void pack_v_panels(const T* src, int64_t n, int64_t D, int64_t row_stride, int64
 
 template <typename T>
 void fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                const at::Tensor& offsets, int64_t pattern, double scale_d, at::Tensor& out,
-                at::Tensor& lse) {
+                const at::Tensor& offsets, int64_t pattern, double scale_d, const float* temp,
+                int64_t temp_stride, at::Tensor& out, at::Tensor& lse) {
   const Dims d = dims_of(q, k, v);
   const float scale = (float)scale_d;
   const int32_t* off = offsets.data_ptr<int32_t>();
@@ -212,7 +221,8 @@ void fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   at::parallel_for(0, d.B * d.Hk, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t hk = t % d.Hk, b = t / d.Hk;
-      pack_kt_panels(kp + b * ks[0] + hk * ks[2], d.Lk, d.D, ks[1], ks[3], kpack.get() + t * kpack_size);
+      pack_kt_panels(kp + b * ks[0] + hk * ks[2], d.Lk, d.D, ks[1], ks[3], kpack.get() + t * kpack_size,
+                     temp != nullptr);
       pack_v_panels(vp + b * vs[0] + hk * vs[2], d.Lk, d.Dv, vs[1], vs[3], vpack.get() + t * vpack_size);
     }
   });
@@ -230,7 +240,8 @@ void fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       rr.build(off, nseg, pattern, r0, r1);
       int64_t ldq;
       const float* qt_ptr = load_tile(qp + b * qs[0] + r0 * qs[1] + h * qs[2], nr, d.D, qs[1], qs[3],
-                                      qbuf.data(), &ldq);
+                                      qbuf.data(), &ldq, false, /*copy=*/temp != nullptr);
+      if (temp) normalize_rows(qbuf.data(), nr, d.D, ldq, temperature_multiplier(temp[h * temp_stride]));
       std::fill(acc.begin(), acc.begin() + nr * ldacc, 0.f);
       std::fill(m.begin(), m.end(), kNegInf);
       std::fill(l.begin(), l.end(), 0.f);
@@ -274,8 +285,8 @@ void fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 template <typename T>
 void bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
                 const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-                const at::Tensor& offsets, int64_t pattern, double scale_d, at::Tensor& dq,
-                at::Tensor& dk, at::Tensor& dv) {
+                const at::Tensor& offsets, int64_t pattern, double scale_d, const float* temp,
+                int64_t temp_stride, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
   const Dims d = dims_of(q, k, v);
   const float scale = (float)scale_d;
   const int32_t* off = offsets.data_ptr<int32_t>();
@@ -293,15 +304,23 @@ void bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k
   const auto qs = q.strides(), ks = k.strides(), vs = v.strides(), os = out.strides(),
              gs = dout.strides(), dqs = dq.strides(), dks = dk.strides(), dvs = dv.strides();
   const auto qblocks = query_blocks(off, nseg, kBlockQ);
+  const int64_t block_k = (kBlockK + kPanel - 1) / kPanel * kPanel;
+  const int64_t k_panels = (d.Lk + kPanel - 1) / kPanel;
 
   at::parallel_for(0, d.B * d.Hk, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qbuf(kBlockQ * d.D), gbuf(kBlockQ * d.Dv), obuf(kBlockQ * d.Dv);
-    std::vector<float> kbuf(kBlockK * d.D), vbuf(kBlockK * d.Dv);
-    std::vector<float> p(kBlockQ * kBlockK), dp(kBlockQ * kBlockK), dqa(kBlockQ * d.D);
+    std::vector<float> kbuf(block_k * d.D);
+    std::vector<float> p(kBlockQ * block_k), dp(kBlockQ * block_k), dqa(kBlockQ * d.D);
     std::vector<float> dka(d.Lk * d.D), dva(d.Lk * d.Dv), lrow(kBlockQ), delta(kBlockQ);
+    // K^T and V^T panels as the forward packs them: S = Q K^T is then recomputed with the very same
+    // arithmetic as the forward, so P = exp(S - lse) is consistent with the stored lse to the last
+    // bit (this matters with cos attention, whose logits reach 100).
+    std::vector<float> ktp(k_panels * d.D * kPanel), vtp(k_panels * d.Dv * kPanel);
     RowRanges rr;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t hk = task % d.Hk, b = task / d.Hk;
+      pack_kt_panels(kp + b * ks[0] + hk * ks[2], d.Lk, d.D, ks[1], ks[3], ktp.data(), temp != nullptr);
+      pack_kt_panels(vp + b * vs[0] + hk * vs[2], d.Lk, d.Dv, vs[1], vs[3], vtp.data(), false);
       std::fill(dka.begin(), dka.end(), 0.f);
       std::fill(dva.begin(), dva.end(), 0.f);
       for (int64_t h = hk * d.group; h < (hk + 1) * d.group; ++h) {
@@ -310,7 +329,9 @@ void bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k
           rr.build(off, nseg, pattern, r0, r1);
           int64_t ldq, ldg, ldo;
           const float* qt_ptr = load_tile(qp + b * qs[0] + r0 * qs[1] + h * qs[2], nr, d.D, qs[1],
-                                          qs[3], qbuf.data(), &ldq, /*pack=*/true);
+                                          qs[3], qbuf.data(), &ldq, /*pack=*/true, temp != nullptr);
+          if (temp)
+            normalize_rows(qbuf.data(), nr, d.D, ldq, temperature_multiplier(temp[h * temp_stride]));
           const float* gt = load_tile(gp + b * gs[0] + r0 * gs[1] + h * gs[2], nr, d.Dv, gs[1],
                                       gs[3], gbuf.data(), &ldg, /*pack=*/true);
           const float* ot = load_tile(op + b * os[0] + r0 * os[1] + h * os[2], nr, d.Dv, os[1],
@@ -322,23 +343,25 @@ void bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k
             lrow[i] = lp[b * lss[0] + h * lss[1] + (r0 + i) * lss[2]];
           }
           std::fill(dqa.begin(), dqa.begin() + nr * d.D, 0.f);
-          for (int64_t c0 = rr.kmin; c0 < rr.kmax; c0 += kBlockK) {
-            const int64_t c1 = std::min(rr.kmax, c0 + kBlockK), nc = c1 - c0;
+          for (int64_t c0 = rr.kmin / kPanel * kPanel; c0 < rr.kmax; c0 += block_k) {
+            const int64_t c1 = std::min(rr.kmax, c0 + block_k), nc = c1 - c0;
+            const int64_t np = (nc + kPanel - 1) / kPanel;
             const TileKind kind = rr.classify(c0, c1);
             if (kind == TileKind::kEmpty) continue;
-            int64_t ldk, ldv;
+            int64_t ldk;
             const float* kt = load_tile(kp + b * ks[0] + c0 * ks[1] + hk * ks[2], nc, d.D, ks[1],
-                                        ks[3], kbuf.data(), &ldk, /*pack=*/true);
-            const float* vt = load_tile(vp + b * vs[0] + c0 * vs[1] + hk * vs[2], nc, d.Dv, vs[1],
-                                        vs[3], vbuf.data(), &ldv);
-            const int64_t lds = nc;
-            gemm_rm(false, true, nr, nc, d.D, scale, qt_ptr, ldq, kt, ldk, 0.f, p.data(), lds);
+                                        ks[3], kbuf.data(), &ldk, /*pack=*/true, temp != nullptr);
+            if (temp) normalize_rows(kbuf.data(), nc, d.D, ldk, 1.f);
+            const int64_t lds = block_k;
+            gemm_panels(nr, np, d.D, scale, qt_ptr, ldq, ktp.data() + c0 * d.D, d.D * kPanel, p.data(), lds,
+                        /*accumulate=*/false);
             if (kind == TileKind::kPartial) rr.mask(p.data(), lds, c0, c1);
             for (int64_t i = 0; i < nr; ++i) exp_sub(p.data() + i * lds, nc, lrow[i]);
             // dV += P^T dO ; dP = dO V^T ; dS = P (dP - delta) ; dQ += dS K ; dK += dS^T Q
             gemm_acc_narrow(true, nc, d.Dv, nr, 1.f, p.data(), lds, gt, ldg, dva.data() + c0 * d.Dv,
                             d.Dv);
-            gemm_rm(false, true, nr, nc, d.Dv, 1.f, gt, ldg, vt, ldv, 0.f, dp.data(), lds);
+            gemm_panels(nr, np, d.Dv, 1.f, gt, ldg, vtp.data() + c0 * d.Dv, d.Dv * kPanel, dp.data(), lds,
+                        /*accumulate=*/false);
             for (int64_t i = 0; i < nr; ++i) {
               float* pi = p.data() + i * lds;
               const float* dpi = dp.data() + i * lds;
@@ -363,13 +386,17 @@ void bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k
 std::tuple<at::Tensor, at::Tensor> interval_attn_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
                                                          const at::Tensor& v,
                                                          const at::Tensor& offsets, int64_t pattern,
-                                                         int64_t block_size, double scale) {
+                                                         int64_t block_size, double scale,
+                                                         const c10::optional<at::Tensor>& temperature) {
   (void)block_size;  // no block-based pattern among kSegment*; kept in the schema for those to come
   check_inputs(q, k, v, offsets, pattern);
+  check_temperature(temperature, q);
+  const float* temp = temperature ? temperature->const_data_ptr<float>() : nullptr;
+  const int64_t temp_stride = temperature ? temperature->stride(0) : 0;
   at::Tensor out = at::empty({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
   at::Tensor lse = at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(at::kFloat));
   by_dtype(q.scalar_type(), "hierkern::interval_attn_fwd (cpu)", [&](auto tag) {
-    fwd_kernel<decltype(tag)>(q, k, v, offsets, pattern, scale, out, lse);
+    fwd_kernel<decltype(tag)>(q, k, v, offsets, pattern, scale, temp, temp_stride, out, lse);
   });
   return {out, lse};
 }
@@ -377,9 +404,12 @@ std::tuple<at::Tensor, at::Tensor> interval_attn_fwd_cpu(const at::Tensor& q, co
 std::tuple<at::Tensor, at::Tensor, at::Tensor> interval_attn_bwd_cpu(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const at::Tensor& offsets, int64_t pattern,
-    int64_t block_size, double scale) {
+    int64_t block_size, double scale, const c10::optional<at::Tensor>& temperature) {
   (void)block_size;
   check_inputs(q, k, v, offsets, pattern);
+  check_temperature(temperature, q);
+  const float* temp = temperature ? temperature->const_data_ptr<float>() : nullptr;
+  const int64_t temp_stride = temperature ? temperature->stride(0) : 0;
   TORCH_CHECK(dout.sizes() == out.sizes() && dout.scalar_type() == q.scalar_type(),
               "hierkern::interval_attn_bwd: grad_out must match out in shape and dtype");
   TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.dim() == 3,
@@ -388,7 +418,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> interval_attn_bwd_cpu(
   at::Tensor dk = at::empty_like(k);
   at::Tensor dv = at::empty_like(v);
   by_dtype(q.scalar_type(), "hierkern::interval_attn_bwd (cpu)", [&](auto tag) {
-    bwd_kernel<decltype(tag)>(dout, q, k, v, out, lse, offsets, pattern, scale, dq, dk, dv);
+    bwd_kernel<decltype(tag)>(dout, q, k, v, out, lse, offsets, pattern, scale, temp, temp_stride, dq,
+                              dk, dv);
   });
   return {dq, dk, dv};
 }

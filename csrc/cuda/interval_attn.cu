@@ -47,12 +47,20 @@ void fill_common(AttnArgs& a, const at::Tensor& q, const at::Tensor& k, const at
   a.vs = strides_of(v);
 }
 
+// This warp-per-row fallback has no cos-attention prologue; the Triton kernels have one.
+void no_qk_norm(const c10::optional<at::Tensor>& temperature, const char* op) {
+  TORCH_CHECK_NOT_IMPLEMENTED(!temperature.has_value(), "hierkern::", op,
+                              ": qk_norm (temperature) has no CUDA C++ kernel; use impl='triton'");
+}
+
 std::tuple<at::Tensor, at::Tensor> interval_attn_fwd_cuda(const at::Tensor& q, const at::Tensor& k,
                                                           const at::Tensor& v,
                                                           const at::Tensor& offsets, int64_t pattern,
-                                                          int64_t block_size, double scale) {
+                                                          int64_t block_size, double scale,
+                                                          const c10::optional<at::Tensor>& temperature) {
   (void)block_size;
   check(q, k, v, offsets, pattern);
+  no_qk_norm(temperature, "interval_attn_fwd");
   const c10::cuda::CUDAGuard guard(q.device());
   const int B = q.size(0), L = q.size(1), H = q.size(2);
   at::Tensor out = at::empty(q.sizes(), q.options());
@@ -72,9 +80,10 @@ std::tuple<at::Tensor, at::Tensor> interval_attn_fwd_cuda(const at::Tensor& q, c
 std::tuple<at::Tensor, at::Tensor, at::Tensor> interval_attn_bwd_cuda(
     const at::Tensor& g, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const at::Tensor& offsets, int64_t pattern,
-    int64_t block_size, double scale) {
+    int64_t block_size, double scale, const c10::optional<at::Tensor>& temperature) {
   (void)block_size;
   check(q, k, v, offsets, pattern);
+  no_qk_norm(temperature, "interval_attn_bwd");
   TORCH_CHECK(g.sizes() == out.sizes() && g.scalar_type() == q.scalar_type(),
               "hierkern::interval_attn_bwd: grad_out must match out in shape and dtype");
   TORCH_CHECK(lse.is_contiguous() && lse.scalar_type() == at::kFloat,

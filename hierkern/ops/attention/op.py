@@ -3,7 +3,7 @@ backend dispatch behind every public attention wrapper (next_scale_attention, ..
 import torch
 
 from ... import _backend
-from . import reference, tiling
+from . import cos_attention, reference, tiling
 
 _LIB = "hierkern"
 
@@ -23,51 +23,53 @@ def _register():
         return
 
     @torch.library.register_fake(f"{_LIB}::interval_attn_fwd")
-    def _(q, k, v, offsets, pattern, block_size, scale):
+    def _(q, k, v, offsets, pattern, block_size, scale, temperature=None):
         return _fake_fwd(q, k, v)
 
     @torch.library.register_fake(f"{_LIB}::interval_attn_bwd")
-    def _(grad_out, q, k, v, out, lse, offsets, pattern, block_size, scale):
+    def _(grad_out, q, k, v, out, lse, offsets, pattern, block_size, scale, temperature=None):
         return _fake_bwd(q, k, v)
 
     @torch.library.register_fake(f"{_LIB}::interval_attn_fwd_triton")
-    def _(q, k, v, offsets, q_tiles, dq_tiles, k_tiles, pattern, block_size, scale):
+    def _(q, k, v, offsets, q_tiles, dq_tiles, k_tiles, pattern, block_size, scale, temperature=None):
         return _fake_fwd(q, k, v)
 
     @torch.library.register_fake(f"{_LIB}::interval_attn_bwd_triton")
-    def _(grad_out, q, k, v, out, lse, offsets, dq_tiles, k_tiles, pattern, block_size, scale):
+    def _(grad_out, q, k, v, out, lse, offsets, dq_tiles, k_tiles, pattern, block_size, scale,
+          temperature=None):
         return _fake_bwd(q, k, v)
 
     # Autograd: the forward saves q, k, v, out and the float32 log-sum-exp; the backward recomputes
     # the probabilities tile by tile (no L x L tensor is kept). The lse output is not differentiable.
+    # With a temperature (qk_norm) the backward kernels return gradients with respect to the
+    # normalised q_hat, k_hat and cos_attention.backward finishes the chain rule to q, k and temperature.
     def _setup(ctx, inputs, output):
-        ctx.save_for_backward(*inputs[:3], inputs[3], *output)
+        ctx.n_meta = len(inputs) - 7  # tensors between q, k, v and the trailing scalars
+        ctx.save_for_backward(*inputs[:3 + ctx.n_meta], inputs[-1], *output)
         ctx.mark_non_differentiable(output[1])
-        ctx.args = inputs[4:]
+        ctx.args = inputs[3 + ctx.n_meta:-1]
+
+    def _finish(ctx, q, k, temperature, dq, dk, dv):
+        dt = None
+        if temperature is not None:
+            dq, dk, dt = cos_attention.backward(q, k, temperature, dq, dk)
+        return (dq, dk, dv) + (None,) * (ctx.n_meta + len(ctx.args)) + (dt,)
 
     def _bwd_compiled(ctx, grad_out, grad_lse):
-        q, k, v, offsets, out, lse = ctx.saved_tensors
-        pattern, block_size, scale = ctx.args
-        dq, dk, dv = torch.ops.hierkern.interval_attn_bwd(grad_out, q, k, v, out, lse, offsets, pattern,
-                                                          block_size, scale)
-        return dq, dk, dv, None, None, None, None
+        q, k, v, offsets, temperature, out, lse = ctx.saved_tensors
+        dq, dk, dv = torch.ops.hierkern.interval_attn_bwd(grad_out, q, k, v, out, lse, offsets, *ctx.args,
+                                                          temperature)
+        return _finish(ctx, q, k, temperature, dq, dk, dv)
 
     torch.library.register_autograd(f"{_LIB}::interval_attn_fwd", _bwd_compiled, setup_context=_setup)
 
-    def _setup_triton(ctx, inputs, output):
-        ctx.save_for_backward(*inputs[:7], *output)
-        ctx.mark_non_differentiable(output[1])
-        ctx.args = inputs[7:]
-
     def _bwd_triton(ctx, grad_out, grad_lse):
-        q, k, v, offsets, _, dq_tiles, k_tiles, out, lse = ctx.saved_tensors
-        pattern, block_size, scale = ctx.args
+        q, k, v, offsets, _, dq_tiles, k_tiles, temperature, out, lse = ctx.saved_tensors
         dq, dk, dv = torch.ops.hierkern.interval_attn_bwd_triton(
-            grad_out, q, k, v, out, lse, offsets, dq_tiles, k_tiles, pattern, block_size, scale)
-        return dq, dk, dv, None, None, None, None, None, None, None
+            grad_out, q, k, v, out, lse, offsets, dq_tiles, k_tiles, *ctx.args, temperature)
+        return _finish(ctx, q, k, temperature, dq, dk, dv)
 
-    torch.library.register_autograd(f"{_LIB}::interval_attn_fwd_triton", _bwd_triton,
-                                    setup_context=_setup_triton)
+    torch.library.register_autograd(f"{_LIB}::interval_attn_fwd_triton", _bwd_triton, setup_context=_setup)
 
     if _backend.has_triton():
         # CPU tensors reach the Triton kernels only under the interpreter (tests without a GPU).
@@ -77,27 +79,31 @@ def _register():
             torch.library.register_kernel(f"{_LIB}::interval_attn_bwd_triton", key, _triton_bwd)
 
 
-def _triton_fwd(q, k, v, offsets, q_tiles, dq_tiles, k_tiles, pattern, block_size, scale):
+def _triton_fwd(q, k, v, offsets, q_tiles, dq_tiles, k_tiles, pattern, block_size, scale, temperature=None):
     from . import triton as tk  # imported on first use: importing triton costs about a second
-    return tk.interval_attn_fwd(q, k, v, offsets, q_tiles, pattern, block_size, scale)
+    return tk.interval_attn_fwd(q, k, v, offsets, q_tiles, pattern, block_size, scale, temperature)
 
 
-def _triton_bwd(grad_out, q, k, v, out, lse, offsets, dq_tiles, k_tiles, pattern, block_size, scale):
+def _triton_bwd(grad_out, q, k, v, out, lse, offsets, dq_tiles, k_tiles, pattern, block_size, scale,
+                temperature=None):
     from . import triton as tk
     return tk.interval_attn_bwd(grad_out, q, k, v, out, lse, offsets, dq_tiles, k_tiles, pattern,
-                                block_size, scale)
+                                block_size, scale, temperature)
 
 
 _register()
 
 
 def interval_attention(q, k, v, offsets, offsets_tensor, pattern, block_size, scale, impl,
-                       opname, return_lse=False):
+                       opname, return_lse=False, temperature=None):
     """Run interval attention on the resolved backend.
 
     offsets: the host tuple of cumulative segment offsets; offsets_tensor(device) returns the cached
-    int32 device copy. Inputs are already validated by the public wrapper."""
+    int32 device copy. temperature: None, or the (H,) cos-attention temperature (qk_norm prologue).
+    Inputs are already validated by the public wrapper."""
     if impl == "reference":
+        if temperature is not None:
+            q, k = cos_attention.reference(q, k, temperature)
         out, lse = reference.interval_attention_reference(q, k, v, offsets, pattern, scale, return_lse=True)
     elif impl == "triton":
         from . import triton as tk
@@ -108,8 +114,8 @@ def interval_attention(q, k, v, offsets, offsets_tensor, pattern, block_size, sc
             q, k, v, offsets_tensor(q.device),
             tiling.q_tiles(offsets, pattern, fbm, q.device),
             tiling.q_tiles(offsets, pattern, bbm, q.device),
-            tiling.k_tiles(offsets, pattern, bbn, q.device), pattern, block_size, scale)
+            tiling.k_tiles(offsets, pattern, bbn, q.device), pattern, block_size, scale, temperature)
     else:  # "cpu" or "cuda": the C++ op, dispatched on the tensors' device
         out, lse = torch.ops.hierkern.interval_attn_fwd(q, k, v, offsets_tensor(q.device), pattern,
-                                                       block_size, scale)
+                                                       block_size, scale, temperature)
     return (out, lse) if return_lse else out

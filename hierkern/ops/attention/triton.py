@@ -17,12 +17,14 @@ Kernels
 Each program walks its tile's whole span in one loop (one loop so triton software-pipelines it).
 Only edge blocks, those not fully visible to every valid row (or key) of the tile, apply the element
 mask: the per-row ranges are reduced once per tile to two scalars (max lo, min hi), and a block inside
-[max lo, min hi) takes the unmasked branch. Softmax runs in base 2 (qk is pre-scaled by scale * log2 e);
-the stored lse is the natural-log float32 value the reference returns.
+[max lo, min hi) takes the unmasked branch. Softmax runs in natural log, not base 2: the backward
+recomputes P = exp(s - lse) from the stored float32 lse, and converting lse to base 2 and back costs an
+ulp of |lse| each way, which with cos attention (logits up to 100) is a 1e-5 relative error in P.
 
 Operands a dot needs transposed are loaded transposed from global memory rather than tl.trans'ed in
 registers: on sm_80 a register transpose feeding mma keeps a whole tile per warp live and spills.
 """
+import itertools
 import math
 import os
 from dataclasses import dataclass
@@ -33,10 +35,8 @@ import triton.language as tl
 
 from .patterns import SEGMENT_CAUSAL, SEGMENT_DIAGONAL
 
-LOG2E = math.log2(math.e)
-_LOG2E: tl.constexpr = tl.constexpr(LOG2E)
-_LN2: tl.constexpr = tl.constexpr(math.log(2.0))
 _SEGMENT_CAUSAL: tl.constexpr = tl.constexpr(SEGMENT_CAUSAL)
+_LN100: tl.constexpr = tl.constexpr(math.log(100.0))
 
 # Arguments that change with the sequence length or the tile schedule: never specialised (neither on
 # the value 1 nor on divisibility by 16), so one compiled kernel serves every layout. The (B, H, L)
@@ -118,25 +118,53 @@ def _load_cols(ptrs, col_ok, d_ok, EVEN_D: tl.constexpr):
     return x
 
 
+@triton.jit
+def _unit_rows(x, mult):
+    """Cos-attention prologue on a (rows, D) tile: rows scaled to L2 norm `mult` (norm clamped at
+    1e-12 as F.normalize), computed in fp32 and returned in the tile's dtype for the dots."""
+    xf = x.to(tl.float32)
+    inv = mult / tl.maximum(tl.sqrt(tl.sum(xf * xf, 1)), 1e-12)
+    return (xf * inv[:, None]).to(x.dtype)
+
+
+@triton.jit
+def _unit_cols(x, mult):
+    """_unit_rows for a transposed (D, cols) tile."""
+    xf = x.to(tl.float32)
+    inv = mult / tl.maximum(tl.sqrt(tl.sum(xf * xf, 0)), 1e-12)
+    return (xf * inv[None, :]).to(x.dtype)
+
+
+@triton.jit
+def _head_multiplier(Temp, h, QK_NORM: tl.constexpr):
+    """exp(min(temperature[h], ln 100)) with qk_norm, else 1."""
+    if QK_NORM:
+        return tl.exp(tl.minimum(tl.load(Temp + h), _LN100))
+    else:
+        return 1.0
+
+
 # ----------------------------------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------------------------------
 @triton.jit
 def _fwd_step(acc, l_i, m_i, q, K_base, V_base, stride_kl, stride_kd, stride_vl, stride_vd, start_n, k_end,
               edge, lo, hi, offs_d, d_ok, qk_scale, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr,
-              DOT_PRECISION: tl.constexpr):
+              DOT_PRECISION: tl.constexpr, QK_NORM: tl.constexpr):
     cols = start_n + tl.arange(0, BLOCK_N)
     col_ok = cols < k_end
     k_t = _load_cols(K_base + cols[None, :] * stride_kl + offs_d[:, None] * stride_kd, col_ok, d_ok, EVEN_D)
+    if QK_NORM:
+        k_t = _unit_cols(k_t, 1.0)
     v = _load_rows(V_base + cols[:, None] * stride_vl + offs_d[None, :] * stride_vd, col_ok, d_ok, EVEN_D)
     s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale
     if edge:  # a block at the edge of the visible span: element mask
         s = tl.where((cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None]), s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
-    # A row that has seen no key yet keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN.
+    # A row that has seen no key yet keeps m = -inf; subtract 0 instead so exp gives 0, not NaN.
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(s - m_use[:, None])
-    alpha = tl.math.exp2(m_i - m_use)
+    p = tl.exp(s - m_use[:, None])
+    alpha = tl.exp(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, l_i, m_new
@@ -154,7 +182,7 @@ def _query_tile(Tiles, n_heads, group):
 
 
 @triton.jit(do_not_specialize=_VARYING)
-def _fwd_kernel(Q, K, V, Out, Lse, Offsets, Tiles,
+def _fwd_kernel(Q, K, V, Out, Lse, Offsets, Tiles, Temp,
                 stride_qb, stride_ql, stride_qh, stride_qd,
                 stride_kb, stride_kl, stride_kh, stride_kd,
                 stride_vb, stride_vl, stride_vh, stride_vd,
@@ -162,7 +190,7 @@ def _fwd_kernel(Q, K, V, Out, Lse, Offsets, Tiles,
                 stride_lb, stride_lh, stride_ll,
                 n_heads, group, n_seg, pattern, block_size, qk_scale,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, QK_NORM: tl.constexpr):
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     b, h, hk, q_start, q_end, k_start, k_end = _query_tile(Tiles, n_heads, group)
     rows = q_start + tl.arange(0, BLOCK_M)
@@ -171,6 +199,8 @@ def _fwd_kernel(Q, K, V, Out, Lse, Offsets, Tiles,
     d_ok = offs_d < HEAD_DIM
     q = _load_rows(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_ql + offs_d[None, :] * stride_qd,
                    row_ok, d_ok, EVEN_D)
+    if QK_NORM:
+        q = _unit_rows(q, _head_multiplier(Temp, h, QK_NORM))
     lo, hi = _row_key_range(Offsets, n_seg, pattern, block_size, rows)
     lo, hi, full_lo, full_hi = _full_span(row_ok, lo, hi, k_end)
 
@@ -183,13 +213,13 @@ def _fwd_kernel(Q, K, V, Out, Lse, Offsets, Tiles,
         edge = (start_n < full_lo) | (start_n + BLOCK_N > full_hi)
         acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, K_base, V_base, stride_kl, stride_kd, stride_vl, stride_vd,
                                   start_n, k_end, edge, lo, hi, offs_d, d_ok, qk_scale, BLOCK_N, EVEN_D,
-                                  DOT_PRECISION)
+                                  DOT_PRECISION, QK_NORM)
 
     # Rows that saw no key: out 0, lse -inf.
     seen = l_i > 0
     l_safe = tl.where(seen, l_i, 1.0)
     out = acc / l_safe[:, None]
-    lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * _LN2, float("-inf"))
+    lse = tl.where(seen, m_i + tl.log(l_safe), float("-inf"))
     o_ptrs = Out + b * stride_ob + h * stride_oh + rows[:, None] * stride_ol + offs_d[None, :] * stride_od
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     tl.store(Lse + b * stride_lb + h * stride_lh + rows * stride_ll, lse, mask=row_ok)
@@ -222,17 +252,20 @@ def _bwd_delta_kernel(Out, DO, Delta,
 
 @triton.jit
 def _bwd_dkdv_step(dk, dv, k, v, Q_base, DO_base, Lse_base, Delta_base, stride_ql, stride_qd, stride_dol,
-                   stride_dod, stride_ll, start_m, q_end, edge, q_lo, q_hi, offs_d, d_ok, qk_scale,
-                   BLOCK_M: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                   stride_dod, stride_ll, start_m, q_end, edge, q_lo, q_hi, offs_d, d_ok, qk_scale, q_mult,
+                   BLOCK_M: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   QK_NORM: tl.constexpr):
     rows = start_m + tl.arange(0, BLOCK_M)
     row_ok = rows < q_end
     q_t = _load_cols(Q_base + rows[None, :] * stride_ql + offs_d[:, None] * stride_qd, row_ok, d_ok, EVEN_D)
+    if QK_NORM:
+        q_t = _unit_cols(q_t, q_mult)
     do = _load_rows(DO_base + rows[:, None] * stride_dol + offs_d[None, :] * stride_dod, row_ok, d_ok, EVEN_D)
-    lse2 = tl.load(Lse_base + rows * stride_ll, mask=row_ok, other=0.0) * _LOG2E
+    lse_rows = tl.load(Lse_base + rows * stride_ll, mask=row_ok, other=0.0)
     delta = tl.load(Delta_base + rows, mask=row_ok, other=0.0)
     # Transposed scores (keys x queries), so dK and dV come out of plain dots.
     s_t = tl.dot(k, q_t, input_precision=DOT_PRECISION) * qk_scale
-    p_t = tl.math.exp2(s_t - lse2[None, :])
+    p_t = tl.exp(s_t - lse_rows[None, :])
     if edge:
         # Rows outside a key's query range (padding rows, rows with lse = -inf included) get p = 0.
         p_t = tl.where((rows[None, :] >= q_lo[:, None]) & (rows[None, :] < q_hi[:, None]), p_t, 0.0)
@@ -244,7 +277,7 @@ def _bwd_dkdv_step(dk, dv, k, v, Q_base, DO_base, Lse_base, Delta_base, stride_q
 
 
 @triton.jit(do_not_specialize=_VARYING)
-def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, Lse, Delta, Offsets, Tiles,
+def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, Lse, Delta, Offsets, Tiles, Temp,
                      stride_qb, stride_ql, stride_qh, stride_qd,
                      stride_kb, stride_kl, stride_kh, stride_kd,
                      stride_vb, stride_vl, stride_vh, stride_vd,
@@ -254,7 +287,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, Lse, Delta, Offsets, Tiles,
                      stride_lb, stride_lh, stride_ll, stride_deb, stride_deh,
                      n_kv_heads, group, n_seg, pattern, block_size, qk_scale, scale,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                     BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, QK_NORM: tl.constexpr):
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     tile = tl.program_id(0)
     bhk = tl.program_id(1)
@@ -273,6 +306,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, Lse, Delta, Offsets, Tiles,
                    col_ok, d_ok, EVEN_D)
     v = _load_rows(V + b * stride_vb + hk * stride_vh + cols[:, None] * stride_vl + offs_d[None, :] * stride_vd,
                    col_ok, d_ok, EVEN_D)
+    if QK_NORM:
+        k = _unit_rows(k, 1.0)
     # Transposed ranges per key, computed once for all heads of the group.
     q_lo, q_hi = _key_query_range(Offsets, n_seg, pattern, block_size, cols)
     q_lo, q_hi, full_lo, full_hi = _full_span(col_ok, q_lo, q_hi, q_end)
@@ -285,11 +320,12 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, Lse, Delta, Offsets, Tiles,
         DO_base = DO + b * stride_dob + h * stride_doh
         Lse_base = Lse + b * stride_lb + h * stride_lh
         Delta_base = Delta + b * stride_deb + h * stride_deh
+        q_mult = _head_multiplier(Temp, h, QK_NORM)
         for start_m in range(q_start, q_end, BLOCK_M):
             edge = (start_m < full_lo) | (start_m + BLOCK_M > full_hi)
             dk, dv = _bwd_dkdv_step(dk, dv, k, v, Q_base, DO_base, Lse_base, Delta_base, stride_ql, stride_qd,
                                     stride_dol, stride_dod, stride_ll, start_m, q_end, edge, q_lo, q_hi, offs_d,
-                                    d_ok, qk_scale, BLOCK_M, EVEN_D, DOT_PRECISION)
+                                    d_ok, qk_scale, q_mult, BLOCK_M, EVEN_D, DOT_PRECISION, QK_NORM)
 
     out_mask = col_ok[:, None] & d_ok[None, :]
     tl.store(DK + b * stride_dkb + hk * stride_dkh + cols[:, None] * stride_dkl + offs_d[None, :] * stride_dkd,
@@ -299,15 +335,17 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, Lse, Delta, Offsets, Tiles,
 
 
 @triton.jit
-def _bwd_dq_step(dq, q, do, lse2, delta, K_base, V_base, stride_kl, stride_kd, stride_vl, stride_vd, start_n,
+def _bwd_dq_step(dq, q, do, lse_rows, delta, K_base, V_base, stride_kl, stride_kd, stride_vl, stride_vd, start_n,
                  k_end, edge, lo, hi, offs_d, d_ok, qk_scale, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr):
+                 DOT_PRECISION: tl.constexpr, QK_NORM: tl.constexpr):
     cols = start_n + tl.arange(0, BLOCK_N)
     col_ok = cols < k_end
     k_t = _load_cols(K_base + cols[None, :] * stride_kl + offs_d[:, None] * stride_kd, col_ok, d_ok, EVEN_D)
+    if QK_NORM:
+        k_t = _unit_cols(k_t, 1.0)
     v_t = _load_cols(V_base + cols[None, :] * stride_vl + offs_d[:, None] * stride_vd, col_ok, d_ok, EVEN_D)
     s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale
-    p = tl.math.exp2(s - lse2[:, None])
+    p = tl.exp(s - lse_rows[:, None])
     if edge:
         p = tl.where((cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None]), p, 0.0)
     dp = tl.dot(do, v_t, input_precision=DOT_PRECISION)
@@ -317,7 +355,7 @@ def _bwd_dq_step(dq, q, do, lse2, delta, K_base, V_base, stride_kl, stride_kd, s
 
 
 @triton.jit(do_not_specialize=_VARYING)
-def _bwd_dq_kernel(Q, K, V, DO, DQ, Lse, Delta, Offsets, Tiles,
+def _bwd_dq_kernel(Q, K, V, DO, DQ, Lse, Delta, Offsets, Tiles, Temp,
                    stride_qb, stride_ql, stride_qh, stride_qd,
                    stride_kb, stride_kl, stride_kh, stride_kd,
                    stride_vb, stride_vl, stride_vh, stride_vd,
@@ -326,7 +364,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, Lse, Delta, Offsets, Tiles,
                    stride_lb, stride_lh, stride_ll, stride_deb, stride_deh,
                    n_heads, group, n_seg, pattern, block_size, qk_scale, scale,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                   BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, QK_NORM: tl.constexpr):
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     b, h, hk, q_start, q_end, k_start, k_end = _query_tile(Tiles, n_heads, group)
     rows = q_start + tl.arange(0, BLOCK_M)
@@ -337,7 +375,9 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, Lse, Delta, Offsets, Tiles,
                    row_ok, d_ok, EVEN_D)
     do = _load_rows(DO + b * stride_dob + h * stride_doh + rows[:, None] * stride_dol + offs_d[None, :] * stride_dod,
                     row_ok, d_ok, EVEN_D)
-    lse2 = tl.load(Lse + b * stride_lb + h * stride_lh + rows * stride_ll, mask=row_ok, other=0.0) * _LOG2E
+    if QK_NORM:
+        q = _unit_rows(q, _head_multiplier(Temp, h, QK_NORM))
+    lse_rows = tl.load(Lse + b * stride_lb + h * stride_lh + rows * stride_ll, mask=row_ok, other=0.0)
     delta = tl.load(Delta + b * stride_deb + h * stride_deh + rows, mask=row_ok, other=0.0)
     lo, hi = _row_key_range(Offsets, n_seg, pattern, block_size, rows)
     lo, hi, full_lo, full_hi = _full_span(row_ok, lo, hi, k_end)
@@ -347,8 +387,9 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, Lse, Delta, Offsets, Tiles,
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(k_start, k_end, BLOCK_N):
         edge = (start_n < full_lo) | (start_n + BLOCK_N > full_hi)
-        dq = _bwd_dq_step(dq, q, do, lse2, delta, K_base, V_base, stride_kl, stride_kd, stride_vl, stride_vd,
-                          start_n, k_end, edge, lo, hi, offs_d, d_ok, qk_scale, BLOCK_N, EVEN_D, DOT_PRECISION)
+        dq = _bwd_dq_step(dq, q, do, lse_rows, delta, K_base, V_base, stride_kl, stride_kd, stride_vl, stride_vd,
+                          start_n, k_end, edge, lo, hi, offs_d, d_ok, qk_scale, BLOCK_N, EVEN_D, DOT_PRECISION,
+                          QK_NORM)
 
     tl.store(DQ + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dql + offs_d[None, :] * stride_dqd,
              (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
@@ -452,6 +493,15 @@ def _dot_precision(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _temperature_arg(temperature, placeholder):
+    """The Temp pointer: the temperature, or any float32 tensor when QK_NORM is off (never read)."""
+    if temperature is None:
+        return placeholder
+    if temperature.dtype != torch.float32 or temperature.dim() != 1:
+        raise ValueError("interval attention (triton): temperature must be a 1-D float32 tensor")
+    return temperature
+
+
 def _check_pattern(pattern):
     if pattern not in (SEGMENT_CAUSAL, SEGMENT_DIAGONAL):
         raise ValueError(f"interval attention (triton): unsupported pattern id {pattern}")
@@ -460,9 +510,9 @@ def _check_pattern(pattern):
 # ----------------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------------
-def interval_attn_fwd(q, k, v, offsets, q_tiles, pattern: int, block_size: int, scale: float):
+def interval_attn_fwd(q, k, v, offsets, q_tiles, pattern: int, block_size: int, scale: float, temperature=None):
     """out (B, L, H, D) in q.dtype and lse (B, H, L) float32; q_tiles from tiling.q_tiles with
-    fwd_blocks()[0]. Inputs may have any strides."""
+    fwd_blocks()[0]. Inputs may have any strides. temperature: the qk_norm prologue's (H,) float32."""
     _check_pattern(pattern)
     B, L, H, D = q.shape
     out = torch.empty((B, L, H, D), dtype=q.dtype, device=q.device)
@@ -472,18 +522,20 @@ def interval_attn_fwd(q, k, v, offsets, q_tiles, pattern: int, block_size: int, 
         return out, lse
     cfg = _fwd_config(D, q.dtype, q.device)
     _fwd_kernel[(n_tiles, B * H)](
-        q, k, v, out, lse, offsets, q_tiles,
+        q, k, v, out, lse, offsets, q_tiles, _temperature_arg(temperature, lse),
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
-        H, H // k.shape[2], offsets.numel() - 1, pattern, block_size, scale * LOG2E,
+        H, H // k.shape[2], offsets.numel() - 1, pattern, block_size, scale,
         HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        DOT_PRECISION=_dot_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        DOT_PRECISION=_dot_precision(q.dtype), QK_NORM=temperature is not None, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages)
     return out, lse
 
 
 def interval_attn_bwd(grad_out, q, k, v, out, lse, offsets, dq_tiles, k_tiles, pattern: int,
-                      block_size: int, scale: float):
+                      block_size: int, scale: float, temperature=None):
     """(dq, dk, dv) shaped and strided like (q, k, v); dq_tiles / k_tiles from tiling.q_tiles /
-    tiling.k_tiles with bwd_blocks()."""
+    tiling.k_tiles with bwd_blocks(). With a temperature, dq / dk are the gradients with respect to
+    the normalised q_hat / k_hat (cos_attention.backward finishes the chain rule)."""
     _check_pattern(pattern)
     B, L, H, D = q.shape
     Hkv = k.shape[2]
@@ -502,22 +554,22 @@ def interval_attn_bwd(grad_out, q, k, v, out, lse, offsets, dq_tiles, k_tiles, p
         out, grad_out, delta, *out.stride(), *grad_out.stride(), delta.stride(0), delta.stride(1), H, L,
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=_DELTA_BLOCK_M, num_warps=_DELTA_WARPS, num_stages=1)
 
-    common = (n_seg, pattern, block_size, scale * LOG2E, scale)
+    common = (n_seg, pattern, block_size, scale, scale)
     cfg = _dkdv_config(D, q.dtype, q.device)
     _bwd_dkdv_kernel[(k_tiles.shape[0], B * Hkv)](
-        q, k, v, grad_out, dk, dv, lse, delta, offsets, k_tiles,
+        q, k, v, grad_out, dk, dv, lse, delta, offsets, k_tiles, _temperature_arg(temperature, lse),
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
         *lse.stride(), delta.stride(0), delta.stride(1), Hkv, group, *common,
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DOT_PRECISION=precision,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        QK_NORM=temperature is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     cfg = _dq_config(D, q.dtype, q.device)
     _bwd_dq_kernel[(dq_tiles.shape[0], B * H)](
-        q, k, v, grad_out, dq, lse, delta, offsets, dq_tiles,
+        q, k, v, grad_out, dq, lse, delta, offsets, dq_tiles, _temperature_arg(temperature, lse),
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
         *lse.stride(), delta.stride(0), delta.stride(1), H, group, *common,
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, DOT_PRECISION=precision,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        QK_NORM=temperature is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return dq, dk, dv
 
 
@@ -525,7 +577,7 @@ def interval_attn_bwd(grad_out, q, k, v, out, lse, offsets, dq_tiles, k_tiles, p
 # Ahead-of-time configurations (tests/static_gpu_check.py compiles each for sm_80 and sm_90)
 # ----------------------------------------------------------------------------------------------------
 _TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-_POINTER_DTYPE = {"Offsets": "*i32", "Tiles": "*i32", "Lse": "*fp32", "Delta": "*fp32"}
+_POINTER_DTYPE = {"Offsets": "*i32", "Tiles": "*i32", "Lse": "*fp32", "Delta": "*fp32", "Temp": "*fp32"}
 # Strides that are 1 for contiguous head_dim (and lse rows): triton specialises them to the constant 1,
 # so the AOT signature does the same to compile the variant that real (contiguous) calls run.
 _UNIT_STRIDES = {"stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_dod", "stride_dqd", "stride_dkd",
@@ -573,12 +625,15 @@ def aot_configs() -> list[dict]:
         head_dims = _HEAD_DIM_BUCKETS + ((96,) if dtype == torch.float16 else ())
         for head_dim in head_dims:
             block_d = triton.next_power_of_2(head_dim)
-            for kname, kernel, table in kernels:
+            # The cos-attention prologue (QK_NORM) at the head dims VAR (64) and Infinity (128) use.
+            qk_norms = (False, True) if head_dim in (64, 128) and bits == 16 else (False,)
+            for (kname, kernel, table), qk_norm in itertools.product(kernels, qk_norms):
                 cfg = table[(_bucket(head_dim), bits)]
                 constexprs = {"HEAD_DIM": head_dim, "BLOCK_D": block_d, "BLOCK_M": cfg.block_m,
-                              "BLOCK_N": cfg.block_n, "DOT_PRECISION": _dot_precision(dtype)}
-                entries.append(_aot_entry(f"{kname}_{_TRITON_DTYPE[dtype]}_d{head_dim}", kernel, dtype, constexprs,
-                                          cfg.num_warps, cfg.num_stages, uses_dot=bits == 16))
+                              "BLOCK_N": cfg.block_n, "DOT_PRECISION": _dot_precision(dtype), "QK_NORM": qk_norm}
+                name = f"{kname}_{_TRITON_DTYPE[dtype]}_d{head_dim}" + ("_qknorm" if qk_norm else "")
+                entries.append(_aot_entry(name, kernel, dtype, constexprs, cfg.num_warps, cfg.num_stages,
+                                          uses_dot=bits == 16))
         entries.append(_aot_entry(f"delta_{_TRITON_DTYPE[dtype]}_d128", _bwd_delta_kernel, dtype,
                                   {"HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_M": _DELTA_BLOCK_M},
                                   _DELTA_WARPS, 1, uses_dot=False))

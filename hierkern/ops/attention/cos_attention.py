@@ -1,0 +1,73 @@
+"""VAR's cos attention (attn_l2_norm; Infinity's cos_attn) as a prologue of the attention kernels:
+q_hat = q / |q| * exp(min(t_h, ln 100)), k_hat = k / |k|, softmax scale 1 by default.
+
+The kernels apply the prologue to every q / k tile they load and their backward returns the
+gradients with respect to q_hat and k_hat; `backward` here finishes the chain rule (elementwise per
+row, O(L * H * D)) to q, k and the per-head temperature."""
+import math
+
+import torch
+
+MAX_LOG_MULTIPLIER = math.log(100.0)
+NORM_EPS = 1e-12  # F.normalize's clamp on the norm
+
+
+def check(opname, qk_norm, temperature, q):
+    """Validate the qk_norm arguments; return the temperature the kernels take (None when off)."""
+    if not isinstance(qk_norm, bool):
+        raise TypeError(f"{opname}: qk_norm must be a bool, got {type(qk_norm).__name__}")
+    if not qk_norm:
+        if temperature is not None:
+            raise ValueError(f"{opname}: temperature is only used with qk_norm=True")
+        return None
+    if not isinstance(temperature, torch.Tensor):
+        raise TypeError(f"{opname}: qk_norm=True needs temperature, a (heads,) float32 tensor of "
+                        f"per-head log multipliers, got {type(temperature).__name__}")
+    want = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if temperature.shape != (q.shape[2],) or temperature.dtype != want:
+        raise ValueError(f"{opname}: temperature must be a {want} tensor of shape ({q.shape[2]},) "
+                         f"(one per query head), got {temperature.dtype} {tuple(temperature.shape)}")
+    if temperature.device != q.device:
+        raise ValueError(f"{opname}: temperature is on {temperature.device} but q is on {q.device}")
+    return temperature
+
+
+def default_scale(qk_norm, head_dim):
+    return 1.0 if qk_norm else head_dim ** -0.5
+
+
+def multiplier(temperature):
+    """exp(min(t, ln 100)) per head."""
+    return temperature.clamp_max(MAX_LOG_MULTIPLIER).exp()
+
+
+def reference(q, k, temperature):
+    """(q_hat, k_hat) in the inputs' dtype, as VAR computes them (the executable specification)."""
+    qh = torch.nn.functional.normalize(q, dim=-1, eps=NORM_EPS)
+    qh = qh * multiplier(temperature).to(q.dtype)[:, None]
+    kh = torch.nn.functional.normalize(k, dim=-1, eps=NORM_EPS)
+    return qh, kh
+
+
+def _normalize_backward(x, g):
+    """Gradient of x / max(|x|, eps) given the gradient g of its output (float32 math)."""
+    x = x.float()
+    g = g.float()
+    norm = x.norm(dim=-1, keepdim=True)
+    clamped = norm <= NORM_EPS
+    inv = 1.0 / norm.clamp_min(NORM_EPS)
+    n = x * inv
+    grad = (g - n * (n * g).sum(-1, keepdim=True)) * inv
+    return torch.where(clamped, g * inv, grad)
+
+
+def backward(q, k, temperature, d_qhat, d_khat):
+    """(dq, dk, dtemperature) from the gradients with respect to q_hat and k_hat."""
+    mult = multiplier(temperature.float())[:, None]                     # (H, 1)
+    qn = torch.nn.functional.normalize(q.float(), dim=-1, eps=NORM_EPS)
+    dq = _normalize_backward(q, d_qhat.float() * mult).to(q.dtype)
+    # d q_hat / d t = q_hat where t < ln 100 (the clamp passes the gradient at equality, as torch's).
+    dt = (d_qhat.float() * qn).sum(dim=(0, 1, 3)) * mult[:, 0]
+    dt = torch.where(temperature <= MAX_LOG_MULTIPLIER, dt, torch.zeros_like(dt)).to(temperature.dtype)
+    dk = _normalize_backward(k, d_khat).to(k.dtype) if d_khat is not None else None
+    return dq, dk, dt
