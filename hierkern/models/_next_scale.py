@@ -70,7 +70,8 @@ class NextScaleTransformer(nn.Module):
         self.word_embed = nn.Linear(code_dim, width)
         self.lvl_embed = nn.Embedding(self.layout.num_scales, width)
         self.pos_embed = nn.Parameter(torch.empty(1, self.layout.L, width))
-        self.register_buffer("scale_ids", self.layout.scale_ids(), persistent=False)
+        ids = [i for i, n in enumerate(self.layout.sizes) for _ in range(n)]  # a list, so meta-device init works
+        self.register_buffer("scale_ids", torch.tensor(ids, dtype=torch.long), persistent=False)
         self.shared_ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width)) if shared_aln else None
         self.blocks = nn.ModuleList(AdaLNBlock(width, heads, mlp_ratio, shared_aln, norm_eps) for _ in range(depth))
         self.head = AdaLNHead(width, vocab_size, norm_eps)
