@@ -75,9 +75,11 @@ def phase_fn(model, phase, impl, cfg, device):
 
         def train():
             model.train()
-            model.zero_grad(set_to_none=True)
             logits = model(tokens, labels, impl=impl)
             F.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten()).backward()
+            # free the gradients inside the call, so each call starts from none and its peak memory
+            # counts the gradients it allocates, not buffers freed from the previous call
+            model.zero_grad(set_to_none=True)
         return train
 
     def generate():
