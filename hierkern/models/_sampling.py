@@ -1,0 +1,40 @@
+"""Token sampling for generation: top-k / top-p filtering and torch.multinomial with a caller's
+generator (so a seed fixes the output)."""
+import numbers
+
+import torch
+
+
+def check_sampling_args(owner, cfg, top_k, top_p, generator):
+    if isinstance(cfg, bool) or not isinstance(cfg, numbers.Real) or cfg < 0:
+        raise ValueError(f"{owner}: cfg must be a non-negative number, got {cfg!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 0:
+        raise ValueError(f"{owner}: top_k must be a non-negative int (0 disables it), got {top_k!r}")
+    if isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not 0.0 <= top_p <= 1.0:
+        raise ValueError(f"{owner}: top_p must be in [0, 1] (0 or 1 disables it), got {top_p!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"{owner}: generator must be a torch.Generator or None, got {type(generator).__name__}")
+
+
+def filter_logits(logits, top_k, top_p):
+    """Set to -inf every logit outside the top_k largest and outside the smallest set whose
+    probability reaches top_p (the most likely token always survives)."""
+    V = logits.shape[-1]
+    if 0 < top_k < V:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if 0.0 < top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1)
+        drop_sorted = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= 1.0 - top_p
+        drop_sorted[..., -1] = False
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample(logits, top_k, top_p, generator):
+    """(B, n, V) logits -> (ids (B, n) int64, probability of each sampled id (B, n) float32)."""
+    probs = filter_logits(logits.float(), top_k, top_p).softmax(dim=-1)
+    flat = probs.reshape(-1, probs.shape[-1])
+    ids = torch.multinomial(flat, 1, generator=generator)
+    return ids.view(probs.shape[:-1]), flat.gather(1, ids).view(probs.shape[:-1])
