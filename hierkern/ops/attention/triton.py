@@ -422,11 +422,11 @@ _FWD_GPU = {
 # dK/dV: block_n is the key tile (k_tiles), block_m the query block it steps through.
 _DKDV_GPU = {
     (64, 16): _Config(32, 64, 4, 1),
-    (128, 16): _Config(32, 64, 8, 2),
+    (128, 16): _Config(32, 64, 8, 1),
     (256, 16): _Config(16, 64, 8, 1),
-    (64, 32): _Config(16, 32, 4, 2),
+    (64, 32): _Config(16, 32, 4, 1),
     (128, 32): _Config(32, 32, 8, 1),
-    (256, 32): _Config(16, 32, 4, 1),
+    (256, 32): _Config(32, 32, 8, 1),
 }
 _DQ_GPU = {
     (64, 16): _Config(64, 64, 4, 2),
@@ -434,7 +434,7 @@ _DQ_GPU = {
     (256, 16): _Config(64, 32, 8, 2),
     (64, 32): _Config(32, 32, 4, 2),
     (128, 32): _Config(32, 32, 8, 1),
-    (256, 32): _Config(32, 16, 4, 1),
+    (256, 32): _Config(32, 16, 8, 1),
 }
 _DELTA_BLOCK_M = 64  # the delta preprocess is a row reduction: any tile height works, 64 rows is plenty
 _DELTA_WARPS = 4
