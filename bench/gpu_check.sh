@@ -6,7 +6,7 @@
 #   bash bench/gpu_check.sh            # run from the repository root; results under $OUT (default ./out)
 #
 # Everything goes under $OUT: gpu_check.log (timestamped), logs/<step>.log, static_gpu_check.json,
-# pytest.xml, bench/next_scale_cuda.{json,md,png}. The bench results are also copied to
+# pytest.xml, bench/next_scale_cuda.{json,md,png}, bench/models_cuda.{json,md}. The bench results are also copied to
 # bench/results/<date>_<device>/. Keeps going after a failing step; exits non-zero if any failed.
 set -euo pipefail
 
@@ -67,8 +67,13 @@ step tests "$(budget_for 150 180)" env HIERKERN_TEST_DEVICE=cuda "$PY" -m pytest
     --junitxml "$OUT/pytest.xml"
 
 # The report stops starting new configs 35 s before its timeout, so it always writes its outputs.
-BT="$(budget_for 600 10)"
+BT="$(budget_for 600 100)"
 step bench "$BT" "$PY" -m bench.report --device cuda --out "$OUT/bench" --time-limit $((BT - 35))
+
+# VAR / HMAR training step and generation, kernels vs the eager baseline (issue 3's GPU targets).
+step bench_models "$(budget_for 90 5)" "$PY" -m bench.bench_models --device cuda --quick \
+    --out "$OUT/bench/models_cuda.json"
+[ -f "$OUT/logs/bench_models.log" ] && cp "$OUT/logs/bench_models.log" "$OUT/bench/models_cuda.md"
 
 DEV="$("$PY" -c 'import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else "nogpu")' 2>/dev/null || echo unknown)"
 SLUG="$(echo "$DEV" | tr '[:upper:]' '[:lower:]' | sed -e 's/^nvidia //' -e 's/[^a-z0-9]\+/-/g' -e 's/^-//' -e 's/-$//')"
