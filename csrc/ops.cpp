@@ -37,8 +37,8 @@ TORCH_LIBRARY(hierkern, m) {
   // num_splits: key chunks of the split-KV path, whose partial results are merged by log-sum-exp;
   // 0 picks a count from the available parallelism, 1 disables it (tests force both paths).
   // The backward returns (dq, dk_cache, dv_cache), the cache gradients dense with zeros from kv_len on.
-  // With qk_norm, dq and dk are the gradients w.r.t. the normalised (and, for q, temperature-scaled)
-  // q and k: the chain rule through the prologue is applied by the caller (hierkern/ops/
+  // With qk_norm, dq and dk are the float32 gradients w.r.t. the normalised (and, for q,
+  // temperature-scaled) q and k: the chain rule through the prologue is applied by the caller (hierkern/ops/
   // cached_attention/op.py), which needs only row-local torch ops for it.
   m.def("cached_attn_fwd(Tensor q, Tensor k_cache, Tensor v_cache, Tensor? temperature, SymInt kv_len, "
         "bool qk_norm, float scale, int num_splits) -> (Tensor, Tensor)");

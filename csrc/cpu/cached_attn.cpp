@@ -244,7 +244,8 @@ void fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
   });
 }
 
-template <typename T>
+// TG: the dtype of dq and dk, float32 with qk_norm (see cached_attn_bwd_cpu), else T.
+template <typename T, typename TG>
 void bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                 const at::Tensor& out, const at::Tensor& lse, const std::vector<float>& mult, const Dims& d,
                 float scale, bool qk_norm, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
@@ -257,8 +258,8 @@ void bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k
   const T* op = out.const_data_ptr<T>();
   const T* gp = dout.const_data_ptr<T>();
   const float* lp = lse.const_data_ptr<float>();
-  T* dqp = dq.mutable_data_ptr<T>();
-  T* dkp = dk.mutable_data_ptr<T>();
+  TG* dqp = dq.mutable_data_ptr<TG>();
+  TG* dkp = dk.mutable_data_ptr<TG>();
   T* dvp = dv.mutable_data_ptr<T>();
   const auto qs = q.strides(), ks = k.strides(), vs = v.strides(), os = out.strides(), gs = dout.strides(),
              ls = lse.strides(), dqs = dq.strides(), dks = dk.strides(), dvs = dv.strides();
@@ -368,15 +369,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cached_attn_bwd_cpu(
                   lse.size(1) == q.size(2) && lse.size(2) == q.size(1),
               "hierkern::cached_attn_bwd: lse must be float32 (batch, heads, q_len)");
   const Dims d = dims_of(q, k_cache, kv_len);
-  at::Tensor dq = at::empty_like(q);
-  at::Tensor dk = at::empty_like(k_cache);
+  // With qk_norm, dq and dk are intermediate gradients (w.r.t. the normalised q and k) that the caller
+  // chains through the prologue and reduces into the temperature gradient: kept in float32, so that
+  // chain does not start from values rounded to a 16-bit dtype.
+  const auto gopts = qk_norm ? q.options().dtype(at::kFloat) : q.options();
+  at::Tensor dq = at::empty_like(q, gopts);
+  at::Tensor dk = at::empty_like(k_cache, gopts);
   at::Tensor dv = at::empty_like(v_cache);
   // Cache rows from kv_len on take no part: their gradient is zero.
   dk.narrow(1, kv_len, dk.size(1) - kv_len).zero_();
   dv.narrow(1, kv_len, dv.size(1) - kv_len).zero_();
   const auto mult = head_multipliers(temperature, qk_norm);
   by_dtype(q.scalar_type(), "hierkern::cached_attn_bwd (cpu)", [&](auto tag) {
-    bwd_kernel<decltype(tag)>(dout, q, k_cache, v_cache, out, lse, mult, d, (float)scale, qk_norm, dq, dk, dv);
+    using T = decltype(tag);
+    if (qk_norm)
+      bwd_kernel<T, float>(dout, q, k_cache, v_cache, out, lse, mult, d, (float)scale, qk_norm, dq, dk, dv);
+    else
+      bwd_kernel<T, T>(dout, q, k_cache, v_cache, out, lse, mult, d, (float)scale, qk_norm, dq, dk, dv);
   });
   return {dq, dk, dv};
 }

@@ -3,7 +3,8 @@ backend dispatch behind hierkern.cached_attention.
 
 Autograd with qk_norm: the kernels recompute the normalised q and k in-kernel in both passes and
 return the gradients w.r.t. them (q_hat = normalize(q) * exp(min(t, ln 100)), k_hat = normalize(k)).
-The chain rule through the normalisation and the temperature is row-local, so it is applied here
+Those come back in float32 (they are intermediates). The chain rule through the normalisation and
+the temperature is row-local, so it is applied here
 with a few torch ops (prologue_backward) instead of in every kernel backend.
 """
 import torch
@@ -23,7 +24,9 @@ def _fake_fwd(q, k_cache, v_cache, temperature, kv_len, qk_norm, scale, num_spli
 
 
 def _fake_bwd(grad_out, q, k_cache, v_cache, temperature, out, lse, kv_len, qk_norm, scale):
-    return torch.empty_like(q), torch.empty_like(k_cache), torch.empty_like(v_cache)
+    gdtype = torch.float32 if qk_norm else q.dtype  # see csrc/ops.cpp: float32 w.r.t. q_hat, k_hat
+    return (torch.empty_like(q, dtype=gdtype), torch.empty_like(k_cache, dtype=gdtype),
+            torch.empty_like(v_cache))
 
 
 def _normalize_backward(x, g):
@@ -35,8 +38,8 @@ def _normalize_backward(x, g):
 
 
 def prologue_backward(q, k_cache, temperature, kv_len, dq_hat, dk_hat):
-    """(dq, dk_cache, dtemperature) from the gradients w.r.t. the normalised q_hat and k_hat, in
-    float32 (dk_cache is dense, zero from kv_len on)."""
+    """(dq, dk_cache, dtemperature) from the float32 gradients w.r.t. the normalised q_hat and k_hat;
+    computed in float32, returned in the inputs' dtypes (dk_cache dense, zero from kv_len on)."""
     qf, g = q.float(), dq_hat.float()
     t = temperature.float()
     mult = t.clamp(max=MAX_LOG_MULT).exp()
@@ -44,7 +47,7 @@ def prologue_backward(q, k_cache, temperature, kv_len, dq_hat, dk_hat):
     dmult = (g * qn).sum(dim=(0, 1, 3))
     dt = (dmult * mult * (t <= MAX_LOG_MULT)).to(temperature.dtype)
     dq = _normalize_backward(qf, g * mult[:, None]).to(q.dtype)
-    dk = torch.zeros_like(dk_hat)
+    dk = torch.zeros_like(k_cache)
     dk.narrow(1, 0, kv_len).copy_(_normalize_backward(k_cache.narrow(1, 0, kv_len).float(),
                                                       dk_hat.narrow(1, 0, kv_len).float()))
     return dq, dk, dt

@@ -5,7 +5,7 @@ one K/V tile serves every head that shares it and a decode step (q_len 1) still 
 
 Kernels
   _fwd_kernel      grid (row tiles, splits, B*Hkv). Online softmax over the keys of one split. With
-                   SPLIT the program writes its normalised partial out (float32) and base-2 lse to a
+                   SPLIT the program writes its normalised partial out (float32) and lse to a
                    scratch buffer; otherwise out and lse directly.
   _combine_kernel  grid (row tiles, B*Hkv): merges the splits' partials by their lse.
   _bwd_dkdv_kernel grid (key tiles, B*Hkv): dK, dV of one key tile over every packed row (no atomics).
@@ -18,6 +18,10 @@ per (batch, kv head) over key chunks, so a decode step fills the GPU. Longer que
 qk_norm (cos attention) is fused: q rows and k tiles are L2-normalised in float32 in registers and q is
 multiplied by exp(min(t[h], ln 100)) before the dots; the backward recomputes them the same way and
 returns the gradients w.r.t. the normalised q and k (the chain rule is in op.py).
+
+Scores stay in natural-log units (exp2 of (s - m) * log2 e): the backward recomputes P as
+exp(s - lse) from the stored lse, and with qk_norm logits reach 100, where pre-scaling the scores by
+log2 e before the subtraction would add two roundings at that magnitude to every P.
 
 kv_len, q_len, the split chunk and the lse/delta strides are never specialised: a new length never
 triggers a recompile (a decode loop calls with kv_len + 1 every step).
@@ -35,7 +39,6 @@ from .reference import MAX_LOG_MULT, NORM_EPS
 
 LOG2E = math.log2(math.e)
 _LOG2E: tl.constexpr = tl.constexpr(LOG2E)
-_LN2: tl.constexpr = tl.constexpr(math.log(2.0))
 _MAX_LOG_MULT: tl.constexpr = tl.constexpr(MAX_LOG_MULT)
 _EPS: tl.constexpr = tl.constexpr(NORM_EPS)
 
@@ -94,7 +97,7 @@ def _fwd_kernel(Q, K, V, Temp, Out, Lse, PartO, PartLse,
                 stride_vb, stride_vl, stride_vh, stride_vd,
                 stride_ob, stride_ol, stride_oh, stride_od,
                 stride_lb, stride_lh, stride_ll,
-                n_kv_heads, group, q_len, kv_len, chunk, qk_scale,
+                n_kv_heads, group, q_len, kv_len, chunk, scale,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 QK_NORM: tl.constexpr, SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr):
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
@@ -122,27 +125,27 @@ def _fwd_kernel(Q, K, V, Temp, Out, Lse, PartO, PartLse,
         k_t = _load_cols(K_base + cols[None, :] * stride_kl + offs_d[:, None] * stride_kd, col_ok, d_ok, EVEN_D)
         k_t = _norm_along(k_t, 0, QK_NORM)
         v = _load_rows(V_base + cols[:, None] * stride_vl + offs_d[None, :] * stride_vd, col_ok, d_ok, EVEN_D)
-        s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale
+        s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * scale
         if start_n + BLOCK_N > k_end:  # the chunk's last block: keys past its end must not count
             s = tl.where(col_ok[None, :], s, float("-inf"))
         # Every block holds a valid key, so m_new is finite and no row needs a -inf guard.
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        p_ij = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
+        p_ij = tl.math.exp2((s - m_new[:, None]) * _LOG2E)
+        alpha = tl.math.exp2((m_i - m_new) * _LOG2E)
         l_i = l_i * alpha + tl.sum(p_ij, 1)
         acc = acc * alpha[:, None] + tl.dot(p_ij.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
     out = acc / l_i[:, None]
-    lse2 = m_i + tl.math.log2(l_i)
+    lse = m_i + tl.log(l_i)
     if SPLIT:
         row = (split * tl.num_programs(2) + bhk).to(tl.int64) * q_len * group + p
         tl.store(PartO + row[:, None] * HEAD_DIM + offs_d[None, :], out, mask=row_ok[:, None] & d_ok[None, :])
-        tl.store(PartLse + row, lse2, mask=row_ok)
+        tl.store(PartLse + row, lse, mask=row_ok)
     else:
         tl.store(Out + b * stride_ob + qi[:, None] * stride_ol + h[:, None] * stride_oh + offs_d[None, :] * stride_od,
                  out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-        tl.store(Lse + b * stride_lb + h * stride_lh + qi * stride_ll, lse2 * _LN2, mask=row_ok)
+        tl.store(Lse + b * stride_lb + h * stride_lh + qi * stride_ll, lse, mask=row_ok)
 
 
 @triton.jit(do_not_specialize=_VARYING + ["n_split"])
@@ -162,17 +165,17 @@ def _combine_kernel(PartO, PartLse, Out, Lse,
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     for s in range(0, n_split):
         row = (s * tl.num_programs(1) + bhk).to(tl.int64) * q_len * group + p
-        lse2 = tl.load(PartLse + row, mask=row_ok, other=0.0)
+        lse = tl.load(PartLse + row, mask=row_ok, other=0.0)
         o = tl.load(PartO + row[:, None] * HEAD_DIM + offs_d[None, :], mask=mask, other=0.0)
-        m_new = tl.maximum(m_i, lse2)
-        alpha = tl.math.exp2(m_i - m_new)
-        w = tl.math.exp2(lse2 - m_new)
+        m_new = tl.maximum(m_i, lse)
+        alpha = tl.exp(m_i - m_new)
+        w = tl.exp(lse - m_new)
         acc = acc * alpha[:, None] + w[:, None] * o
         l_i = l_i * alpha + w
         m_i = m_new
     tl.store(Out + b * stride_ob + qi[:, None] * stride_ol + h[:, None] * stride_oh + offs_d[None, :] * stride_od,
              (acc / l_i[:, None]).to(Out.dtype.element_ty), mask=mask)
-    tl.store(Lse + b * stride_lb + h * stride_lh + qi * stride_ll, (m_i + tl.math.log2(l_i)) * _LN2, mask=row_ok)
+    tl.store(Lse + b * stride_lb + h * stride_lh + qi * stride_ll, m_i + tl.log(l_i), mask=row_ok)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -187,7 +190,7 @@ def _bwd_dkdv_kernel(Q, K, V, Temp, DO, DK, DV, Lse, Delta,
                      stride_dkb, stride_dkl, stride_dkh, stride_dkd,
                      stride_dvb, stride_dvl, stride_dvh, stride_dvd,
                      stride_lb, stride_lh, stride_ll, stride_deb, stride_deh,
-                     n_kv_heads, group, q_len, kv_len, qk_scale, scale,
+                     n_kv_heads, group, q_len, kv_len, scale,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      QK_NORM: tl.constexpr, DOT_PRECISION: tl.constexpr):
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
@@ -212,11 +215,11 @@ def _bwd_dkdv_kernel(Q, K, V, Temp, DO, DK, DV, Lse, Delta,
         q_t = _norm_q_t(q_t, Temp, h, row_ok, QK_NORM)
         do = _load_rows(DO + b * stride_dob + qi[:, None] * stride_dol + h[:, None] * stride_doh
                         + offs_d[None, :] * stride_dod, row_ok, d_ok, EVEN_D)
-        lse2 = tl.load(Lse + b * stride_lb + h * stride_lh + qi * stride_ll, mask=row_ok, other=0.0) * _LOG2E
+        lse = tl.load(Lse + b * stride_lb + h * stride_lh + qi * stride_ll, mask=row_ok, other=0.0)
         delta = tl.load(Delta + b * stride_deb + h * stride_deh + qi, mask=row_ok, other=0.0)
-        s_t = tl.dot(k, q_t, input_precision=DOT_PRECISION) * qk_scale
+        s_t = tl.dot(k, q_t, input_precision=DOT_PRECISION) * scale
         # Padding rows (q = 0, lse = 0) would give p = 1: zero them.
-        p_t = tl.where(row_ok[None, :], tl.math.exp2(s_t - lse2[None, :]), 0.0)
+        p_t = tl.where(row_ok[None, :], tl.math.exp2((s_t - lse[None, :]) * _LOG2E), 0.0)
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
@@ -237,7 +240,7 @@ def _bwd_dq_kernel(Q, K, V, Temp, DO, DQ, Lse, Delta,
                    stride_dob, stride_dol, stride_doh, stride_dod,
                    stride_dqb, stride_dql, stride_dqh, stride_dqd,
                    stride_lb, stride_lh, stride_ll, stride_deb, stride_deh,
-                   n_kv_heads, group, q_len, kv_len, qk_scale, scale,
+                   n_kv_heads, group, q_len, kv_len, scale,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    QK_NORM: tl.constexpr, DOT_PRECISION: tl.constexpr):
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
@@ -252,7 +255,7 @@ def _bwd_dq_kernel(Q, K, V, Temp, DO, DQ, Lse, Delta,
     q = _norm_q(q, Temp, h, row_ok, QK_NORM)
     do = _load_rows(DO + b * stride_dob + qi[:, None] * stride_dol + h[:, None] * stride_doh
                     + offs_d[None, :] * stride_dod, row_ok, d_ok, EVEN_D)
-    lse2 = tl.load(Lse + b * stride_lb + h * stride_lh + qi * stride_ll, mask=row_ok, other=0.0) * _LOG2E
+    lse = tl.load(Lse + b * stride_lb + h * stride_lh + qi * stride_ll, mask=row_ok, other=0.0)
     delta = tl.load(Delta + b * stride_deb + h * stride_deh + qi, mask=row_ok, other=0.0)
     K_base = K + b * stride_kb + hk * stride_kh
     V_base = V + b * stride_vb + hk * stride_vh
@@ -263,9 +266,9 @@ def _bwd_dq_kernel(Q, K, V, Temp, DO, DQ, Lse, Delta,
         k_t = _load_cols(K_base + cols[None, :] * stride_kl + offs_d[:, None] * stride_kd, col_ok, d_ok, EVEN_D)
         k_t = _norm_along(k_t, 0, QK_NORM)
         v_t = _load_cols(V_base + cols[None, :] * stride_vl + offs_d[:, None] * stride_vd, col_ok, d_ok, EVEN_D)
-        s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale
+        s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * scale
         # Keys past kv_len read 0, which would give p = exp(-lse) > 0: zero them.
-        p_ij = tl.where(col_ok[None, :], tl.math.exp2(s - lse2[:, None]), 0.0)
+        p_ij = tl.where(col_ok[None, :], tl.math.exp2((s - lse[:, None]) * _LOG2E), 0.0)
         dp = tl.dot(do, v_t, input_precision=DOT_PRECISION)
         ds = p_ij * (dp - delta[:, None])
         dq += tl.dot(ds.to(k_t.dtype), tl.trans(k_t), input_precision=DOT_PRECISION)
@@ -397,7 +400,7 @@ def cached_attn_fwd(q, k_cache, v_cache, temperature, kv_len: int, qk_norm: bool
     _fwd_kernel[(n_row_tiles, n_split, B * Hk)](
         q, k_cache, v_cache, temp, out, lse, part_o, part_lse,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(), *lse.stride(),
-        Hk, group, Lq, kv_len, chunk, scale * LOG2E,
+        Hk, group, Lq, kv_len, chunk, scale,
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, QK_NORM=qk_norm,
         SPLIT=n_split > 1, DOT_PRECISION=_dot_precision(q.dtype), num_warps=cfg.num_warps,
         num_stages=cfg.num_stages)
@@ -411,12 +414,13 @@ def cached_attn_fwd(q, k_cache, v_cache, temperature, kv_len: int, qk_norm: bool
 def cached_attn_bwd(grad_out, q, k_cache, v_cache, temperature, out, lse, kv_len: int, qk_norm: bool,
                     scale: float):
     """(dq, dk_cache, dv_cache) shaped like (q, k_cache, v_cache); cache rows from kv_len on get 0.
-    With qk_norm, dq / dk are w.r.t. the normalised q and k (see the module docstring)."""
+    With qk_norm, dq / dk are float32 and w.r.t. the normalised q and k (see the module docstring)."""
     B, Lq, H, D = q.shape
     Hk = k_cache.shape[2]
     group = H // Hk
-    dq = torch.empty_like(q)
-    dk = torch.empty_like(k_cache)
+    gdtype = torch.float32 if qk_norm else q.dtype  # intermediates for op.prologue_backward
+    dq = torch.empty_like(q, dtype=gdtype)
+    dk = torch.empty_like(k_cache, dtype=gdtype)
     dv = torch.empty_like(v_cache)
     dk[:, kv_len:].zero_()
     dv[:, kv_len:].zero_()
@@ -429,7 +433,7 @@ def cached_attn_bwd(grad_out, q, k_cache, v_cache, temperature, out, lse, kv_len
         out, grad_out, delta, *out.stride(), *grad_out.stride(), delta.stride(0), delta.stride(1), H, Lq,
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=_DELTA_BLOCK_M, num_warps=_DELTA_WARPS, num_stages=1)
 
-    common = (Hk, group, Lq, kv_len, scale * LOG2E, scale)
+    common = (Hk, group, Lq, kv_len, scale)
     cfg = _config("dkdv", D, q.dtype, q.device)
     _bwd_dkdv_kernel[(triton.cdiv(kv_len, cfg.block_n), B * Hk)](
         q, k_cache, v_cache, temp, grad_out, dk, dv, lse, delta,
@@ -445,3 +449,79 @@ def cached_attn_bwd(grad_out, q, k_cache, v_cache, temperature, out, lse, kv_len
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, QK_NORM=qk_norm,
         DOT_PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------------------
+# Ahead-of-time configurations (tests/static_gpu_check.py compiles each for sm_80 and sm_90)
+# ----------------------------------------------------------------------------------------------------
+_TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+_F32_POINTERS = {"Temp", "Lse", "PartO", "PartLse", "Delta"}
+# Strides that are 1 for contiguous head_dim (and lse rows): triton specialises them to the constant 1,
+# so the AOT signature does the same to compile the variant that real (contiguous) calls run.
+_UNIT_STRIDES = {"stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_dod", "stride_dqd", "stride_dkd",
+                 "stride_dvd", "stride_ll"}
+
+
+def _aot_entry(name, kernel, dtype, constexprs, cfg, uses_dot, wgmma_exempt=None):
+    signature, divisible = {}, []
+    constexprs = dict(constexprs)
+    f32_grads = constexprs.get("QK_NORM", False)  # dq / dk are float32 intermediates with qk_norm
+    for param in kernel.params:
+        arg = param.name
+        if param.is_constexpr:
+            signature[arg] = "constexpr"
+        elif arg[0].isupper():
+            f32 = arg in _F32_POINTERS or (f32_grads and arg in ("DQ", "DK"))
+            signature[arg] = "*fp32" if f32 else "*" + _TRITON_DTYPE[dtype]
+            divisible.append(arg)  # torch allocations; Temp is a whole (H,) tensor
+        elif arg in _UNIT_STRIDES:
+            signature[arg] = "constexpr"
+            constexprs[arg] = 1
+        elif arg == "scale":
+            signature[arg] = "fp32"
+        else:
+            signature[arg] = "i32"
+            if arg.startswith("stride_") and arg not in _VARYING:
+                divisible.append(arg)  # row / head strides of BSHD tensors are multiples of head_dim
+    entry = {"name": name, "kernel": kernel, "signature": signature, "constexprs": constexprs,
+             "divisible_by_16": divisible, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
+             "uses_dot": uses_dot}
+    if wgmma_exempt:
+        entry["wgmma_exempt"] = wgmma_exempt
+    return entry
+
+
+_DECODE_EXEMPT = ("split-KV decode tile: 16 rows by design (q_len * G is 1-16 in decode); wgmma needs 64, "
+                  "so its dots are checked for mma.sync on sm_90 too")
+
+
+def aot_configs() -> list[dict]:
+    """Every kernel configuration the GPU launchers can pick, in the format of
+    hierkern.ops.attention.triton.aot_configs (plus an optional wgmma_exempt reason). `uses_dot` is
+    false for fp32 (exact ieee FMA dots by design) and for the combine kernel (no dot)."""
+    entries = []
+    fwd_kinds = (("decode_split", "decode", True), ("decode", "decode", False), ("tiled", "tiled", False))
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        bits = torch.finfo(dtype).bits
+        tdt = _TRITON_DTYPE[dtype]
+        for head_dim in _HEAD_DIM_BUCKETS + ((96,) if dtype == torch.float16 else ()):
+            block_d = triton.next_power_of_2(head_dim)
+            for qk_norm in (False, True):
+                base = {"HEAD_DIM": head_dim, "BLOCK_D": block_d, "QK_NORM": qk_norm,
+                        "DOT_PRECISION": _dot_precision(dtype)}
+                tag = f"{tdt}_d{head_dim}{'_qknorm' if qk_norm else ''}"
+                for kname, table, split in fwd_kinds:
+                    cfg = _TABLES[table][(_bucket(head_dim), bits)]
+                    entries.append(_aot_entry(
+                        f"cached_fwd_{kname}_{tag}", _fwd_kernel, dtype,
+                        {**base, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "SPLIT": split}, cfg,
+                        uses_dot=bits == 16, wgmma_exempt=_DECODE_EXEMPT if table == "decode" else None))
+                for kname, kernel in (("dkdv", _bwd_dkdv_kernel), ("dq", _bwd_dq_kernel)):
+                    cfg = _TABLES[kname][(_bucket(head_dim), bits)]
+                    entries.append(_aot_entry(f"cached_{kname}_{tag}", kernel, dtype,
+                                              {**base, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n}, cfg,
+                                              uses_dot=bits == 16))
+        entries.append(_aot_entry(f"cached_combine_{tdt}_d128", _combine_kernel, dtype,
+                                  {"HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_M": _COMBINE_BLOCK_M},
+                                  _Config(_COMBINE_BLOCK_M, 0, _COMBINE_WARPS, 1), uses_dot=False))
+    return entries
