@@ -15,9 +15,11 @@ Kernels
 Short queries (q_len <= 64, decode-like) use the split-KV path: a small row tile and several programs
 per (batch, kv head) over key chunks, so a decode step fills the GPU. Longer queries use large tiles.
 
-qk_norm (cos attention) is fused: q rows and k tiles are L2-normalised in float32 in registers and q is
-multiplied by exp(min(t[h], ln 100)) before the dots; the backward recomputes them the same way and
-returns the gradients w.r.t. the normalised q and k (the chain rule is in op.py).
+qk_norm (cos attention) is fused without normalised copies of the tiles: q_hat = q * rq (rq = exp(min(
+t[h], ln 100)) / |q| per row) and k_hat = k * ck (ck = 1 / |k| per key) enter only as row / column
+scales of the raw score tile, s = (q k^T) * rq * ck, and of dS in the backward (dQ_hat = (dS * ck) K,
+dK_hat = (dS * rq)^T Q). The dots read the tiles as loaded: a normalised float32 copy of a K tile in
+registers spilled. The backward returns the gradients w.r.t. q_hat and k_hat (chain rule in op.py).
 
 Scores stay in natural-log units (exp2 of (s - m) * log2 e): the backward recomputes P as
 exp(s - lse) from the stored lse, and with qk_norm logits reach 100, where pre-scaling the scores by
@@ -56,35 +58,17 @@ def _packed_rows(start, q_len, hk, group, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _norm_q(q, Temp, h, row_ok, QK_NORM: tl.constexpr):
-    """q rows L2-normalised and times exp(min(t[h], ln 100)), in q's dtype (float32 math)."""
-    if QK_NORM:
-        qf = q.to(tl.float32)
-        mult = tl.exp(tl.minimum(tl.load(Temp + h, mask=row_ok, other=0.0), _MAX_LOG_MULT))
-        inv = mult / tl.maximum(tl.sqrt(tl.sum(qf * qf, 1)), _EPS)
-        q = (qf * inv[:, None]).to(q.dtype)
-    return q
+def _inv_norm(x, AXIS: tl.constexpr):
+    """1 / max(|x|, eps) along AXIS (the head dim), float32."""
+    xf = x.to(tl.float32)
+    return 1.0 / tl.maximum(tl.sqrt(tl.sum(xf * xf, AXIS)), _EPS)
 
 
 @triton.jit
-def _norm_q_t(q_t, Temp, h, row_ok, QK_NORM: tl.constexpr):
-    """_norm_q for a transposed (BLOCK_D, rows) tile."""
-    if QK_NORM:
-        qf = q_t.to(tl.float32)
-        mult = tl.exp(tl.minimum(tl.load(Temp + h, mask=row_ok, other=0.0), _MAX_LOG_MULT))
-        inv = mult / tl.maximum(tl.sqrt(tl.sum(qf * qf, 0)), _EPS)
-        q_t = (qf * inv[None, :]).to(q_t.dtype)
-    return q_t
-
-
-@triton.jit
-def _norm_along(x, AXIS: tl.constexpr, QK_NORM: tl.constexpr):
-    """x L2-normalised along AXIS (the head dim of a k tile), in x's dtype (float32 math)."""
-    if QK_NORM:
-        xf = x.to(tl.float32)
-        inv = 1.0 / tl.maximum(tl.sqrt(tl.sum(xf * xf, AXIS)), _EPS)
-        x = (xf * tl.expand_dims(inv, AXIS)).to(x.dtype)
-    return x
+def _q_factor(q, Temp, h, row_ok, AXIS: tl.constexpr):
+    """exp(min(t[h], ln 100)) / max(|q|, eps) per query row: q_hat = q * factor."""
+    mult = tl.exp(tl.minimum(tl.load(Temp + h, mask=row_ok, other=0.0), _MAX_LOG_MULT))
+    return mult * _inv_norm(q, AXIS)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -110,7 +94,8 @@ def _fwd_kernel(Q, K, V, Temp, Out, Lse, PartO, PartLse,
     d_ok = offs_d < HEAD_DIM
     q = _load_rows(Q + b * stride_qb + qi[:, None] * stride_ql + h[:, None] * stride_qh + offs_d[None, :] * stride_qd,
                    row_ok, d_ok, EVEN_D)
-    q = _norm_q(q, Temp, h, row_ok, QK_NORM)
+    if QK_NORM:
+        q_fac = _q_factor(q, Temp, h, row_ok, 1) * scale
 
     K_base = K + b * stride_kb + hk * stride_kh
     V_base = V + b * stride_vb + hk * stride_vh
@@ -123,9 +108,11 @@ def _fwd_kernel(Q, K, V, Temp, Out, Lse, PartO, PartLse,
         cols = start_n + tl.arange(0, BLOCK_N)
         col_ok = cols < k_end
         k_t = _load_cols(K_base + cols[None, :] * stride_kl + offs_d[:, None] * stride_kd, col_ok, d_ok, EVEN_D)
-        k_t = _norm_along(k_t, 0, QK_NORM)
         v = _load_rows(V_base + cols[:, None] * stride_vl + offs_d[None, :] * stride_vd, col_ok, d_ok, EVEN_D)
-        s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * scale
+        if QK_NORM:
+            s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * q_fac[:, None] * _inv_norm(k_t, 0)[None, :]
+        else:
+            s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * scale
         if start_n + BLOCK_N > k_end:  # the chunk's last block: keys past its end must not count
             s = tl.where(col_ok[None, :], s, float("-inf"))
         # Every block holds a valid key, so m_new is finite and no row needs a -inf guard.
@@ -203,7 +190,8 @@ def _bwd_dkdv_kernel(Q, K, V, Temp, DO, DK, DV, Lse, Delta,
     d_ok = offs_d < HEAD_DIM
     k = _load_rows(K + b * stride_kb + hk * stride_kh + cols[:, None] * stride_kl + offs_d[None, :] * stride_kd,
                    col_ok, d_ok, EVEN_D)
-    k = _norm_along(k, 1, QK_NORM)
+    if QK_NORM:
+        k_fac = _inv_norm(k, 1) * scale
     v = _load_rows(V + b * stride_vb + hk * stride_vh + cols[:, None] * stride_vl + offs_d[None, :] * stride_vd,
                    col_ok, d_ok, EVEN_D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -212,17 +200,22 @@ def _bwd_dkdv_kernel(Q, K, V, Temp, DO, DK, DV, Lse, Delta,
         p, row_ok, qi, h = _packed_rows(start_m, q_len, hk, group, BLOCK_M)
         q_t = _load_cols(Q + b * stride_qb + qi[None, :] * stride_ql + h[None, :] * stride_qh
                          + offs_d[:, None] * stride_qd, row_ok, d_ok, EVEN_D)
-        q_t = _norm_q_t(q_t, Temp, h, row_ok, QK_NORM)
         do = _load_rows(DO + b * stride_dob + qi[:, None] * stride_dol + h[:, None] * stride_doh
                         + offs_d[None, :] * stride_dod, row_ok, d_ok, EVEN_D)
         lse = tl.load(Lse + b * stride_lb + h * stride_lh + qi * stride_ll, mask=row_ok, other=0.0)
         delta = tl.load(Delta + b * stride_deb + h * stride_deh + qi, mask=row_ok, other=0.0)
-        s_t = tl.dot(k, q_t, input_precision=DOT_PRECISION) * scale
+        if QK_NORM:
+            q_fac = _q_factor(q_t, Temp, h, row_ok, 0)
+            s_t = tl.dot(k, q_t, input_precision=DOT_PRECISION) * k_fac[:, None] * q_fac[None, :]
+        else:
+            s_t = tl.dot(k, q_t, input_precision=DOT_PRECISION) * scale
         # Padding rows (q = 0, lse = 0) would give p = 1: zero them.
         p_t = tl.where(row_ok[None, :], tl.math.exp2((s_t - lse[None, :]) * _LOG2E), 0.0)
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
+        if QK_NORM:  # dK_hat = dS^T Q_hat, with Q_hat = Q * q_fac
+            ds_t = ds_t * q_fac[None, :]
         dk += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), input_precision=DOT_PRECISION)
 
     out_mask = col_ok[:, None] & d_ok[None, :]
@@ -252,7 +245,8 @@ def _bwd_dq_kernel(Q, K, V, Temp, DO, DQ, Lse, Delta,
     d_ok = offs_d < HEAD_DIM
     q = _load_rows(Q + b * stride_qb + qi[:, None] * stride_ql + h[:, None] * stride_qh + offs_d[None, :] * stride_qd,
                    row_ok, d_ok, EVEN_D)
-    q = _norm_q(q, Temp, h, row_ok, QK_NORM)
+    if QK_NORM:
+        q_fac = _q_factor(q, Temp, h, row_ok, 1) * scale
     do = _load_rows(DO + b * stride_dob + qi[:, None] * stride_dol + h[:, None] * stride_doh
                     + offs_d[None, :] * stride_dod, row_ok, d_ok, EVEN_D)
     lse = tl.load(Lse + b * stride_lb + h * stride_lh + qi * stride_ll, mask=row_ok, other=0.0)
@@ -264,13 +258,18 @@ def _bwd_dq_kernel(Q, K, V, Temp, DO, DQ, Lse, Delta,
         cols = start_n + tl.arange(0, BLOCK_N)
         col_ok = cols < kv_len
         k_t = _load_cols(K_base + cols[None, :] * stride_kl + offs_d[:, None] * stride_kd, col_ok, d_ok, EVEN_D)
-        k_t = _norm_along(k_t, 0, QK_NORM)
         v_t = _load_cols(V_base + cols[None, :] * stride_vl + offs_d[:, None] * stride_vd, col_ok, d_ok, EVEN_D)
-        s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * scale
+        if QK_NORM:
+            k_fac = _inv_norm(k_t, 0)
+            s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * q_fac[:, None] * k_fac[None, :]
+        else:
+            s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * scale
         # Keys past kv_len read 0, which would give p = exp(-lse) > 0: zero them.
         p_ij = tl.where(col_ok[None, :], tl.math.exp2((s - lse[:, None]) * _LOG2E), 0.0)
         dp = tl.dot(do, v_t, input_precision=DOT_PRECISION)
         ds = p_ij * (dp - delta[:, None])
+        if QK_NORM:  # dQ_hat = dS K_hat, with K_hat = K * k_fac
+            ds = ds * k_fac[None, :]
         dq += tl.dot(ds.to(k_t.dtype), tl.trans(k_t), input_precision=DOT_PRECISION)
     tl.store(DQ + b * stride_dqb + qi[:, None] * stride_dql + h[:, None] * stride_dqh + offs_d[None, :] * stride_dqd,
              (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
@@ -300,32 +299,39 @@ _DECODE_GPU = {
     (256, 16): _Config(16, 64, 4, 2),
     (64, 32): _Config(16, 32, 4, 2),
     (128, 32): _Config(16, 32, 4, 2),
-    (256, 32): _Config(16, 16, 4, 1),
+    (256, 32): _Config(16, 16, 8, 2),
 }
 _TILED_GPU = {
-    (64, 16): _Config(128, 64, 4, 3),
+    (64, 16): _Config(128, 64, 8, 3),
     (128, 16): _Config(128, 64, 8, 2),
     (256, 16): _Config(64, 64, 8, 2),
     (64, 32): _Config(64, 32, 8, 2),
     (128, 32): _Config(32, 16, 4, 2),
-    (256, 32): _Config(32, 16, 4, 1),
+    (256, 32): _Config(16, 16, 8, 2),
 }
 # dK/dV: block_n is the key tile, block_m the packed-row block it steps through.
 _DKDV_GPU = {
     (64, 16): _Config(32, 64, 4, 1),
     (128, 16): _Config(32, 64, 8, 2),
-    (256, 16): _Config(16, 64, 8, 1),
+    (256, 16): _Config(16, 32, 8, 1),  # see _WGMMA_EXEMPT
     (64, 32): _Config(16, 32, 4, 2),
     (128, 32): _Config(32, 32, 8, 1),
-    (256, 32): _Config(16, 32, 4, 1),
+    (256, 32): _Config(16, 16, 8, 1),
 }
 _DQ_GPU = {
-    (64, 16): _Config(64, 64, 4, 2),
+    (64, 16): _Config(64, 32, 4, 2),
     (128, 16): _Config(64, 64, 8, 2),
     (256, 16): _Config(64, 32, 8, 2),
     (64, 32): _Config(32, 32, 4, 2),
-    (128, 32): _Config(32, 32, 8, 1),
-    (256, 32): _Config(32, 16, 4, 1),
+    (128, 32): _Config(16, 32, 8, 2),
+    (256, 32): _Config(32, 16, 8, 1),
+}
+# Entries whose 16-bit dots run on mma.sync rather than wgmma on sm_90, and why (checked as such).
+_DECODE_EXEMPT = ("split-KV decode tile: 16 rows by design (q_len * G is 1-16 in decode); wgmma needs 64, "
+                  "so its dots are checked for mma.sync on sm_90 too")
+_WGMMA_EXEMPT = {
+    ("dkdv", 256): "d256 dK/dV: with 64-key tiles (wgmma) the dK and dV float32 accumulators plus the K/V "
+                   "tiles exceed 255 registers and spill at 4 or 8 warps; 32-key tiles run on mma.sync",
 }
 _COMBINE_BLOCK_M, _COMBINE_WARPS = 16, 4  # an elementwise merge: no dot, any tile works
 _DELTA_BLOCK_M, _DELTA_WARPS = 64, 4
@@ -491,10 +497,6 @@ def _aot_entry(name, kernel, dtype, constexprs, cfg, uses_dot, wgmma_exempt=None
     return entry
 
 
-_DECODE_EXEMPT = ("split-KV decode tile: 16 rows by design (q_len * G is 1-16 in decode); wgmma needs 64, "
-                  "so its dots are checked for mma.sync on sm_90 too")
-
-
 def aot_configs() -> list[dict]:
     """Every kernel configuration the GPU launchers can pick, in the format of
     hierkern.ops.attention.triton.aot_configs (plus an optional wgmma_exempt reason). `uses_dot` is
@@ -520,7 +522,8 @@ def aot_configs() -> list[dict]:
                     cfg = _TABLES[kname][(_bucket(head_dim), bits)]
                     entries.append(_aot_entry(f"cached_{kname}_{tag}", kernel, dtype,
                                               {**base, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n}, cfg,
-                                              uses_dot=bits == 16))
+                                              uses_dot=bits == 16,
+                                              wgmma_exempt=_WGMMA_EXEMPT.get((kname, _bucket(head_dim)))))
         entries.append(_aot_entry(f"cached_combine_{tdt}_d128", _combine_kernel, dtype,
                                   {"HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_M": _COMBINE_BLOCK_M},
                                   _Config(_COMBINE_BLOCK_M, 0, _COMBINE_WARPS, 1), uses_dot=False))
