@@ -299,15 +299,15 @@ _DECODE_GPU = {
     (256, 16): _Config(16, 64, 4, 2),
     (64, 32): _Config(16, 32, 4, 2),
     (128, 32): _Config(16, 32, 4, 2),
-    (256, 32): _Config(16, 16, 8, 2),
+    (256, 32): _Config(16, 16, 4, 2),
 }
 _TILED_GPU = {
     (64, 16): _Config(128, 64, 8, 3),
-    (128, 16): _Config(128, 64, 8, 2),
+    (128, 16): _Config(128, 32, 8, 2),
     (256, 16): _Config(64, 64, 8, 2),
     (64, 32): _Config(64, 32, 8, 2),
     (128, 32): _Config(32, 16, 4, 2),
-    (256, 32): _Config(16, 16, 8, 2),
+    (256, 32): _Config(16, 16, 4, 2),
 }
 # dK/dV: block_n is the key tile, block_m the packed-row block it steps through.
 _DKDV_GPU = {
@@ -315,7 +315,7 @@ _DKDV_GPU = {
     (128, 16): _Config(32, 64, 8, 2),
     (256, 16): _Config(16, 32, 8, 1),  # see _WGMMA_EXEMPT
     (64, 32): _Config(16, 32, 4, 2),
-    (128, 32): _Config(32, 32, 8, 1),
+    (128, 32): _Config(16, 16, 8, 1),
     (256, 32): _Config(16, 16, 8, 1),
 }
 _DQ_GPU = {
