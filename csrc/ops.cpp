@@ -36,4 +36,26 @@ TORCH_LIBRARY(hierkern, m) {
   m.def("interval_attn_bwd_triton(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
         "Tensor lse, Tensor offsets, Tensor dq_tiles, Tensor k_tiles, int pattern, int block_size, "
         "float scale, Tensor? temperature=None) -> (Tensor, Tensor, Tensor)");
+
+  // Cached attention: q (B, Lq, H, D) over rows [0, kv_len) of k_cache / v_cache (B, max_len, Hkv, D)
+  // with no mask; rows from kv_len on are never read. Returns out (B, Lq, H, D) and the float32
+  // log-sum-exp (B, H, Lq). qk_norm fuses the cos-attention prologue: q and k are L2-normalised over
+  // head_dim and q is multiplied by exp(min(temperature[h], ln 100)) (temperature: (H,) float32).
+  // num_splits: key chunks of the split-KV path, whose partial results are merged by log-sum-exp;
+  // 0 picks a count from the available parallelism, 1 disables it (tests force both paths).
+  // The backward returns (dq, dk_cache, dv_cache), the cache gradients dense with zeros from kv_len on.
+  // With qk_norm, dq and dk are the float32 gradients w.r.t. the normalised (and, for q,
+  // temperature-scaled) q and k: the chain rule through the prologue is applied by the caller (hierkern/ops/
+  // cached_attention/op.py), which needs only row-local torch ops for it.
+  m.def("cached_attn_fwd(Tensor q, Tensor k_cache, Tensor v_cache, Tensor? temperature, SymInt kv_len, "
+        "bool qk_norm, float scale, int num_splits) -> (Tensor, Tensor)");
+  m.def("cached_attn_bwd(Tensor grad_out, Tensor q, Tensor k_cache, Tensor v_cache, Tensor? temperature, "
+        "Tensor out, Tensor lse, SymInt kv_len, bool qk_norm, float scale) -> (Tensor, Tensor, Tensor)");
+  // The same ops for the Triton kernels (registered from Python for CUDA, and for CPU tensors under
+  // TRITON_INTERPRET=1, where the CPU dispatch key of the ops above is taken by the C++ kernels).
+  m.def("cached_attn_fwd_triton(Tensor q, Tensor k_cache, Tensor v_cache, Tensor? temperature, "
+        "SymInt kv_len, bool qk_norm, float scale, int num_splits) -> (Tensor, Tensor)");
+  m.def("cached_attn_bwd_triton(Tensor grad_out, Tensor q, Tensor k_cache, Tensor v_cache, "
+        "Tensor? temperature, Tensor out, Tensor lse, SymInt kv_len, bool qk_norm, float scale) "
+        "-> (Tensor, Tensor, Tensor)");
 }

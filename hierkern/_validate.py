@@ -25,24 +25,26 @@ def check_same(opname, tensors, what):
                              f"they must match")
 
 
-def check_attention_qkv(opname, q, k, v, doc="(batch, seq, heads, head_dim)"):
-    """BSHD q/k/v with GQA: k and v share shape, q heads a multiple of kv heads, one head_dim."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
+def check_attention_qkv(opname, q, k, v, doc="(batch, seq, heads, head_dim)", names=("q", "k", "v")):
+    """BSHD q/k/v with GQA: k and v share shape, q heads a multiple of kv heads, one head_dim.
+    `names` are the argument names the errors use (e.g. k_cache / v_cache)."""
+    nq, nk, nv = names
+    for name, t in zip(names, (q, k, v)):
         check_tensor(opname, name, t, 4, doc)
-    check_same(opname, {"q": q, "k": k, "v": v}, "device")
-    check_same(opname, {"q": q, "k": k, "v": v}, "dtype")
+    check_same(opname, {nq: q, nk: k, nv: v}, "device")
+    check_same(opname, {nq: q, nk: k, nv: v}, "dtype")
     allowed = CPU_DTYPES if q.device.type == "cpu" else GPU_DTYPES
     if q.dtype not in allowed and q.dtype != torch.float64:
-        raise TypeError(f"{opname}: q has dtype {q.dtype}; expected one of {allowed}")
+        raise TypeError(f"{opname}: {nq} has dtype {q.dtype}; expected one of {allowed}")
     if k.shape != v.shape:
-        raise ValueError(f"{opname}: k and v must have the same shape, got k {tuple(k.shape)} "
-                         f"and v {tuple(v.shape)}")
+        raise ValueError(f"{opname}: {nk} and {nv} must have the same shape, got {nk} {tuple(k.shape)} "
+                         f"and {nv} {tuple(v.shape)}")
     if k.shape[0] != q.shape[0]:
-        raise ValueError(f"{opname}: k has batch {k.shape[0]} but q has batch {q.shape[0]}")
+        raise ValueError(f"{opname}: {nk} has batch {k.shape[0]} but {nq} has batch {q.shape[0]}")
     if k.shape[3] != q.shape[3]:
-        raise ValueError(f"{opname}: head_dim mismatch: q has {q.shape[3]}, k/v have {k.shape[3]}")
+        raise ValueError(f"{opname}: head_dim mismatch: {nq} has {q.shape[3]}, {nk}/{nv} have {k.shape[3]}")
     if k.shape[2] == 0 or q.shape[2] % k.shape[2] != 0:
-        raise ValueError(f"{opname}: q heads ({q.shape[2]}) must be a multiple of k/v heads "
+        raise ValueError(f"{opname}: {nq} heads ({q.shape[2]}) must be a multiple of {nk}/{nv} heads "
                          f"({k.shape[2]}) (GQA)")
     d = q.shape[3]
     if not (MIN_HEAD_DIM <= d <= MAX_HEAD_DIM and d % 8 == 0):

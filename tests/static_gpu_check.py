@@ -3,11 +3,13 @@
 
   python tests/static_gpu_check.py [--arch 80 90] [--json out.json] [--jobs N]
 
-1. Triton: every entry of hierkern.ops.attention.triton.aot_configs() is compiled for each arch with
+1. Triton: every entry of aot_configs() of each module in TRITON_MODULES is compiled for each arch with
    triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32)). It fails on a compile error, on
    register spills (the cubin's stack frame, read with the cuobjdump shipped in the triton wheel), on
    shared memory beyond the arch's per-block limit, and, for entries with uses_dot, when any of its dots
-   is not lowered to tensor cores (wgmma on sm_90, mma on sm_80; checked per dot in the TTGIR).
+   is not lowered to tensor cores (wgmma on sm_90, mma on sm_80; checked per dot in the TTGIR). An entry
+   with a "wgmma_exempt" reason (a deliberately tiny decode tile: wgmma needs 64 rows) must get mma on
+   sm_90 instead.
 2. CUDA C++: the device code of every csrc/cuda/*.cu is compiled with nvcc (-cubin) for sm_80 and sm_90a
    with setup.py's flags and -Xptxas -v; it fails on any compile error or spill stores/loads.
 
@@ -32,6 +34,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Opt-in shared memory per block (bytes): A100 (sm_80) 163 KiB, H100/H200 (sm_90) 227 KiB.
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+TRITON_MODULES = ("hierkern.ops.attention.triton", "hierkern.ops.cached_attention.triton")
 TENSOR_CORE_PTX = {80: "mma.sync", 90: "wgmma.mma_async"}
 
 
@@ -54,12 +57,19 @@ def _resource_usage(cubin: bytes):
     return usage["REG"], usage.get("STACK", 0), usage.get("LOCAL", 0)
 
 
-def _tensor_core_problem(ttgir: str, ptx: str, arch: int):
-    """None when every dot of the kernel runs on tensor cores (wgmma on sm_90, mma on sm_80); else why not.
+def _tensor_core_problem(ttgir: str, ptx: str, arch: int, mma_only: bool = False):
+    """None when every dot of the kernel runs on tensor cores (wgmma on sm_90, mma on sm_80; mma on
+    both with mma_only); else why not.
 
     Counted per dot in the TTGIR, so one dot falling back (to mma v2 on sm_90, to FMA on sm_80) fails
     even when another dot of the kernel did get the fast instruction."""
     dots = re.findall(r"= tt\.dot .*", ttgir)
+    if mma_only:
+        n_fast = sum(1 for d in dots if re.search(r"-> tensor<[^>]*#mma", d))
+        slow = len(dots) - n_fast
+        if slow or not n_fast or TENSOR_CORE_PTX[80] not in ptx:
+            return f"{slow} of {slow + n_fast} dots not on {TENSOR_CORE_PTX[80]}"
+        return None
     if arch >= 90:
         n_fast = len(re.findall(r"= ttng\.warp_group_dot ", ttgir))
         slow = len(dots)
@@ -71,15 +81,15 @@ def _tensor_core_problem(ttgir: str, ptx: str, arch: int):
     return None
 
 
-def _compile_triton(index: int, arch: int) -> dict:
-    """Compile aot_configs()[index] for sm_<arch> and check it (runs in a worker process)."""
+def _compile_triton(module: str, index: int, arch: int) -> dict:
+    """Compile <module>.aot_configs()[index] for sm_<arch> and check it (runs in a worker process)."""
+    import importlib
+
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from hierkern.ops.attention.triton import aot_configs
-
-    cfg = aot_configs()[index]
+    cfg = importlib.import_module(module).aot_configs()[index]
     kernel = cfg["kernel"]
     result = {"kind": "triton", "name": cfg["name"], "arch": arch, "regs": None, "spills": None,
               "shared": None, "mma": None, "ok": False, "error": ""}
@@ -101,7 +111,8 @@ def _compile_triton(index: int, arch: int) -> dict:
     if compiled.metadata.shared > SHARED_LIMIT[arch]:
         problems.append(f"shared memory {compiled.metadata.shared} B > {SHARED_LIMIT[arch]} B")
     if cfg["uses_dot"]:
-        problem = _tensor_core_problem(compiled.asm["ttgir"], compiled.asm["ptx"], arch)
+        problem = _tensor_core_problem(compiled.asm["ttgir"], compiled.asm["ptx"], arch,
+                                       mma_only=bool(cfg.get("wgmma_exempt")))
         result["mma"] = problem is None
         if problem:
             problems.append(problem)
@@ -111,9 +122,13 @@ def _compile_triton(index: int, arch: int) -> dict:
 
 
 def _triton_tasks(archs):
-    from hierkern.ops.attention.triton import aot_configs
+    import importlib
 
-    return [(_compile_triton, i, arch) for i in range(len(aot_configs())) for arch in archs]
+    tasks = []
+    for module in TRITON_MODULES:
+        n = len(importlib.import_module(module).aot_configs())
+        tasks += [(_compile_triton, module, i, arch) for i in range(n) for arch in archs]
+    return tasks
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -199,7 +214,7 @@ def _format(r):
     fmt = lambda x: "-" if x is None else str(x)  # noqa: E731
     mma = "-" if r["mma"] is None else ("yes" if r["mma"] else "NO")
     status = "PASS" if r["ok"] else "FAIL " + r["error"]
-    return (f"{r['kind']:6} {r['name']:32} sm_{r['arch']}  regs {fmt(r['regs']):>4}  spills {fmt(r['spills']):>4}"
+    return (f"{r['kind']:6} {r['name']:40} sm_{r['arch']}  regs {fmt(r['regs']):>4}  spills {fmt(r['spills']):>4}"
             f"  smem {fmt(r['shared']):>6}  mma {mma:3}  {status}")
 
 
