@@ -12,7 +12,7 @@ definition: CUDA max_memory_allocated; CPU replay of the profiler's allocation e
 not see scratch a C++ kernel takes outside torch's allocator). ratio = reference / kernels (> 1:
 kernels faster or smaller).
 
-CPU: the models' default config (depth 4, patch_nums (1,2,3,4,6,8), L=130) in float32.
+CPU: the models' default config (depth 4, VAR's 256px patch_nums, L=680) in float32.
 CUDA: d16 and d20 at the 256px (L=680, batch 16) and 512px (L=2240, batch 8) schedules, bf16.
 Targets are reported, not asserted.
 """

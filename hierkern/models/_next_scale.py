@@ -22,7 +22,9 @@ from hierkern.layouts import VAR_256, ScaleLayout
 from . import _attention
 from ._blocks import AdaLNBlock, AdaLNHead
 
-DEFAULT_PATCH_NUMS = (1, 2, 3, 4, 6, 8)  # L = 130: a training step and a generation take well under a second on CPU
+# VAR's own 256px token schedule (L = 680): at depth 4 a training step and a generation take about a
+# second each on a 2-core CPU, and attention is as large a share of the work as in the real model.
+DEFAULT_PATCH_NUMS = VAR_256
 PRESET_DEPTHS = {"d16": 16, "d20": 20, "d24": 24, "d30": 30}
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 

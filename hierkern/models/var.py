@@ -12,7 +12,7 @@ from ._sampling import check_sampling_args, sample
 class VAR(NextScaleTransformer):
     """VAR (Tian et al. 2024) with random weights and token ids in place of a VQ-VAE.
 
-    VAR(vocab_size=4096, num_classes=1000, depth=4, patch_nums=(1, 2, 3, 4, 6, 8), width=64*depth,
+    VAR(vocab_size=4096, num_classes=1000, depth=4, patch_nums=VAR_256, width=64*depth,
         heads=depth, mlp_ratio=4.0, shared_aln=False, code_dim=32, cond_drop_rate=0.1, norm_eps=1e-6,
         impl="kernels")
     VAR.preset("d16" | "d20" | "d24" | "d30", **overrides)
