@@ -75,11 +75,12 @@ void normalize_rows(float* x, int64_t n, int64_t D, const float* group_mult, int
   }
 }
 
-// A K tile as float rows; with qk_norm always a normalised copy in `buf` (the cache must not change).
+// A K tile as float rows: float32 K is read in place (the score GEMM goes through BLAS, which packs
+// it anyway); with qk_norm always a normalised copy in `buf` (the cache must not change).
 template <typename T>
 const float* load_keys(const T* base, int64_t n, int64_t D, int64_t s_l, int64_t s_d, float* buf,
                        int64_t* ld, bool qk_norm) {
-  const float* t = load_tile(base, n, D, s_l, s_d, buf, ld, /*pack=*/true);
+  const float* t = load_tile(base, n, D, s_l, s_d, buf, ld, /*pack=*/false);
   if (!qk_norm) return t;
   if (t != buf) {
     for (int64_t i = 0; i < n; ++i) std::memcpy(buf + i * D, t + i * *ld, D * sizeof(float));
