@@ -18,15 +18,19 @@ def check(opname, qk_norm, temperature, q):
         raise TypeError(f"{opname}: qk_norm must be a bool, got {type(qk_norm).__name__}")
     if not qk_norm:
         if temperature is not None:
-            raise ValueError(f"{opname}: temperature is only used with qk_norm=True")
+            raise ValueError(f"{opname}: temperature is only used with qk_norm=True; pass qk_norm=True "
+                             f"or drop temperature")
         return None
+    if temperature is None:
+        raise ValueError(f"{opname}: qk_norm=True needs temperature, a ({q.shape[2]},) float32 tensor "
+                         f"of per-head log multipliers")
     if not isinstance(temperature, torch.Tensor):
-        raise TypeError(f"{opname}: qk_norm=True needs temperature, a (heads,) float32 tensor of "
-                        f"per-head log multipliers, got {type(temperature).__name__}")
-    want = torch.float64 if q.dtype == torch.float64 else torch.float32
-    if temperature.shape != (q.shape[2],) or temperature.dtype != want:
-        raise ValueError(f"{opname}: temperature must be a {want} tensor of shape ({q.shape[2]},) "
-                         f"(one per query head), got {temperature.dtype} {tuple(temperature.shape)}")
+        raise TypeError(f"{opname}: temperature must be a torch.Tensor, got {type(temperature).__name__}")
+    if temperature.shape != (q.shape[2],):
+        raise ValueError(f"{opname}: temperature must have shape (heads,) = ({q.shape[2]},), got "
+                         f"{tuple(temperature.shape)}")
+    if temperature.dtype != torch.float32 and not (q.dtype == torch.float64 == temperature.dtype):
+        raise TypeError(f"{opname}: temperature must be float32, got {temperature.dtype}")
     if temperature.device != q.device:
         raise ValueError(f"{opname}: temperature is on {temperature.device} but q is on {q.device}")
     return temperature
@@ -42,9 +46,11 @@ def multiplier(temperature):
 
 
 def reference(q, k, temperature):
-    """(q_hat, k_hat) in the inputs' dtype, as VAR computes them (the executable specification)."""
+    """(q_hat, k_hat) in the inputs' dtype, as VAR computes them (the executable specification). The
+    multiplier is computed in float32 as the kernels do (float64 for float64 inputs)."""
+    t = temperature.to(torch.promote_types(temperature.dtype, q.dtype))
     qh = torch.nn.functional.normalize(q, dim=-1, eps=NORM_EPS)
-    qh = qh * multiplier(temperature).to(q.dtype)[:, None]
+    qh = qh * multiplier(t).to(q.dtype)[:, None]
     kh = torch.nn.functional.normalize(k, dim=-1, eps=NORM_EPS)
     return qh, kh
 

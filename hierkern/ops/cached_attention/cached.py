@@ -3,6 +3,7 @@ rows of a preallocated K/V cache, no mask (VAR / ACDiT / SDAR / Fast-dLLM v2 inf
 import torch
 
 from ... import _backend, _validate
+from ..attention import cos_attention
 from .op import cached_attention_op
 
 _NAME = "cached_attention"
@@ -14,26 +15,6 @@ def _check_kv_len(kv_len, max_len):
     if not 1 <= kv_len <= max_len:
         raise ValueError(f"{_NAME}: kv_len must be in [1, max_len={max_len}] (max_len is k_cache.shape[1]), "
                          f"got {kv_len}")
-
-
-def _check_temperature(temperature, qk_norm, q):
-    if not qk_norm:
-        if temperature is not None:
-            raise ValueError(f"{_NAME}: temperature is only used with qk_norm=True; pass qk_norm=True "
-                             f"or drop temperature")
-        return
-    if temperature is None:
-        raise ValueError(f"{_NAME}: qk_norm=True needs temperature, a ({q.shape[2]},) float32 tensor "
-                         f"(one log-multiplier per query head)")
-    if not isinstance(temperature, torch.Tensor):
-        raise TypeError(f"{_NAME}: temperature must be a torch.Tensor, got {type(temperature).__name__}")
-    if temperature.shape != (q.shape[2],):
-        raise ValueError(f"{_NAME}: temperature must have shape (heads,) = ({q.shape[2]},), got "
-                         f"{tuple(temperature.shape)}")
-    if temperature.dtype != torch.float32 and not (q.dtype == torch.float64 and temperature.dtype == q.dtype):
-        raise TypeError(f"{_NAME}: temperature must be float32, got {temperature.dtype}")
-    if temperature.device != q.device:
-        raise ValueError(f"{_NAME}: temperature is on {temperature.device} but q is on {q.device}")
 
 
 def cached_attention(q, k_cache, v_cache, kv_len, scale=None, impl=None, qk_norm=False, temperature=None):
@@ -60,10 +41,10 @@ def cached_attention(q, k_cache, v_cache, kv_len, scale=None, impl=None, qk_norm
     if q.shape[1] < 1:
         raise ValueError(f"{_NAME}: q must hold at least one query (q_len >= 1), got shape {tuple(q.shape)}")
     _check_kv_len(kv_len, k_cache.shape[1])
-    if not isinstance(qk_norm, bool):
-        raise TypeError(f"{_NAME}: qk_norm must be a bool, got {type(qk_norm).__name__}")
-    _check_temperature(temperature, qk_norm, q)
-    scale = _validate.resolve_scale(_NAME, scale, q.shape[-1]) if (scale is not None or not qk_norm) else 1.0
+    temperature = cos_attention.check(_NAME, qk_norm, temperature, q)
+    if scale is None:
+        scale = cos_attention.default_scale(qk_norm, q.shape[-1])
+    scale = _validate.resolve_scale(_NAME, scale, q.shape[-1])
     backend = _backend.select(_NAME, impl, q.device)
     if q.dtype == torch.float64 and backend != "reference":
         raise TypeError(f"{_NAME}: float64 is supported by impl='reference' only (backend {backend!r})")

@@ -10,8 +10,8 @@ with a few torch ops (prologue_backward) instead of in every kernel backend.
 import torch
 
 from ... import _backend
+from ..attention import cos_attention
 from . import reference
-from .reference import MAX_LOG_MULT, NORM_EPS
 
 _LIB = "hierkern"
 _OPS = ("cached_attn_fwd", "cached_attn_fwd_triton")
@@ -29,27 +29,13 @@ def _fake_bwd(grad_out, q, k_cache, v_cache, temperature, out, lse, kv_len, qk_n
             torch.empty_like(v_cache))
 
 
-def _normalize_backward(x, g):
-    """Gradient w.r.t. x of F.normalize(x, dim=-1, eps=NORM_EPS), given the output's gradient g."""
-    norm = x.norm(dim=-1, keepdim=True)
-    denom = norm.clamp_min(NORM_EPS)
-    n = x / denom
-    return torch.where(norm >= NORM_EPS, (g - n * (n * g).sum(-1, keepdim=True)) / denom, g / NORM_EPS)
-
-
 def prologue_backward(q, k_cache, temperature, kv_len, dq_hat, dk_hat):
     """(dq, dk_cache, dtemperature) from the float32 gradients w.r.t. the normalised q_hat and k_hat;
-    computed in float32, returned in the inputs' dtypes (dk_cache dense, zero from kv_len on)."""
-    qf, g = q.float(), dq_hat.float()
-    t = temperature.float()
-    mult = t.clamp(max=MAX_LOG_MULT).exp()
-    qn = qf / qf.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
-    dmult = (g * qn).sum(dim=(0, 1, 3))
-    dt = (dmult * mult * (t <= MAX_LOG_MULT)).to(temperature.dtype)
-    dq = _normalize_backward(qf, g * mult[:, None]).to(q.dtype)
+    dk_cache dense, zero from kv_len on."""
+    dq, dk_filled, dt = cos_attention.backward(q, k_cache.narrow(1, 0, kv_len), temperature, dq_hat,
+                                               dk_hat.narrow(1, 0, kv_len))
     dk = torch.zeros_like(k_cache)
-    dk.narrow(1, 0, kv_len).copy_(_normalize_backward(k_cache.narrow(1, 0, kv_len).float(),
-                                                      dk_hat.narrow(1, 0, kv_len).float()))
+    dk.narrow(1, 0, kv_len).copy_(dk_filled)
     return dq, dk, dt
 
 

@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from ..attention.triton import _bwd_delta_kernel, _load_cols, _load_rows
-from .reference import MAX_LOG_MULT, NORM_EPS
+from ..attention.cos_attention import MAX_LOG_MULTIPLIER as MAX_LOG_MULT, NORM_EPS
 
 LOG2E = math.log2(math.e)
 _LOG2E: tl.constexpr = tl.constexpr(LOG2E)
