@@ -1,5 +1,6 @@
 """The C++ kernel with tiny tiles (set through its tuning knobs, read once at load) so that short test
-sequences still cross many tile boundaries: full, partial and skipped key tiles, split scales."""
+sequences still cross many tile boundaries: full, partial and skipped key tiles, split scales; and
+with each forward schedule forced (per (batch, kv head) pair, per query tile)."""
 import os
 import subprocess
 import sys
@@ -29,9 +30,10 @@ print("OK")
 """
 
 
-@pytest.mark.parametrize("bq,bk", [(16, 32), (8, 24)])
-def test_cpu_kernel_tiny_tiles(bq, bk):
-    env = dict(os.environ, HIERKERN_CPU_BLOCK_Q=str(bq), HIERKERN_CPU_BLOCK_K=str(bk))
+@pytest.mark.parametrize("bq,bk,schedule", [(16, 32, "pairs"), (8, 24, "tiles")])
+def test_cpu_kernel_tiny_tiles(bq, bk, schedule):
+    env = dict(os.environ, HIERKERN_CPU_BLOCK_Q=str(bq), HIERKERN_CPU_BLOCK_K=str(bk),
+               HIERKERN_CPU_FWD_SCHEDULE=schedule)
     r = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0 and "OK" in r.stdout, r.stdout + r.stderr[-4000:]

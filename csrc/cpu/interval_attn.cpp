@@ -8,6 +8,7 @@
 
 #include <cstdlib>
 #include <limits>
+#include <string>
 #include <vector>
 
 #include "cpu/cpu_math.h"
@@ -26,6 +27,19 @@ int64_t env_block(const char* name, int64_t dflt) {
 const int64_t kBlockQ = env_block("HIERKERN_CPU_BLOCK_Q", 128);
 const int64_t kBlockK = env_block("HIERKERN_CPU_BLOCK_K", 512);
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// Forward schedule: per (batch, kv head) pair when there are at least two pairs per thread, else
+// per query tile. HIERKERN_CPU_FWD_SCHEDULE=pairs|tiles forces one (tests run both).
+const std::string kFwdSchedule = [] {
+  const char* s = std::getenv("HIERKERN_CPU_FWD_SCHEDULE");
+  return std::string(s ? s : "auto");
+}();
+
+bool use_per_kv_head_schedule(int64_t pairs) {
+  if (kFwdSchedule == "pairs") return true;
+  if (kFwdSchedule == "tiles") return false;
+  return pairs >= 2 * at::get_num_threads();
+}
 
 enum class TileKind { kEmpty, kFull, kPartial };
 
@@ -210,76 +224,109 @@ void fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const int64_t n_qt = (int64_t)qblocks.size();
   const int64_t block_k = (kBlockK + kPanel - 1) / kPanel * kPanel;
 
-  // K^T and V of every (batch, kv head), packed once in float panels (O(L * H * D) extra memory)
-  // instead of once per query tile; it also converts bf16 inputs a single time.
+  // K^T and V of a (batch, kv head) pair are packed once in float panels (O(L * D) per pair) instead
+  // of once per query tile; that also converts bf16 inputs a single time.
   const int64_t k_panels = (d.Lk + kPanel - 1) / kPanel, v_panels = (d.Dv + kPanel - 1) / kPanel;
   const int64_t kpack_size = k_panels * d.D * kPanel, vpack_size = v_panels * d.Lk * kPanel;
   const int64_t ldacc = v_panels * kPanel;
-  // Through torch's allocator, so memory profiling (and the benchmarks' peak-memory column) sees it.
+  auto pack = [&](int64_t b, int64_t hk, float* kdst, float* vdst) {
+    pack_kt_panels(kp + b * ks[0] + hk * ks[2], d.Lk, d.D, ks[1], ks[3], kdst, temp != nullptr);
+    pack_v_panels(vp + b * vs[0] + hk * vs[2], d.Lk, d.Dv, vs[1], vs[3], vdst);
+  };
+
+  struct Scratch {
+    std::vector<float> qbuf, s, acc, m, l;
+    RowRanges rr;
+  };
+  auto make_scratch = [&] {
+    return Scratch{std::vector<float>(kBlockQ * d.D), std::vector<float>(kBlockQ * block_k),
+                   std::vector<float>(kBlockQ * ldacc), std::vector<float>(kBlockQ),
+                   std::vector<float>(kBlockQ), RowRanges{}};
+  };
+  // One query tile of head h against the packed K/V of its kv head.
+  auto query_tile = [&](Scratch& w, int64_t b, int64_t h, int64_t qt, const float* kpanels,
+                        const float* vpanels) {
+    float* const sp = w.s.data();
+    float* const acc = w.acc.data();
+    const int64_t r0 = qblocks[qt].first, r1 = qblocks[qt].second, nr = r1 - r0;
+    RowRanges& rr = w.rr;
+    rr.build(off, nseg, pattern, r0, r1);
+    int64_t ldq;
+    const float* qt_ptr = load_tile(qp + b * qs[0] + r0 * qs[1] + h * qs[2], nr, d.D, qs[1], qs[3],
+                                    w.qbuf.data(), &ldq, false, /*copy=*/temp != nullptr);
+    if (temp) normalize_rows(w.qbuf.data(), nr, d.D, ldq, temperature_multiplier(temp[h * temp_stride]));
+    std::fill(acc, acc + nr * ldacc, 0.f);
+    std::fill(w.m.begin(), w.m.end(), kNegInf);
+    std::fill(w.l.begin(), w.l.end(), 0.f);
+    float* const m = w.m.data();
+    float* const l = w.l.data();
+    // Key tiles start on a panel boundary; keys left of a row's range are masked like any other.
+    for (int64_t c0 = rr.kmin / kPanel * kPanel; c0 < rr.kmax; c0 += block_k) {
+      const int64_t c1 = std::min(rr.kmax, c0 + block_k), nc = c1 - c0;
+      const TileKind kind = rr.classify(c0, c1);
+      if (kind == TileKind::kEmpty) continue;
+      gemm_panels(nr, (nc + kPanel - 1) / kPanel, d.D, scale, qt_ptr, ldq, kpanels + c0 * d.D,
+                  d.D * kPanel, sp, block_k, /*accumulate=*/false);
+      if (kind == TileKind::kPartial) rr.mask(sp, block_k, c0, c1);
+      for (int64_t i = 0; i < nr; ++i) {
+        float* si = sp + i * block_k;
+        const float m_new = std::max(m[i], row_max(si, nc));
+        if (m_new == kNegInf) {  // row sees nothing yet: keep P = 0
+          std::fill(si, si + nc, 0.f);
+          continue;
+        }
+        const float sum = exp_sub_sum(si, nc, m_new);
+        const float alpha = fast_exp(m[i] - m_new);
+        float* ai = acc + i * ldacc;
+        if (alpha != 1.f)
+          for (int64_t j = 0; j < d.Dv; ++j) ai[j] *= alpha;
+        l[i] = l[i] * alpha + sum;
+        m[i] = m_new;
+      }
+      gemm_panels(nr, v_panels, nc, 1.f, sp, block_k, vpanels + c0 * kPanel, d.Lk * kPanel, acc,
+                  ldacc, /*accumulate=*/true);
+    }
+    for (int64_t i = 0; i < nr; ++i) {
+      const float inv = l[i] > 0.f ? 1.f / l[i] : 0.f;
+      // Compact the padded accumulator rows to Dv floats for store_tile (in place, row order).
+      for (int64_t j = 0; j < d.Dv; ++j) acc[i * d.Dv + j] = acc[i * ldacc + j] * inv;
+      lp[(b * d.H + h) * d.L + r0 + i] = l[i] > 0.f ? m[i] + std::log(l[i]) : kNegInf;
+    }
+    store_tile(acc, nr, d.Dv, op + b * os[0] + r0 * os[1] + h * os[2], os[1], os[3]);
+  };
+
+  if (use_per_kv_head_schedule(d.B * d.Hk)) {
+    // Each task packs one (batch, kv head) pair into a per-thread buffer, which stays in L2 while the
+    // task runs every query tile of the pair's heads: no big allocation, no separate packing pass.
+    at::parallel_for(0, d.B * d.Hk, 1, [&](int64_t begin, int64_t end) {
+      Scratch w = make_scratch();
+      std::vector<float> kbuf(kpack_size), vbuf(vpack_size);
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t hk = t % d.Hk, b = t / d.Hk;
+        pack(b, hk, kbuf.data(), vbuf.data());
+        for (int64_t h = hk * d.group; h < (hk + 1) * d.group; ++h)
+          for (int64_t qt = 0; qt < n_qt; ++qt) query_tile(w, b, h, qt, kbuf.data(), vbuf.data());
+      }
+    });
+    return;
+  }
+  // Few (batch, kv head) pairs for the threads (batch 1, MQA): pack them all first, then spread the
+  // query tiles of every head over the threads. Through torch's allocator, so memory profiling (and
+  // the benchmarks' peak-memory column) sees the packed copy.
   const at::Tensor kpack_t = at::empty({d.B * d.Hk * kpack_size}, q.options().dtype(at::kFloat));
   const at::Tensor vpack_t = at::empty({d.B * d.Hk * vpack_size}, q.options().dtype(at::kFloat));
   float* const kpack = kpack_t.data_ptr<float>();
   float* const vpack = vpack_t.data_ptr<float>();
   at::parallel_for(0, d.B * d.Hk, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t hk = t % d.Hk, b = t / d.Hk;
-      pack_kt_panels(kp + b * ks[0] + hk * ks[2], d.Lk, d.D, ks[1], ks[3], kpack + t * kpack_size,
-                     temp != nullptr);
-      pack_v_panels(vp + b * vs[0] + hk * vs[2], d.Lk, d.Dv, vs[1], vs[3], vpack + t * vpack_size);
-    }
+    for (int64_t t = begin; t < end; ++t)
+      pack(t / d.Hk, t % d.Hk, kpack + t * kpack_size, vpack + t * vpack_size);
   });
-
   at::parallel_for(0, d.B * d.H * n_qt, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qbuf(kBlockQ * d.D), s(kBlockQ * block_k), acc(kBlockQ * ldacc);
-    std::vector<float> m(kBlockQ), l(kBlockQ);
-    RowRanges rr;
+    Scratch w = make_scratch();
     for (int64_t task = begin; task < end; ++task) {
       const int64_t qt = task % n_qt, h = (task / n_qt) % d.H, b = task / (n_qt * d.H);
-      const int64_t hk = h / d.group;
-      const float* kpanels = kpack + (b * d.Hk + hk) * kpack_size;
-      const float* vpanels = vpack + (b * d.Hk + hk) * vpack_size;
-      const int64_t r0 = qblocks[qt].first, r1 = qblocks[qt].second, nr = r1 - r0;
-      rr.build(off, nseg, pattern, r0, r1);
-      int64_t ldq;
-      const float* qt_ptr = load_tile(qp + b * qs[0] + r0 * qs[1] + h * qs[2], nr, d.D, qs[1], qs[3],
-                                      qbuf.data(), &ldq, false, /*copy=*/temp != nullptr);
-      if (temp) normalize_rows(qbuf.data(), nr, d.D, ldq, temperature_multiplier(temp[h * temp_stride]));
-      std::fill(acc.begin(), acc.begin() + nr * ldacc, 0.f);
-      std::fill(m.begin(), m.end(), kNegInf);
-      std::fill(l.begin(), l.end(), 0.f);
-      // Key tiles start on a panel boundary; keys left of a row's range are masked like any other.
-      for (int64_t c0 = rr.kmin / kPanel * kPanel; c0 < rr.kmax; c0 += block_k) {
-        const int64_t c1 = std::min(rr.kmax, c0 + block_k), nc = c1 - c0;
-        const TileKind kind = rr.classify(c0, c1);
-        if (kind == TileKind::kEmpty) continue;
-        gemm_panels(nr, (nc + kPanel - 1) / kPanel, d.D, scale, qt_ptr, ldq,
-                    kpanels + c0 * d.D, d.D * kPanel, s.data(), block_k, /*accumulate=*/false);
-        if (kind == TileKind::kPartial) rr.mask(s.data(), block_k, c0, c1);
-        for (int64_t i = 0; i < nr; ++i) {
-          float* si = s.data() + i * block_k;
-          const float m_new = std::max(m[i], row_max(si, nc));
-          if (m_new == kNegInf) {  // row sees nothing yet: keep P = 0
-            std::fill(si, si + nc, 0.f);
-            continue;
-          }
-          const float sum = exp_sub_sum(si, nc, m_new);
-          const float alpha = fast_exp(m[i] - m_new);
-          float* ai = acc.data() + i * ldacc;
-          if (alpha != 1.f)
-            for (int64_t j = 0; j < d.Dv; ++j) ai[j] *= alpha;
-          l[i] = l[i] * alpha + sum;
-          m[i] = m_new;
-        }
-        gemm_panels(nr, v_panels, nc, 1.f, s.data(), block_k, vpanels + c0 * kPanel, d.Lk * kPanel,
-                    acc.data(), ldacc, /*accumulate=*/true);
-      }
-      for (int64_t i = 0; i < nr; ++i) {
-        const float inv = l[i] > 0.f ? 1.f / l[i] : 0.f;
-        // Compact the padded accumulator rows to Dv floats for store_tile (in place, row order).
-        for (int64_t j = 0; j < d.Dv; ++j) acc[i * d.Dv + j] = acc[i * ldacc + j] * inv;
-        lp[(b * d.H + h) * d.L + r0 + i] = l[i] > 0.f ? m[i] + std::log(l[i]) : kNegInf;
-      }
-      store_tile(acc.data(), nr, d.Dv, op + b * os[0] + r0 * os[1] + h * os[2], os[1], os[3]);
+      const int64_t pair = b * d.Hk + h / d.group;
+      query_tile(w, b, h, qt, kpack + pair * kpack_size, vpack + pair * vpack_size);
     }
   });
 }
