@@ -3,6 +3,8 @@ from .kv_cache import KVCache
 from .layouts import ScaleLayout
 from .ops.attention.next_scale import next_scale_attention
 from .ops.cached_attention.cached import cached_attention
+from .ops.attention.skip_causal import block_causal_attention, skip_causal_attention
 
-__all__ = ["KVCache", "ScaleLayout", "cached_attention", "next_scale_attention"]
+__all__ = ["KVCache", "ScaleLayout", "block_causal_attention", "cached_attention", "next_scale_attention",
+           "skip_causal_attention"]
 __version__ = "0.1.0"

@@ -46,19 +46,46 @@ enum class TileKind { kEmpty, kFull, kPartial };
 // Per-row key ranges of one query tile, and classification of key tiles against them.
 struct RowRanges {
   std::vector<KeyRanges> rows;
-  int64_t kmin = 0, kmax = 0;  // union of all rows' ranges lies in [kmin, kmax)
+  // Key spans to visit, panel-aligned at the start, disjoint and ascending: the hull of all rows'
+  // first ranges and the hull of their second ranges (merged when they touch). Visiting the two hulls
+  // separately skips the gap between a noisy row's own block and the clean prefix (skip-causal)
+  // instead of walking it tile by tile; segment patterns have one range and one span, as before.
+  std::pair<int64_t, int64_t> spans[2];
+  int64_t nspans = 0;
 
-  void build(const int32_t* offsets, int64_t nseg, int64_t pattern, int64_t r0, int64_t r1) {
+  void build(const int32_t* offsets, int64_t nseg, int64_t pattern, int64_t block_size, int64_t r0,
+             int64_t r1) {
     rows.resize(r1 - r0);
-    kmin = std::numeric_limits<int64_t>::max();
-    kmax = 0;
+    constexpr int64_t kMax = std::numeric_limits<int64_t>::max();
+    int64_t lo[2] = {kMax, kMax}, hi[2] = {0, 0};
     for (int64_t r = r0; r < r1; ++r) {
-      const KeyRanges kr = row_key_ranges(offsets, nseg, pattern, r);
+      const KeyRanges kr = row_key_ranges(offsets, nseg, pattern, block_size, r);
       rows[r - r0] = kr;
-      if (kr.hi0 > kr.lo0) { kmin = std::min(kmin, kr.lo0); kmax = std::max(kmax, kr.hi0); }
-      if (kr.hi1 > kr.lo1) { kmin = std::min(kmin, kr.lo1); kmax = std::max(kmax, kr.hi1); }
+      if (kr.hi0 > kr.lo0) { lo[0] = std::min(lo[0], kr.lo0); hi[0] = std::max(hi[0], kr.hi0); }
+      if (kr.hi1 > kr.lo1) { lo[1] = std::min(lo[1], kr.lo1); hi[1] = std::max(hi[1], kr.hi1); }
     }
-    if (kmax == 0) kmin = 0;
+    nspans = 0;
+    for (int t = 0; t < 2; ++t)
+      if (hi[t] > 0) spans[nspans++] = {lo[t] / kPanel * kPanel, hi[t]};
+    if (nspans == 2) {
+      if (spans[1].first < spans[0].first) std::swap(spans[0], spans[1]);
+      if (spans[1].first < spans[0].second) {  // overlapping after alignment: one span
+        spans[0].second = std::max(spans[0].second, spans[1].second);
+        nspans = 1;
+      }
+    }
+  }
+
+  // Calls f(c0, c1, kind) for every key tile (at most block_k keys, starting on a panel boundary)
+  // that some row of the tile sees.
+  template <typename F>
+  void for_each_key_tile(int64_t block_k, F&& f) const {
+    for (int64_t sp = 0; sp < nspans; ++sp)
+      for (int64_t c0 = spans[sp].first; c0 < spans[sp].second; c0 += block_k) {
+        const int64_t c1 = std::min(spans[sp].second, c0 + block_k);
+        const TileKind kind = classify(c0, c1);
+        if (kind != TileKind::kEmpty) f(c0, c1, kind);
+      }
   }
 
   static int64_t overlap(int64_t lo, int64_t hi, int64_t c0, int64_t c1) {
@@ -123,6 +150,27 @@ std::vector<std::pair<int64_t, int64_t>> query_blocks(const int32_t* off, int64_
   return tiles;
 }
 
+// Query-tile boundaries: the segment offsets, plus each document's noisy/clean midpoint for the
+// skip-causal patterns, so that no query tile mixes noisy rows (own block + clean prefix) with clean
+// rows (clean prefix only) of a document that fills tiles of its own.
+std::vector<int32_t> tile_bounds(const int32_t* off, int64_t nseg, int64_t pattern) {
+  std::vector<int32_t> b(off, off + nseg + 1);
+  if (!is_skip_pattern(pattern)) return b;
+  b.clear();
+  for (int64_t i = 0; i < nseg; ++i) {
+    b.push_back(off[i]);
+    b.push_back(off[i] + (off[i + 1] - off[i]) / 2);
+  }
+  b.push_back(off[nseg]);
+  return b;
+}
+
+std::vector<std::pair<int64_t, int64_t>> query_tiles(const int32_t* off, int64_t nseg, int64_t pattern,
+                                                     int64_t bq) {
+  const std::vector<int32_t> b = tile_bounds(off, nseg, pattern);
+  return query_blocks(b.data(), (int64_t)b.size() - 1, bq);
+}
+
 struct Dims {
   int64_t B, L, H, D, Lk, Hk, Dv, group;
 };
@@ -134,7 +182,7 @@ Dims dims_of(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
 }
 
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                  const at::Tensor& offsets, int64_t pattern) {
+                  const at::Tensor& offsets, int64_t pattern, int64_t block_size) {
   check_interval_inputs(q, k, v, offsets, pattern, c10::DeviceType::CPU, "cpu");
   const int32_t* off = offsets.data_ptr<int32_t>();
   const int64_t nseg = offsets.numel() - 1;
@@ -143,6 +191,16 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   for (int64_t i = 0; i < nseg; ++i)
     TORCH_CHECK(off[i] < off[i + 1], "hierkern::interval_attn: offsets must be strictly increasing, got offsets[",
                 i, "] = ", off[i], " >= offsets[", i + 1, "] = ", off[i + 1]);
+  if (!is_block_pattern(pattern)) return;
+  // The block patterns' ranges are only well formed for these block sizes (interval.h).
+  TORCH_CHECK(block_size >= 1, "hierkern::interval_attn: block_size must be >= 1 for pattern ", pattern,
+              ", got ", block_size);
+  if (!is_skip_pattern(pattern)) return;
+  for (int64_t i = 0; i < nseg; ++i) {
+    const int64_t n = off[i + 1] - off[i];
+    TORCH_CHECK(n % 2 == 0 && (n / 2) % block_size == 0, "hierkern::interval_attn: skip-causal document ",
+                i, " has length ", n, "; it must be 2N with N a multiple of block_size = ", block_size);
+  }
 }
 
 // Packs the keys of one (batch, kv head) as K^T panels for gemm_panels: panel p holds keys
@@ -208,7 +266,8 @@ void pack_v_panels(const T* src, int64_t n, int64_t D, int64_t row_stride, int64
 
 template <typename T>
 void fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                const at::Tensor& offsets, int64_t pattern, double scale_d, const float* temp,
+                const at::Tensor& offsets, int64_t pattern, int64_t block_size, double scale_d,
+                const float* temp,
                 int64_t temp_stride, at::Tensor& out, at::Tensor& lse) {
   const Dims d = dims_of(q, k, v);
   const float scale = (float)scale_d;
@@ -220,7 +279,7 @@ void fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   T* op = out.mutable_data_ptr<T>();
   float* lp = lse.mutable_data_ptr<float>();
   const auto qs = q.strides(), ks = k.strides(), vs = v.strides(), os = out.strides();
-  const auto qblocks = query_blocks(off, nseg, kBlockQ);
+  const auto qblocks = query_tiles(off, nseg, pattern, kBlockQ);
   const int64_t n_qt = (int64_t)qblocks.size();
   const int64_t block_k = (kBlockK + kPanel - 1) / kPanel * kPanel;
 
@@ -250,7 +309,7 @@ void fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     float* const acc = w.acc.data();
     const int64_t r0 = qblocks[qt].first, r1 = qblocks[qt].second, nr = r1 - r0;
     RowRanges& rr = w.rr;
-    rr.build(off, nseg, pattern, r0, r1);
+    rr.build(off, nseg, pattern, block_size, r0, r1);
     int64_t ldq;
     const float* qt_ptr = load_tile(qp + b * qs[0] + r0 * qs[1] + h * qs[2], nr, d.D, qs[1], qs[3],
                                     w.qbuf.data(), &ldq, false, /*copy=*/temp != nullptr);
@@ -261,10 +320,8 @@ void fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     float* const m = w.m.data();
     float* const l = w.l.data();
     // Key tiles start on a panel boundary; keys left of a row's range are masked like any other.
-    for (int64_t c0 = rr.kmin / kPanel * kPanel; c0 < rr.kmax; c0 += block_k) {
-      const int64_t c1 = std::min(rr.kmax, c0 + block_k), nc = c1 - c0;
-      const TileKind kind = rr.classify(c0, c1);
-      if (kind == TileKind::kEmpty) continue;
+    rr.for_each_key_tile(block_k, [&](int64_t c0, int64_t c1, TileKind kind) {
+      const int64_t nc = c1 - c0;
       gemm_panels(nr, (nc + kPanel - 1) / kPanel, d.D, scale, qt_ptr, ldq, kpanels + c0 * d.D,
                   d.D * kPanel, sp, block_k, /*accumulate=*/false);
       if (kind == TileKind::kPartial) rr.mask(sp, block_k, c0, c1);
@@ -285,7 +342,7 @@ void fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       }
       gemm_panels(nr, v_panels, nc, 1.f, sp, block_k, vpanels + c0 * kPanel, d.Lk * kPanel, acc,
                   ldacc, /*accumulate=*/true);
-    }
+    });
     for (int64_t i = 0; i < nr; ++i) {
       const float inv = l[i] > 0.f ? 1.f / l[i] : 0.f;
       // Compact the padded accumulator rows to Dv floats for store_tile (in place, row order).
@@ -334,7 +391,8 @@ void fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 template <typename T>
 void bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
                 const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-                const at::Tensor& offsets, int64_t pattern, double scale_d, const float* temp,
+                const at::Tensor& offsets, int64_t pattern, int64_t block_size, double scale_d,
+                const float* temp,
                 int64_t temp_stride, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
   const Dims d = dims_of(q, k, v);
   const float scale = (float)scale_d;
@@ -352,7 +410,7 @@ void bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k
   T* dvp = dv.mutable_data_ptr<T>();
   const auto qs = q.strides(), ks = k.strides(), vs = v.strides(), os = out.strides(),
              gs = dout.strides(), dqs = dq.strides(), dks = dk.strides(), dvs = dv.strides();
-  const auto qblocks = query_blocks(off, nseg, kBlockQ);
+  const auto qblocks = query_tiles(off, nseg, pattern, kBlockQ);
   const int64_t block_k = (kBlockK + kPanel - 1) / kPanel * kPanel;
   const int64_t k_panels = (d.Lk + kPanel - 1) / kPanel;
 
@@ -375,7 +433,7 @@ void bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k
       for (int64_t h = hk * d.group; h < (hk + 1) * d.group; ++h) {
         for (const auto& [r0, r1] : qblocks) {
           const int64_t nr = r1 - r0;
-          rr.build(off, nseg, pattern, r0, r1);
+          rr.build(off, nseg, pattern, block_size, r0, r1);
           int64_t ldq, ldg, ldo;
           const float* qt_ptr = load_tile(qp + b * qs[0] + r0 * qs[1] + h * qs[2], nr, d.D, qs[1],
                                           qs[3], qbuf.data(), &ldq, /*pack=*/true, temp != nullptr);
@@ -392,11 +450,9 @@ void bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k
             lrow[i] = lp[b * lss[0] + h * lss[1] + (r0 + i) * lss[2]];
           }
           std::fill(dqa.begin(), dqa.begin() + nr * d.D, 0.f);
-          for (int64_t c0 = rr.kmin / kPanel * kPanel; c0 < rr.kmax; c0 += block_k) {
-            const int64_t c1 = std::min(rr.kmax, c0 + block_k), nc = c1 - c0;
+          rr.for_each_key_tile(block_k, [&](int64_t c0, int64_t c1, TileKind kind) {
+            const int64_t nc = c1 - c0;
             const int64_t np = (nc + kPanel - 1) / kPanel;
-            const TileKind kind = rr.classify(c0, c1);
-            if (kind == TileKind::kEmpty) continue;
             int64_t ldk;
             const float* kt = load_tile(kp + b * ks[0] + c0 * ks[1] + hk * ks[2], nc, d.D, ks[1],
                                         ks[3], kbuf.data(), &ldk, /*pack=*/true, temp != nullptr);
@@ -421,7 +477,7 @@ void bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k
             gemm_acc_narrow(false, nr, d.D, nc, scale, p.data(), lds, kt, ldk, dqa.data(), d.D);
             gemm_acc_narrow(true, nc, d.D, nr, scale, p.data(), lds, qt_ptr, ldq, dka.data() + c0 * d.D,
                             d.D);
-          }
+          });
           store_tile(dqa.data(), nr, d.D, dqp + b * dqs[0] + r0 * dqs[1] + h * dqs[2], dqs[1],
                      dqs[3]);
         }
@@ -437,15 +493,14 @@ std::tuple<at::Tensor, at::Tensor> interval_attn_fwd_cpu(const at::Tensor& q, co
                                                          const at::Tensor& offsets, int64_t pattern,
                                                          int64_t block_size, double scale,
                                                          const c10::optional<at::Tensor>& temperature) {
-  (void)block_size;  // no block-based pattern among kSegment*; kept in the schema for those to come
-  check_inputs(q, k, v, offsets, pattern);
+  check_inputs(q, k, v, offsets, pattern, block_size);
   check_temperature(temperature, q);
   const float* temp = temperature ? temperature->const_data_ptr<float>() : nullptr;
   const int64_t temp_stride = temperature ? temperature->stride(0) : 0;
   at::Tensor out = at::empty({q.size(0), q.size(1), q.size(2), v.size(3)}, q.options());
   at::Tensor lse = at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(at::kFloat));
   by_dtype(q.scalar_type(), "hierkern::interval_attn_fwd (cpu)", [&](auto tag) {
-    fwd_kernel<decltype(tag)>(q, k, v, offsets, pattern, scale, temp, temp_stride, out, lse);
+    fwd_kernel<decltype(tag)>(q, k, v, offsets, pattern, block_size, scale, temp, temp_stride, out, lse);
   });
   return {out, lse};
 }
@@ -454,8 +509,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> interval_attn_bwd_cpu(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const at::Tensor& offsets, int64_t pattern,
     int64_t block_size, double scale, const c10::optional<at::Tensor>& temperature) {
-  (void)block_size;
-  check_inputs(q, k, v, offsets, pattern);
+  check_inputs(q, k, v, offsets, pattern, block_size);
   check_temperature(temperature, q);
   const float* temp = temperature ? temperature->const_data_ptr<float>() : nullptr;
   const int64_t temp_stride = temperature ? temperature->stride(0) : 0;
@@ -467,7 +521,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> interval_attn_bwd_cpu(
   at::Tensor dk = at::empty_like(k);
   at::Tensor dv = at::empty_like(v);
   by_dtype(q.scalar_type(), "hierkern::interval_attn_bwd (cpu)", [&](auto tag) {
-    bwd_kernel<decltype(tag)>(dout, q, k, v, out, lse, offsets, pattern, scale, temp, temp_stride, dq,
+    bwd_kernel<decltype(tag)>(dout, q, k, v, out, lse, offsets, pattern, block_size, scale, temp, temp_stride, dq,
                               dk, dv);
   });
   return {dq, dk, dv};

@@ -25,17 +25,24 @@ Strides4 strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.s
 void check(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& offsets,
            int64_t pattern) {
   check_interval_inputs(q, k, v, offsets, pattern, c10::DeviceType::CUDA, "cuda");
+  // The warp-per-row kernels visit both of a row's ranges and get block_size, but the block patterns
+  // (skip-causal, block-causal) have not been run on a GPU yet: refuse them rather than ship them
+  // untested.
+  TORCH_CHECK_NOT_IMPLEMENTED(!is_block_pattern(pattern), "hierkern::interval_attn (cuda): pattern ",
+                              pattern, " (skip-causal / block-causal) has no tested CUDA kernel yet; "
+                              "use impl='cpu' or impl='reference'");
   TORCH_CHECK(q.size(3) <= 256, "hierkern::interval_attn (cuda): head_dim must be <= 256");
 }
 
 void fill_common(AttnArgs& a, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                 const at::Tensor& offsets, int64_t pattern, double scale) {
+                 const at::Tensor& offsets, int64_t pattern, int64_t block_size, double scale) {
   a.q = q.data_ptr();
   a.k = k.data_ptr();
   a.v = v.data_ptr();
   a.off = offsets.data_ptr<int32_t>();
   a.nseg = offsets.numel() - 1;
   a.pattern = pattern;
+  a.block_size = block_size;
   a.B = q.size(0);
   a.L = q.size(1);
   a.H = q.size(2);
@@ -58,7 +65,6 @@ std::tuple<at::Tensor, at::Tensor> interval_attn_fwd_cuda(const at::Tensor& q, c
                                                           const at::Tensor& offsets, int64_t pattern,
                                                           int64_t block_size, double scale,
                                                           const c10::optional<at::Tensor>& temperature) {
-  (void)block_size;
   check(q, k, v, offsets, pattern);
   no_qk_norm(temperature, "interval_attn_fwd");
   const c10::cuda::CUDAGuard guard(q.device());
@@ -67,7 +73,7 @@ std::tuple<at::Tensor, at::Tensor> interval_attn_fwd_cuda(const at::Tensor& q, c
   at::Tensor lse = at::empty({B, H, L}, q.options().dtype(at::kFloat));
   if (q.numel() == 0) return {out, lse};
   AttnArgs a{};
-  fill_common(a, q, k, v, offsets, pattern, scale);
+  fill_common(a, q, k, v, offsets, pattern, block_size, scale);
   a.o = out.data_ptr();
   a.lse_out = lse.data_ptr<float>();
   a.os = strides_of(out);
@@ -81,7 +87,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> interval_attn_bwd_cuda(
     const at::Tensor& g, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const at::Tensor& offsets, int64_t pattern,
     int64_t block_size, double scale, const c10::optional<at::Tensor>& temperature) {
-  (void)block_size;
   check(q, k, v, offsets, pattern);
   no_qk_norm(temperature, "interval_attn_bwd");
   TORCH_CHECK(g.sizes() == out.sizes() && g.scalar_type() == q.scalar_type(),
@@ -94,7 +99,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> interval_attn_bwd_cuda(
   at::Tensor delta = at::empty({B, H, L}, q.options().dtype(at::kFloat));
   if (q.numel() == 0) return {dq, dk, dv};
   AttnArgs a{};
-  fill_common(a, q, k, v, offsets, pattern, scale);
+  fill_common(a, q, k, v, offsets, pattern, block_size, scale);
   a.g = g.data_ptr();
   a.out = out.data_ptr();
   a.lse = lse.data_ptr<float>();

@@ -69,7 +69,7 @@ __device__ __forceinline__ float dot(const T* p, int64_t sd, int D, int lane, co
 template <typename T, int VPL>
 __global__ void __launch_bounds__(32 * kWarps) fwd_kernel(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ out,
-    float* __restrict__ lse, const int32_t* __restrict__ off, int64_t nseg, int64_t pattern, int L,
+    float* __restrict__ lse, const int32_t* __restrict__ off, int64_t nseg, int64_t pattern, int64_t block_size, int L,
     int H, int group, int D, float scale, Strides4 qs, Strides4 ks, Strides4 vs, Strides4 os) {
   const int lane = threadIdx.x & 31;
   const int r = blockIdx.x * kWarps + (threadIdx.x >> 5);
@@ -80,7 +80,7 @@ __global__ void __launch_bounds__(32 * kWarps) fwd_kernel(
 #pragma unroll
   for (int i = 0; i < VPL; ++i) acc[i] = 0.f;
   float m = -INFINITY, l = 0.f;
-  const KeyRanges kr = row_key_ranges(off, nseg, pattern, r);
+  const KeyRanges kr = row_key_ranges(off, nseg, pattern, block_size, r);
   auto visit = [&](int64_t lo, int64_t hi) {
     for (int64_t j = lo; j < hi; ++j) {
       const float s = dot<T, VPL>(k + b * ks.b + j * ks.s + hk * ks.h, ks.d, D, lane, qv) * scale;
@@ -114,7 +114,7 @@ __global__ void __launch_bounds__(32 * kWarps) dq_kernel(
     const T* __restrict__ g, const T* __restrict__ q, const T* __restrict__ k,
     const T* __restrict__ v, const T* __restrict__ out, const float* __restrict__ lse,
     T* __restrict__ dq, float* __restrict__ delta_out, const int32_t* __restrict__ off, int64_t nseg,
-    int64_t pattern, int L, int H, int group, int D, float scale, Strides4 gs, Strides4 qs,
+    int64_t pattern, int64_t block_size, int L, int H, int group, int D, float scale, Strides4 gs, Strides4 qs,
     Strides4 ks, Strides4 vs, Strides4 os, Strides4 dqs) {
   const int lane = threadIdx.x & 31;
   const int r = blockIdx.x * kWarps + (threadIdx.x >> 5);
@@ -127,7 +127,7 @@ __global__ void __launch_bounds__(32 * kWarps) dq_kernel(
   const float lr = lse[(int64_t)bh * L + r];
 #pragma unroll
   for (int i = 0; i < VPL; ++i) acc[i] = 0.f;
-  const KeyRanges kr = row_key_ranges(off, nseg, pattern, r);
+  const KeyRanges kr = row_key_ranges(off, nseg, pattern, block_size, r);
   auto visit = [&](int64_t lo, int64_t hi) {
     for (int64_t j = lo; j < hi; ++j) {
       const T* kj = k + b * ks.b + j * ks.s + hk * ks.h;
@@ -158,7 +158,7 @@ __global__ void __launch_bounds__(32 * kWarps) dkv_kernel(
     const T* __restrict__ g, const T* __restrict__ q, const T* __restrict__ k,
     const T* __restrict__ v, const float* __restrict__ lse, const float* __restrict__ delta,
     T* __restrict__ dk, T* __restrict__ dv, const int32_t* __restrict__ off, int64_t nseg,
-    int64_t pattern, int L, int H, int Hk, int group, int D, float scale, Strides4 gs, Strides4 qs,
+    int64_t pattern, int64_t block_size, int L, int H, int Hk, int group, int D, float scale, Strides4 gs, Strides4 qs,
     Strides4 ks, Strides4 vs, Strides4 dks, Strides4 dvs) {
   const int lane = threadIdx.x & 31;
   const int j = blockIdx.x * kWarps + (threadIdx.x >> 5);
@@ -169,7 +169,7 @@ __global__ void __launch_bounds__(32 * kWarps) dkv_kernel(
   load_vec<T, VPL>(v + b * vs.b + j * vs.s + hk * vs.h, vs.d, D, lane, vv);
 #pragma unroll
   for (int i = 0; i < VPL; ++i) dka[i] = dva[i] = 0.f;
-  const KeyRanges qr = key_query_ranges(off, nseg, pattern, j);
+  const KeyRanges qr = key_query_ranges(off, nseg, pattern, block_size, j);
   for (int h = hk * group; h < (hk + 1) * group; ++h) {
     const int64_t bh = (int64_t)b * H + h;
     auto visit = [&](int64_t lo, int64_t hi) {
@@ -210,7 +210,7 @@ struct AttnArgs {
   void *dq, *dk, *dv, *o;
   float *lse_out, *delta;
   const int32_t* off;
-  int64_t nseg, pattern;
+  int64_t nseg, pattern, block_size;
   int B, L, H, Hk, D;
   float scale;
   Strides4 qs, ks, vs, os, gs, dqs, dks, dvs;
@@ -234,7 +234,7 @@ void launch_fwd(const AttnArgs& a, cudaStream_t stream) {
   const dim3 grid((a.L + kWarps - 1) / kWarps, a.B * a.H), block(32 * kWarps);
   with_vpl(a.D, [&](auto vpl) {
     fwd_kernel<T, decltype(vpl)::value><<<grid, block, 0, stream>>>(
-        (const T*)a.q, (const T*)a.k, (const T*)a.v, (T*)a.o, a.lse_out, a.off, a.nseg, a.pattern,
+        (const T*)a.q, (const T*)a.k, (const T*)a.v, (T*)a.o, a.lse_out, a.off, a.nseg, a.pattern, a.block_size,
         a.L, a.H, a.H / a.Hk, a.D, a.scale, a.qs, a.ks, a.vs, a.os);
   });
 }
@@ -247,11 +247,11 @@ void launch_bwd(const AttnArgs& a, cudaStream_t stream) {
     constexpr int VPL = decltype(vpl)::value;
     dq_kernel<T, VPL><<<grid_q, block, 0, stream>>>(
         (const T*)a.g, (const T*)a.q, (const T*)a.k, (const T*)a.v, (const T*)a.out, a.lse, (T*)a.dq,
-        a.delta, a.off, a.nseg, a.pattern, a.L, a.H, a.H / a.Hk, a.D, a.scale, a.gs, a.qs, a.ks,
+        a.delta, a.off, a.nseg, a.pattern, a.block_size, a.L, a.H, a.H / a.Hk, a.D, a.scale, a.gs, a.qs, a.ks,
         a.vs, a.os, a.dqs);
     dkv_kernel<T, VPL><<<grid_k, block, 0, stream>>>(
         (const T*)a.g, (const T*)a.q, (const T*)a.k, (const T*)a.v, a.lse, a.delta, (T*)a.dk,
-        (T*)a.dv, a.off, a.nseg, a.pattern, a.L, a.H, a.Hk, a.H / a.Hk, a.D, a.scale, a.gs, a.qs,
+        (T*)a.dv, a.off, a.nseg, a.pattern, a.block_size, a.L, a.H, a.Hk, a.H / a.Hk, a.D, a.scale, a.gs, a.qs,
         a.ks, a.vs, a.dks, a.dvs);
   });
 }

@@ -104,7 +104,8 @@ def interval_attention(q, k, v, offsets, offsets_tensor, pattern, block_size, sc
     if impl == "reference":
         if temperature is not None:
             q, k = cos_attention.reference(q, k, temperature)
-        out, lse = reference.interval_attention_reference(q, k, v, offsets, pattern, scale, return_lse=True)
+        out, lse = reference.interval_attention_reference(q, k, v, offsets, pattern, scale, return_lse=True,
+                                                           block_size=block_size)
     elif impl == "triton":
         from . import triton as tk
         d = q.shape[-1]

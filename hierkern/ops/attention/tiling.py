@@ -9,7 +9,14 @@ from functools import lru_cache
 
 import torch
 
-from .patterns import key_query_ranges, row_key_ranges
+from .patterns import SEGMENT_PATTERNS, key_query_ranges, row_key_ranges
+
+
+def _check_segment_pattern(pattern):
+    # The union helpers below assume ranges monotone within a segment, true of the segment patterns
+    # only; the Triton kernels take no block pattern yet (skip_causal.py refuses impl="triton").
+    if pattern not in SEGMENT_PATTERNS:
+        raise NotImplementedError(f"tiling: no Triton tile schedule for interval pattern {pattern}")
 
 
 def _union_keys(offsets, pattern, r0, r1):
@@ -59,6 +66,7 @@ def query_row_blocks(offsets, block_m):
 
 @lru_cache(maxsize=256)
 def _q_schedule(offsets, pattern, block_m):
+    _check_segment_pattern(pattern)
     rows = []
     for r0, r1 in query_row_blocks(offsets, block_m):
         k0, k1 = _union_keys(offsets, pattern, r0, r1)
@@ -69,6 +77,7 @@ def _q_schedule(offsets, pattern, block_m):
 
 @lru_cache(maxsize=256)
 def _k_schedule(offsets, pattern, block_n):
+    _check_segment_pattern(pattern)
     rows = []
     L = offsets[-1]
     for c0 in range(0, L, block_n):
