@@ -57,6 +57,25 @@ HK_HD int64_t segment_of(const int32_t* offsets, int64_t nseg, int64_t r) {
   return lo;
 }
 
+// The segment patterns alone. The CUDA kernels call these: they do not run the block patterns yet
+// (the CUDA op refuses them), and the full range code below costs their widest forward
+// instantiation a register spill on sm_80.
+HK_HD KeyRanges segment_row_key_ranges(const int32_t* offsets, int64_t nseg, int64_t pattern, int64_t r) {
+  const int64_t s = segment_of(offsets, nseg, r);
+  KeyRanges kr{0, 0, 0, 0};
+  kr.hi0 = offsets[s + 1];
+  kr.lo0 = pattern == kSegmentCausal ? 0 : offsets[s];
+  return kr;
+}
+
+HK_HD KeyRanges segment_key_query_ranges(const int32_t* offsets, int64_t nseg, int64_t pattern, int64_t j) {
+  const int64_t s = segment_of(offsets, nseg, j);
+  KeyRanges qr{0, 0, 0, 0};
+  qr.lo0 = offsets[s];
+  qr.hi0 = pattern == kSegmentCausal ? offsets[nseg] : offsets[s + 1];
+  return qr;
+}
+
 // Keys visible to query row r. Ranges are returned in ascending order (range 0 below range 1).
 HK_HD KeyRanges row_key_ranges(const int32_t* offsets, int64_t nseg, int64_t pattern,
                                int64_t block_size, int64_t r) {

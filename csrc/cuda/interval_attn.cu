@@ -25,9 +25,9 @@ Strides4 strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.s
 void check(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& offsets,
            int64_t pattern) {
   check_interval_inputs(q, k, v, offsets, pattern, c10::DeviceType::CUDA, "cuda");
-  // The warp-per-row kernels visit both of a row's ranges and get block_size, but the block patterns
-  // (skip-causal, block-causal) have not been run on a GPU yet: refuse them rather than ship them
-  // untested.
+  // The warp-per-row kernels visit both of a row's ranges but derive them with the segment patterns'
+  // helpers only (segment_row_key_ranges: the full range code makes the widest instantiation spill),
+  // and the block patterns (skip-causal, block-causal) have not been run on a GPU: refuse them.
   TORCH_CHECK_NOT_IMPLEMENTED(!is_block_pattern(pattern), "hierkern::interval_attn (cuda): pattern ",
                               pattern, " (skip-causal / block-causal) has no tested CUDA kernel yet; "
                               "use impl='cpu' or impl='reference'");

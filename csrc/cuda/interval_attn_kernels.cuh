@@ -80,7 +80,7 @@ __global__ void __launch_bounds__(32 * kWarps) fwd_kernel(
 #pragma unroll
   for (int i = 0; i < VPL; ++i) acc[i] = 0.f;
   float m = -INFINITY, l = 0.f;
-  const KeyRanges kr = row_key_ranges(off, nseg, pattern, block_size, r);
+  const KeyRanges kr = segment_row_key_ranges(off, nseg, pattern, r);
   auto visit = [&](int64_t lo, int64_t hi) {
     for (int64_t j = lo; j < hi; ++j) {
       const float s = dot<T, VPL>(k + b * ks.b + j * ks.s + hk * ks.h, ks.d, D, lane, qv) * scale;
@@ -127,7 +127,7 @@ __global__ void __launch_bounds__(32 * kWarps) dq_kernel(
   const float lr = lse[(int64_t)bh * L + r];
 #pragma unroll
   for (int i = 0; i < VPL; ++i) acc[i] = 0.f;
-  const KeyRanges kr = row_key_ranges(off, nseg, pattern, block_size, r);
+  const KeyRanges kr = segment_row_key_ranges(off, nseg, pattern, r);
   auto visit = [&](int64_t lo, int64_t hi) {
     for (int64_t j = lo; j < hi; ++j) {
       const T* kj = k + b * ks.b + j * ks.s + hk * ks.h;
@@ -169,7 +169,7 @@ __global__ void __launch_bounds__(32 * kWarps) dkv_kernel(
   load_vec<T, VPL>(v + b * vs.b + j * vs.s + hk * vs.h, vs.d, D, lane, vv);
 #pragma unroll
   for (int i = 0; i < VPL; ++i) dka[i] = dva[i] = 0.f;
-  const KeyRanges qr = key_query_ranges(off, nseg, pattern, block_size, j);
+  const KeyRanges qr = segment_key_query_ranges(off, nseg, pattern, j);
   for (int h = hk * group; h < (hk + 1) * group; ++h) {
     const int64_t bh = (int64_t)b * H + h;
     auto visit = [&](int64_t lo, int64_t hi) {
