@@ -57,9 +57,9 @@ HK_HD int64_t segment_of(const int32_t* offsets, int64_t nseg, int64_t r) {
   return lo;
 }
 
-// The segment patterns alone. The CUDA kernels call these: they do not run the block patterns yet
-// (the CUDA op refuses them), and the full range code below costs their widest forward
-// instantiation a register spill on sm_80.
+// The segment patterns alone (row_key_ranges / key_query_ranges defer to these). The CUDA kernels
+// call them directly: they do not run the block patterns yet (the CUDA op refuses them), and the
+// full range code below costs their widest forward instantiation a register spill on sm_80.
 HK_HD KeyRanges segment_row_key_ranges(const int32_t* offsets, int64_t nseg, int64_t pattern, int64_t r) {
   const int64_t s = segment_of(offsets, nseg, r);
   KeyRanges kr{0, 0, 0, 0};
@@ -79,14 +79,11 @@ HK_HD KeyRanges segment_key_query_ranges(const int32_t* offsets, int64_t nseg, i
 // Keys visible to query row r. Ranges are returned in ascending order (range 0 below range 1).
 HK_HD KeyRanges row_key_ranges(const int32_t* offsets, int64_t nseg, int64_t pattern,
                                int64_t block_size, int64_t r) {
+  if (pattern == kSegmentCausal || pattern == kSegmentDiagonal)
+    return segment_row_key_ranges(offsets, nseg, pattern, r);
   const int64_t s = segment_of(offsets, nseg, r);
   const int64_t a = offsets[s], e = offsets[s + 1];
   KeyRanges kr{0, 0, 0, 0};
-  if (pattern == kSegmentCausal || pattern == kSegmentDiagonal) {
-    kr.hi0 = e;
-    kr.lo0 = pattern == kSegmentCausal ? 0 : a;
-    return kr;
-  }
   const int64_t B = block_size, x = r - a;
   if (pattern == kBlockCausal) {
     kr.lo0 = a;
@@ -123,14 +120,11 @@ HK_HD KeyRanges row_key_ranges(const int32_t* offsets, int64_t nseg, int64_t pat
 // Ranges are returned in ascending order.
 HK_HD KeyRanges key_query_ranges(const int32_t* offsets, int64_t nseg, int64_t pattern,
                                  int64_t block_size, int64_t j) {
+  if (pattern == kSegmentCausal || pattern == kSegmentDiagonal)
+    return segment_key_query_ranges(offsets, nseg, pattern, j);
   const int64_t s = segment_of(offsets, nseg, j);
   const int64_t a = offsets[s], e = offsets[s + 1];
   KeyRanges qr{0, 0, 0, 0};
-  if (pattern == kSegmentCausal || pattern == kSegmentDiagonal) {
-    qr.lo0 = a;
-    qr.hi0 = pattern == kSegmentCausal ? offsets[nseg] : e;
-    return qr;
-  }
   const int64_t B = block_size, y = j - a;
   if (pattern == kBlockCausal) {  // rows of the key's block and every later row of the document
     qr.lo0 = j - y % B;

@@ -29,8 +29,6 @@ constexpr int64_t kBlockK = 512;       // keys per score tile
 // Below this many keys per chunk the merge pass and the repeated Q loads cost more than the extra
 // parallelism gains.
 constexpr int64_t kMinSplitKeys = 128;
-constexpr float kNormEps = 1e-12f;                 // F.normalize's eps, as reference.py
-constexpr float kMaxLogMult = 4.605170185988092f;  // ln 100: VAR's cap on the temperature
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 struct Dims {
@@ -62,17 +60,11 @@ void store_packed(const float* tile, int64_t p0, int64_t n, int64_t G, int64_t D
     store_tile(tile + (p - p0) * D, 1, D, base + (p / G) * s_l + (p % G) * s_h, 0, s_d);
 }
 
-// x[i] *= mult / max(|x[i]|, eps) for each row; mult is group_mult[(p0 + i) % G] (the row's head), or 1.
-void normalize_rows(float* x, int64_t n, int64_t D, const float* group_mult, int64_t p0, int64_t G) {
-  for (int64_t i = 0; i < n; ++i) {
-    float* r = x + i * D;
-    float ss = 0.f;
-#pragma omp simd reduction(+ : ss)
-    for (int64_t j = 0; j < D; ++j) ss += r[j] * r[j];
-    const float f = (group_mult ? group_mult[(p0 + i) % G] : 1.f) / std::max(std::sqrt(ss), kNormEps);
-#pragma omp simd
-    for (int64_t j = 0; j < D; ++j) r[j] *= f;
-  }
+// The cos-attention prologue on packed rows: row i's multiplier is group_mult[(p0 + i) % G] (its
+// head's), or 1 without group_mult.
+void normalize_packed_rows(float* x, int64_t n, int64_t D, const float* group_mult, int64_t p0, int64_t G) {
+  for (int64_t i = 0; i < n; ++i)
+    normalize_rows(x + i * D, 1, D, D, group_mult ? group_mult[(p0 + i) % G] : 1.f);
 }
 
 // A K tile as float rows: float32 K is read in place (the score GEMM goes through BLAS, which packs
@@ -86,7 +78,7 @@ const float* load_keys(const T* base, int64_t n, int64_t D, int64_t s_l, int64_t
     for (int64_t i = 0; i < n; ++i) std::memcpy(buf + i * D, t + i * *ld, D * sizeof(float));
     *ld = D;
   }
-  normalize_rows(buf, n, D, nullptr, 0, 1);
+  normalize_rows(buf, n, D, D, 1.f);
   return buf;
 }
 
@@ -139,7 +131,7 @@ std::vector<float> head_multipliers(const std::optional<at::Tensor>& temperature
   std::vector<float> mult;
   if (!qk_norm) return mult;
   const auto t = temperature->accessor<float, 1>();
-  for (int64_t h = 0; h < t.size(0); ++h) mult.push_back(std::exp(std::min(t[h], kMaxLogMult)));
+  for (int64_t h = 0; h < t.size(0); ++h) mult.push_back(temperature_multiplier(t[h]));
   return mult;
 }
 
@@ -169,7 +161,7 @@ void fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
       const int64_t hk = (task / (n_split * n_pt)) % d.Hk, b = task / (n_split * n_pt * d.Hk);
       const int64_t p0 = pt * kRowsPerTile, np = std::min(R - p0, kRowsPerTile);
       load_packed(qp + b * qs[0] + hk * d.G * qs[2], p0, np, d.G, D, qs[1], qs[2], qs[3], qbuf.data());
-      if (qk_norm) normalize_rows(qbuf.data(), np, D, mult.data() + hk * d.G, p0, d.G);
+      if (qk_norm) normalize_packed_rows(qbuf.data(), np, D, mult.data() + hk * d.G, p0, d.G);
       std::fill(acc.begin(), acc.begin() + np * D, 0.f);
       std::fill(m.begin(), m.end(), kNegInf);
       std::fill(l.begin(), l.end(), 0.f);
@@ -280,7 +272,7 @@ void bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k
         const int64_t np = std::min(R - p0, kRowsPerTile);
         const int64_t h0 = hk * d.G;
         load_packed(qp + b * qs[0] + h0 * qs[2], p0, np, d.G, D, qs[1], qs[2], qs[3], qbuf.data());
-        if (qk_norm) normalize_rows(qbuf.data(), np, D, mult.data() + h0, p0, d.G);
+        if (qk_norm) normalize_packed_rows(qbuf.data(), np, D, mult.data() + h0, p0, d.G);
         load_packed(gp + b * gs[0] + h0 * gs[2], p0, np, d.G, D, gs[1], gs[2], gs[3], gbuf.data());
         load_packed(op + b * os[0] + h0 * os[2], p0, np, d.G, D, os[1], os[2], os[3], obuf.data());
         for (int64_t i = 0; i < np; ++i) {

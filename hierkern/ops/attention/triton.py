@@ -452,7 +452,7 @@ def _bucket(head_dim):
     for b in _HEAD_DIM_BUCKETS:
         if head_dim <= b:
             return b
-    raise ValueError(f"interval attention (triton): head_dim {head_dim} > 256 is not supported")
+    raise ValueError(f"hierkern triton attention kernels: head_dim {head_dim} > 256 is not supported")
 
 
 def _interpreted(device):

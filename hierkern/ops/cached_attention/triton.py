@@ -29,14 +29,13 @@ kv_len, q_len, the split chunk and the lse/delta strides are never specialised: 
 triggers a recompile (a decode loop calls with kv_len + 1 every step).
 """
 import math
-import os
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from ..attention.triton import _bwd_delta_kernel, _load_cols, _load_rows
+from ..attention.triton import (_HEAD_DIM_BUCKETS, _TRITON_DTYPE, _UNIT_STRIDES, _Config, _bucket, _bwd_delta_kernel, _dot_precision,
+                                _interpreted, _load_cols, _load_rows)
 from ..attention.cos_attention import MAX_LOG_MULTIPLIER as MAX_LOG_MULT, NORM_EPS
 
 LOG2E = math.log2(math.e)
@@ -278,14 +277,6 @@ def _bwd_dq_kernel(Q, K, V, Temp, DO, DQ, Lse, Delta,
 # ----------------------------------------------------------------------------------------------------
 # Configurations
 # ----------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class _Config:
-    block_m: int
-    block_n: int
-    num_warps: int
-    num_stages: int
-
-
 DECODE_MAX_Q_LEN = 64  # q_len at or below this takes the split-KV path
 
 # GPU tables keyed by (head-dim bucket, dtype bits); every entry compiles spill-free for sm_80 and
@@ -341,28 +332,10 @@ _DELTA_BLOCK_M, _DELTA_WARPS = 64, 4
 _INTERP = {"decode": _Config(16, 16, 4, 1), "tiled": _Config(32, 16, 4, 1), "dkdv": _Config(16, 16, 4, 1),
            "dq": _Config(16, 16, 4, 1)}
 _TABLES = {"decode": _DECODE_GPU, "tiled": _TILED_GPU, "dkdv": _DKDV_GPU, "dq": _DQ_GPU}
-_HEAD_DIM_BUCKETS = (64, 128, 256)
-
-
-def _bucket(head_dim):
-    for b in _HEAD_DIM_BUCKETS:
-        if head_dim <= b:
-            return b
-    raise ValueError(f"cached attention (triton): head_dim {head_dim} > 256 is not supported")
-
-
-def _interpreted(device):
-    return torch.device(device).type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def _config(kind, head_dim, dtype, device):
     if _interpreted(device):
         return _INTERP[kind]
     return _TABLES[kind][(_bucket(head_dim), torch.finfo(dtype).bits)]
-
-
-def _dot_precision(dtype):
-    return "ieee" if dtype == torch.float32 else "tf32"  # fp32: exact products, not tf32
 
 
 def _n_programs_target(device):
@@ -460,14 +433,7 @@ def cached_attn_bwd(grad_out, q, k_cache, v_cache, temperature, out, lse, kv_len
 # ----------------------------------------------------------------------------------------------------
 # Ahead-of-time configurations (tests/static_gpu_check.py compiles each for sm_80 and sm_90)
 # ----------------------------------------------------------------------------------------------------
-_TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 _F32_POINTERS = {"Temp", "Lse", "PartO", "PartLse", "Delta"}
-# Strides that are 1 for contiguous head_dim (and lse rows): triton specialises them to the constant 1,
-# so the AOT signature does the same to compile the variant that real (contiguous) calls run.
-_UNIT_STRIDES = {"stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_dod", "stride_dqd", "stride_dkd",
-                 "stride_dvd", "stride_ll"}
-
-
 def _aot_entry(name, kernel, dtype, constexprs, cfg, uses_dot, wgmma_exempt=None):
     signature, divisible = {}, []
     constexprs = dict(constexprs)
