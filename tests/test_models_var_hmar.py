@@ -79,7 +79,11 @@ def test_kernels_match_reference(cls, kw):
     assert_close_rel("logits", outk, out64, out32)
     assert g64.keys() == gk.keys()
     for name in g64:
-        assert_close_rel(f"grad {name}", gk[name], g64[name], g32[name])
+        # A temperature's gradient is one sum per head over every (batch, row) term of the cos-attention
+        # chain rule; those terms cancel, so its float32 error depends on the summation order (the
+        # kernels' on a GPU measured 11x eager's, 1e-5 on 0.015). Give it a wider factor than the rest.
+        factor = 16.0 if name.endswith("temperature") else 2.0
+        assert_close_rel(f"grad {name}", gk[name], g64[name], g32[name], factor=factor)
     # the comparison is only meaningful if attention parameters receive gradient at all
     assert gk["blocks.0.attn.temperature"][0].abs() > 0
 
