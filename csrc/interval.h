@@ -116,6 +116,14 @@ HK_HD KeyRanges row_key_ranges(const int32_t* offsets, int64_t nseg, int64_t pat
   return kr;
 }
 
+// Whether row r is a noisy row of a skip-causal document (false for every other pattern).
+HK_HD bool is_noisy_row(const int32_t* offsets, int64_t nseg, int64_t pattern, int64_t r) {
+  if (!is_skip_pattern(pattern)) return false;
+  const int64_t s = segment_of(offsets, nseg, r);
+  const int64_t a = offsets[s], N = (offsets[s + 1] - a) / 2;
+  return (r - a < N) == (pattern == kSkipNoisyFirst);
+}
+
 // Queries that see key j (the transpose of row_key_ranges); used by the backward pass for dK/dV.
 // Ranges are returned in ascending order.
 HK_HD KeyRanges key_query_ranges(const int32_t* offsets, int64_t nseg, int64_t pattern,

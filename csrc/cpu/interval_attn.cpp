@@ -27,6 +27,9 @@ int64_t env_block(const char* name, int64_t dflt) {
 const int64_t kBlockQ = env_block("HIERKERN_CPU_BLOCK_Q", 128);
 const int64_t kBlockK = env_block("HIERKERN_CPU_BLOCK_K", 512);
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+// Skip-causal blocks up to this size take the forward's small-block pass (block_size 1-16, where a
+// 128-row tile would spend at least 7/8 of its block-diagonal work on masked keys).
+constexpr int64_t kSmallBlock = 16;
 
 // Forward schedule: per (batch, kv head) pair when there are at least two pairs per thread, else
 // per query tile. HIERKERN_CPU_FWD_SCHEDULE=pairs|tiles forces one (tests run both).
@@ -53,13 +56,29 @@ struct RowRanges {
   std::pair<int64_t, int64_t> spans[2];
   int64_t nspans = 0;
 
+  // Start of each row's own block when build() split it off (split_own), else -1.
+  std::vector<int64_t> own;
+
+  // split_own: a noisy row's own block (the block-diagonal term of the skip-causal patterns) is left
+  // out of `rows` and the spans and recorded in `own`, for the small-block pass of the forward.
   void build(const int32_t* offsets, int64_t nseg, int64_t pattern, int64_t block_size, int64_t r0,
-             int64_t r1) {
+             int64_t r1, bool split_own = false) {
     rows.resize(r1 - r0);
+    own.assign(r1 - r0, -1);
     constexpr int64_t kMax = std::numeric_limits<int64_t>::max();
     int64_t lo[2] = {kMax, kMax}, hi[2] = {0, 0};
     for (int64_t r = r0; r < r1; ++r) {
-      const KeyRanges kr = row_key_ranges(offsets, nseg, pattern, block_size, r);
+      KeyRanges kr = row_key_ranges(offsets, nseg, pattern, block_size, r);
+      if (split_own && is_noisy_row(offsets, nseg, pattern, r)) {
+        // A noisy row's own block is the range holding the row itself (its clean range never does).
+        if (kr.lo0 <= r && r < kr.hi0) {
+          own[r - r0] = kr.lo0;
+          kr.lo0 = kr.lo1, kr.hi0 = kr.hi1;
+        } else {
+          own[r - r0] = kr.lo1;
+        }
+        kr.lo1 = kr.hi1 = 0;
+      }
       rows[r - r0] = kr;
       if (kr.hi0 > kr.lo0) { lo[0] = std::min(lo[0], kr.lo0); hi[0] = std::max(hi[0], kr.hi0); }
       if (kr.hi1 > kr.lo1) { lo[1] = std::min(lo[1], kr.lo1); hi[1] = std::max(hi[1], kr.hi1); }
@@ -282,6 +301,9 @@ void fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const auto qblocks = query_tiles(off, nseg, pattern, kBlockQ);
   const int64_t n_qt = (int64_t)qblocks.size();
   const int64_t block_k = (kBlockK + kPanel - 1) / kPanel * kPanel;
+  // Small skip-causal blocks: a noisy tile's block-diagonal term would cost a full tile of keys for
+  // block_size useful ones per row; the forward computes it block by block instead (see query_tile).
+  const bool small_blocks = is_skip_pattern(pattern) && block_size <= kSmallBlock;
 
   // K^T and V of a (batch, kv head) pair are packed once in float panels (O(L * D) per pair) instead
   // of once per query tile; that also converts bf16 inputs a single time.
@@ -309,7 +331,7 @@ void fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     float* const acc = w.acc.data();
     const int64_t r0 = qblocks[qt].first, r1 = qblocks[qt].second, nr = r1 - r0;
     RowRanges& rr = w.rr;
-    rr.build(off, nseg, pattern, block_size, r0, r1);
+    rr.build(off, nseg, pattern, block_size, r0, r1, small_blocks);
     int64_t ldq;
     const float* qt_ptr = load_tile(qp + b * qs[0] + r0 * qs[1] + h * qs[2], nr, d.D, qs[1], qs[3],
                                     w.qbuf.data(), &ldq, false, /*copy=*/temp != nullptr);
@@ -319,14 +341,11 @@ void fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     std::fill(w.l.begin(), w.l.end(), 0.f);
     float* const m = w.m.data();
     float* const l = w.l.data();
-    // Key tiles start on a panel boundary; keys left of a row's range are masked like any other.
-    rr.for_each_key_tile(block_k, [&](int64_t c0, int64_t c1, TileKind kind) {
-      const int64_t nc = c1 - c0;
-      gemm_panels(nr, (nc + kPanel - 1) / kPanel, d.D, scale, qt_ptr, ldq, kpanels + c0 * d.D,
-                  d.D * kPanel, sp, block_k, /*accumulate=*/false);
-      if (kind == TileKind::kPartial) rr.mask(sp, block_k, c0, c1);
-      for (int64_t i = 0; i < nr; ++i) {
-        float* si = sp + i * block_k;
+    // Online-softmax update of tile rows [i0, i1) with their scores s (row stride block_k) for keys
+    // [c0, c0 + nc), then acc += P V.
+    auto absorb = [&](int64_t i0, int64_t i1, float* s, int64_t c0, int64_t nc) {
+      for (int64_t i = i0; i < i1; ++i) {
+        float* si = s + (i - i0) * block_k;
         const float m_new = std::max(m[i], row_max(si, nc));
         if (m_new == kNegInf) {  // row sees nothing yet: keep P = 0
           std::fill(si, si + nc, 0.f);
@@ -340,9 +359,32 @@ void fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         l[i] = l[i] * alpha + sum;
         m[i] = m_new;
       }
-      gemm_panels(nr, v_panels, nc, 1.f, sp, block_k, vpanels + c0 * kPanel, d.Lk * kPanel, acc,
-                  ldacc, /*accumulate=*/true);
+      gemm_panels(i1 - i0, v_panels, nc, 1.f, s, block_k, vpanels + c0 * kPanel, d.Lk * kPanel,
+                  acc + i0 * ldacc, ldacc, /*accumulate=*/true);
+    };
+    // Key tiles start on a panel boundary; keys left of a row's range are masked like any other.
+    rr.for_each_key_tile(block_k, [&](int64_t c0, int64_t c1, TileKind kind) {
+      const int64_t nc = c1 - c0;
+      gemm_panels(nr, (nc + kPanel - 1) / kPanel, d.D, scale, qt_ptr, ldq, kpanels + c0 * d.D,
+                  d.D * kPanel, sp, block_k, /*accumulate=*/false);
+      if (kind == TileKind::kPartial) rr.mask(sp, block_k, c0, c1);
+      absorb(0, nr, sp, c0, nc);
     });
+    // Small-block pass: each run of rows sharing an own block attends that block alone (its panels
+    // only), instead of the whole tile's rows x the tile's width of keys.
+    for (int64_t i0 = 0; i0 < nr;) {
+      const int64_t b0 = rr.own[i0];
+      int64_t i1 = i0 + 1;
+      while (i1 < nr && rr.own[i1] == b0) ++i1;
+      if (b0 >= 0) {
+        const int64_t c0 = b0 / kPanel * kPanel, nc = b0 + block_size - c0;
+        gemm_panels(i1 - i0, (nc + kPanel - 1) / kPanel, d.D, scale, qt_ptr + i0 * ldq, ldq,
+                    kpanels + c0 * d.D, d.D * kPanel, sp, block_k, /*accumulate=*/false);
+        for (int64_t i = 0; i < i1 - i0; ++i) std::fill(sp + i * block_k, sp + i * block_k + (b0 - c0), kNegInf);
+        absorb(i0, i1, sp, c0, nc);
+      }
+      i0 = i1;
+    }
     for (int64_t i = 0; i < nr; ++i) {
       const float inv = l[i] > 0.f ? 1.f / l[i] : 0.f;
       // Compact the padded accumulator rows to Dv floats for store_tile (in place, row order).
