@@ -60,8 +60,10 @@ def environment(device):
     return env
 
 
-def run(device, quick, impl, peers, ops, memory=True, time_limit=None):
+def run(device, quick, impl, peers, ops, memory=True, time_limit=None, only=None):
     configs = common.configs_for(device, quick)
+    if only:
+        configs = [c for c in configs if any(s in c.name for s in only)]
     policy = common.policy_for(device, quick)
     rows = []
     skipped = []
@@ -223,6 +225,8 @@ def main(argv=None):
                     help="seconds; configs/ops not started by then are skipped (listed in the outputs)")
     ap.add_argument("--replot", metavar="JSON", help="only redraw the PNG next to an existing result JSON")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory call")
+    ap.add_argument("--configs", default="", help="comma list of substrings: only configs whose name holds one "
+                                                    "(e.g. VAR512 or D128)")
     args = ap.parse_args(argv)
 
     if args.replot:
@@ -254,7 +258,8 @@ def main(argv=None):
     if hasattr(os, "getloadavg"):
         env["loadavg_before"] = [round(x, 2) for x in os.getloadavg()]
     configs, rows, targets, skipped, elapsed = run(device, args.quick, args.impl, peers, ops,
-                                                   memory=not args.no_memory, time_limit=args.time_limit)
+                                                   memory=not args.no_memory, time_limit=args.time_limit,
+                                                   only=[c for c in args.configs.split(",") if c])
     if hasattr(os, "getloadavg"):
         env["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
     md = markdown(env, configs, rows, targets, skipped, args.quick, elapsed)

@@ -1,0 +1,98 @@
+"""Where the time of one hierkern call goes on a GPU: wall time per call against the summed device
+time of its kernels (torch.profiler), and the kernels by device time. A call whose wall time is far
+above its kernel time is bound by host work (Python, dispatch, launches), not by the kernels.
+
+    python -m bench.profile_cuda [--reps 50] [--out FILE.md]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+import hierkern
+from hierkern.layouts import VAR_256, VAR_512
+
+
+def cases():
+    dev, dt = "cuda", torch.bfloat16
+
+    def rnd(*shape, grad=False):
+        return torch.randn(*shape, device=dev, dtype=dt, requires_grad=grad)
+
+    out = []
+    for name, pn in (("VAR256", VAR_256), ("VAR512", VAR_512)):
+        lay = hierkern.ScaleLayout(pn)
+        q, k, v = (rnd(8, lay.L, 16, 64) for _ in range(3))
+        out.append((f"next_scale causal {name} L={lay.L} B8 H16 D64 fwd",
+                    lambda q=q, k=k, v=v, lay=lay: hierkern.next_scale_attention(q, k, v, lay, "causal")))
+        qg, kg, vg = (rnd(8, lay.L, 16, 64, grad=True) for _ in range(3))
+        go = rnd(8, lay.L, 16, 64)
+
+        def fb(q=qg, k=kg, v=vg, lay=lay, go=go):
+            o = hierkern.next_scale_attention(q, k, v, lay, "causal")
+            return torch.autograd.grad(o, (q, k, v), go)
+        out.append((f"next_scale causal {name} L={lay.L} B8 H16 D64 fwd+bwd", fb))
+    cache_k, cache_v = rnd(2, 2304, 16, 64), rnd(2, 2304, 16, 64)
+    for ql in (1, 256):
+        q = rnd(2, ql, 16, 64)
+        out.append((f"cached_attention q_len={ql} kv_len=2240 B2 H16 D64",
+                    lambda q=q: hierkern.cached_attention(q, cache_k, cache_v, 2240)))
+    q, k, v = (rnd(8, 2048, 12, 64) for _ in range(3))
+    out.append(("skip_causal BD3 N=1024 block=16 B8 H12 D64 fwd",
+                lambda: hierkern.skip_causal_attention(q, k, v, 16)))
+    return out
+
+
+def profile(fn, reps):
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - t0) / reps
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    kernels = []
+    for e in prof.key_averages():
+        dev_t = getattr(e, "self_device_time_total", None)
+        if dev_t is None:
+            dev_t = getattr(e, "self_cuda_time_total", 0)
+        if dev_t and e.device_type == torch.autograd.DeviceType.CUDA:
+            kernels.append((dev_t / reps, e.count // reps, e.key))
+    kernels.sort(reverse=True)
+    return wall * 1e6, sum(t for t, _, _ in kernels), kernels
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--out")
+    args = ap.parse_args(argv)
+    lines = [f"# profile_cuda: {torch.cuda.get_device_name()} torch {torch.__version__}", "",
+             "| call | wall us/call | kernel us/call | kernel share | top kernels (us/call x launches) |",
+             "|---|---:|---:|---:|---|"]
+    for name, fn in cases():
+        try:
+            wall, kern, kernels = profile(fn, args.reps)
+        except Exception as e:  # noqa: BLE001 - one failing case is a result, not a crash
+            lines.append(f"| {name} | error | | | {type(e).__name__}: {str(e)[:120]} |")
+            continue
+        top = "; ".join(f"{k[:48]} {t:.1f}x{c}" for t, c, k in kernels[:4])
+        lines.append(f"| {name} | {wall:.1f} | {kern:.1f} | {kern / wall:.0%} | {top} |")
+        print(lines[-1], flush=True)
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
