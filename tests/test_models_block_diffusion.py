@@ -18,6 +18,16 @@ ACDIT = dict(channels=4, latent_size=(2, 4), ar_len=3, width=64, depth=2, heads=
 LM = dict(vocab_size=32, width=64, depth=2, heads=2, kv_heads=1, block_size=4)      # GQA 2/1, head_dim 32
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a loaded 2-core machine OpenMP's
+    spin-waiting made each small op ~100x slower (33 ms vs 0.2 ms for a 48x64x256 linear)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def randomize(model, seed=0):
     """Order-one weights everywhere, so attention visibly shapes the outputs (the default inits
     start blocks near the identity)."""
