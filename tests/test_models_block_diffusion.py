@@ -200,12 +200,23 @@ def test_acdit_sampling_kernels_equal_reference_and_is_deterministic():
 @pytest.mark.parametrize("kw", [dict(temperature=1.0, threshold=0.6), dict(temperature=0.8, top_k=8, steps=2,
                                 threshold=1.0, block_size=3), dict(temperature=0.0, threshold=0.9)],
                          ids=["sampled", "steps-top_k-bs3", "greedy"])
-def test_lm_cached_sampling_equals_recompute(impl, kw):
+def test_lm_cached_sampling_equals_recompute(impl, kw, monkeypatch):
     model = lm()
     prompt = torch.randint(0, model.vocab_size, (2, 6), generator=torch.Generator().manual_seed(4))
-    runs = [model.generate(prompt, 11, generator=torch.Generator().manual_seed(9), use_cache=c, impl=impl, **kw)
-            for c in (True, False)]
+    # the logits of every step, not only the tokens: stale K/V of a finished block (not rerun with its
+    # final tokens) can leave argmax/samples unchanged while moving the logits
+    logits = {True: [], False: []}
+    inner = model._unmask
+    runs = []
+    for c in (True, False):
+        monkeypatch.setattr(model, "_unmask", lambda blk, masked, lg, *a, c=c: (logits[c].append(lg),
+                                                                                 inner(blk, masked, lg, *a))[1])
+        runs.append(model.generate(prompt, 11, generator=torch.Generator().manual_seed(9), use_cache=c, impl=impl,
+                                   **kw))
     assert torch.equal(runs[0], runs[1]), f"cached {runs[0].tolist()} != recomputed {runs[1].tolist()}"
+    assert len(logits[True]) == len(logits[False])
+    for a, b in zip(logits[True], logits[False]):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     assert runs[0].shape == (2, 17) and torch.equal(runs[0][:, :6], prompt)
     assert runs[0].max() < model.vocab_size, "a [MASK] was left in the output"
 
