@@ -1,6 +1,8 @@
 """Reference models that call hierkern's ops, each with impl="reference" (eager baseline) or
 impl="kernels"."""
+from .acdit import ACDiT
+from .block_diffusion import BlockDiffusionLM
 from .hmar import HMAR
 from .var import VAR
 
-__all__ = ["VAR", "HMAR"]
+__all__ = ["VAR", "HMAR", "ACDiT", "BlockDiffusionLM"]

@@ -25,11 +25,12 @@ MAX_LOG_TEMPERATURE = math.log(100.0)  # VAR clamps the learned log-temperature 
 _KERNEL_APIS = ("next_scale_attention", "KVCache", "cached_attention")
 
 
-def check_impl(owner, impl):
+def check_impl(owner, impl, apis=_KERNEL_APIS):
+    """`apis`: the hierkern functions impl='kernels' calls (the next-scale ones by default)."""
     if impl not in IMPLS:
         raise ValueError(f"{owner}: impl must be 'reference' or 'kernels', got {impl!r}")
     if impl == "kernels":
-        missing = [name for name in _KERNEL_APIS if not hasattr(hierkern, name)]
+        missing = [name for name in apis if not hasattr(hierkern, name)]
         if missing:
             raise RuntimeError(f"{owner}: impl='kernels' needs hierkern.{', hierkern.'.join(missing)}, "
                                f"which this build of hierkern does not provide; use impl='reference'")

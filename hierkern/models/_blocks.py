@@ -1,8 +1,10 @@
-"""VAR's transformer pieces: the AdaLN self-attention block and the AdaLN head norm.
+"""Transformer pieces of the reference models: VAR's AdaLN self-attention block and AdaLN head norm
+(also ACDiT's, with a plain GQA attention and per-block timestep conditioning), and the pre-norm GQA
+block of BlockDiffusionLM.
 
-A block does not know how its attention is computed: it gets an `attend(q, k, v, temperature)`
-callable, so the same weights run whole-sequence training (any mask pattern, either impl) and
-scale-by-scale cached generation.
+A block does not know how its attention is computed: it gets an `attend` callable
+(`attend(q, k, v, temperature)` for cos attention, `attend(q, k, v)` for GQASelfAttention), so the
+same weights run whole-sequence training (any mask pattern, either impl) and cached generation.
 """
 import math
 
@@ -40,11 +42,11 @@ class AdaLNBlock(nn.Module):
     shift/scale/gate for both sub-layers. With shared AdaLN the 6-way modulation comes from one
     projection shared by all blocks, plus this block's learned offset `ada_gss`."""
 
-    def __init__(self, width, heads, mlp_ratio, shared_aln, eps):
+    def __init__(self, width, heads, mlp_ratio, shared_aln, eps, attn=None):
         super().__init__()
         self.width = width
         self.norm = nn.LayerNorm(width, eps=eps, elementwise_affine=False)
-        self.attn = CosSelfAttention(width, heads)
+        self.attn = CosSelfAttention(width, heads) if attn is None else attn
         hidden = round(width * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
         if shared_aln:
@@ -56,11 +58,12 @@ class AdaLNBlock(nn.Module):
 
     def forward(self, x, cond, attend):
         """x: (B, L, C). cond: the class embedding (B, C), or with shared AdaLN the shared projection
-        (B, 6C)."""
+        (B, 6C); or (B, n, C) with n dividing L, row j conditioning tokens [jL/n, (j+1)L/n) (ACDiT's
+        per-block timesteps)."""
         if self.ada_lin is None:
             ada = cond.view(-1, 1, 6, self.width) + self.ada_gss
         else:
-            ada = self.ada_lin(cond).view(-1, 1, 6, self.width)
+            ada = _modulation(self.ada_lin(cond), 6, self.width, x.shape[1])
         gamma1, gamma2, scale1, scale2, shift1, shift2 = ada.unbind(2)
         x = x + self.attn(self.norm(x) * (scale1 + 1) + shift1, attend) * gamma1
         return x + self.mlp(self.norm(x) * (scale2 + 1) + shift2) * gamma2
@@ -77,5 +80,55 @@ class AdaLNHead(nn.Module):
         self.out = nn.Linear(width, vocab_size)
 
     def forward(self, x, cond_emb):
-        scale, shift = self.ada_lin(cond_emb).view(-1, 1, 2, self.width).unbind(2)
+        """cond_emb: (B, C), or (B, n, C) per group of L/n tokens as in AdaLNBlock."""
+        scale, shift = _modulation(self.ada_lin(cond_emb), 2, self.width, x.shape[1]).unbind(2)
         return self.out(self.norm(x) * (scale + 1) + shift)
+
+
+def _modulation(ada, parts, width, length):
+    """(B, parts*C) -> (B, 1, parts, C), broadcast over the tokens; (B, n, parts*C) -> (B, L, parts, C)
+    with row j of n repeated for the L/n tokens it conditions."""
+    if ada.dim() == 2:
+        return ada.view(-1, 1, parts, width)
+    n = ada.shape[1]
+    if length % n:
+        raise ValueError(f"AdaLN: {n} conditioning rows do not divide {length} tokens")
+    ada = ada.view(ada.shape[0], n, parts, width)
+    return ada if n == length else ada.repeat_interleave(length // n, dim=1)
+
+
+class GQASelfAttention(nn.Module):
+    """Grouped-query self-attention projections (heads % kv_heads == 0). `attend(q, k, v)` gets
+    (B, L, heads, D) and (B, L, kv_heads, D) tensors and applies positions (RoPE) itself, because
+    positions belong to the call (training halves, a sampled block), not to the layer."""
+
+    def __init__(self, width, heads, kv_heads, bias=False):
+        super().__init__()
+        if width % heads or heads % kv_heads:
+            raise ValueError(f"width {width} must be a multiple of heads {heads}, heads of kv_heads {kv_heads}")
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, width // heads
+        self.q = nn.Linear(width, width, bias=bias)
+        self.kv = nn.Linear(width, 2 * kv_heads * self.head_dim, bias=bias)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x, attend):
+        B, L, C = x.shape
+        q = self.q(x).view(B, L, self.heads, self.head_dim)
+        k, v = self.kv(x).view(B, L, 2, self.kv_heads, self.head_dim).unbind(2)
+        return self.proj(attend(q, k, v).reshape(B, L, C))
+
+
+class PreNormBlock(nn.Module):
+    """Unconditioned pre-norm block (LayerNorm, GQA attention, GELU MLP), the LM backbone's."""
+
+    def __init__(self, width, heads, kv_heads, mlp_ratio, eps):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width, eps=eps)
+        self.attn = GQASelfAttention(width, heads, kv_heads)
+        self.norm2 = nn.LayerNorm(width, eps=eps)
+        hidden = round(width * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
+
+    def forward(self, x, attend):
+        x = x + self.attn(self.norm1(x), attend)
+        return x + self.mlp(self.norm2(x))
