@@ -10,6 +10,7 @@ with a few torch ops (prologue_backward) instead of in every kernel backend.
 import torch
 
 from ... import _backend
+from ..._autograd import call_op
 from ..attention import cos_attention
 from . import reference
 
@@ -98,6 +99,10 @@ def cached_attention_op(q, k_cache, v_cache, kv_len, scale, qk_norm, temperature
         out, lse = reference.cached_attention_reference(q, k_cache, v_cache, kv_len, scale, qk_norm, temperature,
                                                         return_lse=True)
     else:
-        op = torch.ops.hierkern.cached_attn_fwd_triton if impl == "triton" else torch.ops.hierkern.cached_attn_fwd
-        out, lse = op(q, k_cache, v_cache, temperature, kv_len, qk_norm, scale, num_splits)
+        if impl == "triton":
+            op, bwd = torch.ops.hierkern.cached_attn_fwd_triton, torch.ops.hierkern.cached_attn_bwd_triton
+        else:
+            op, bwd = torch.ops.hierkern.cached_attn_fwd, torch.ops.hierkern.cached_attn_bwd
+        out, lse = call_op(op, _setup, _backward_with(bwd), q, k_cache, v_cache, temperature, kv_len, qk_norm,
+                           scale, num_splits)
     return (out, lse) if return_lse else out
