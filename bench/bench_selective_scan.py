@@ -119,6 +119,8 @@ def main():
         print(f"{op:<8} " + " ".join(f"{ms[p]:>16.2f}" for p in peers) +
               f" {row['ratio_reference']:>7.2f} {row['ratio_mamba_style']:>8.2f}")
     if args.out:
+        # JSON has no NaN: a peer left out is null.
+        rows = [{k: (None if isinstance(v, float) and v != v else v) for k, v in r.items()} for r in rows]
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         meta = {"b": args.b, "d": args.d, "n": args.n, "l": args.l, "dtype": args.dtype,
                 "threads": torch.get_num_threads(), "torch": torch.__version__, "reps": args.reps,

@@ -123,6 +123,39 @@ def test_non_contiguous(kind, dtype):
     check_case(B_kind=kind, dtype=dtype, strided=True)
 
 
+def test_float32_B_C_with_bfloat16_u():
+    """mamba-ssm keeps B / C in float32 under bf16 autocast in places: B / C may be float32 while u is
+    bfloat16; their gradients come back in float32."""
+    x, softplus = make_inputs(dtype=torch.bfloat16, B_kind="grouped", C_kind="var")
+    for k in ("B", "C"):
+        x[k] = x[k].detach().float().requires_grad_()
+    out = hierkern.selective_scan(**x, delta_softplus=softplus, impl="cpu")
+    dB, dC = torch.autograd.grad(out.float().sum(), (x["B"], x["C"]))
+    assert out.dtype == torch.bfloat16 and dB.dtype == dC.dtype == torch.float32
+    x64 = cast_leaves(x, torch.float64)
+    x_low = cast_leaves(x, None)
+    refs = []
+    for xr in (x64, x_low):
+        o = hierkern.selective_scan(**xr, delta_softplus=softplus, impl="reference")
+        refs.append((o, *torch.autograd.grad(o.double().sum(), (xr["B"], xr["C"]))))
+    for name, got, r64, rlow in zip(("out", "dB", "dC"), (out, dB, dC), *refs):
+        assert_close_rel(name, got, r64, rlow)
+
+
+def test_broadcast_grad_out():
+    """out.sum().backward() hands the kernel an expanded (stride 0) grad_out."""
+    x, softplus = make_inputs(l=17)
+    hierkern.selective_scan(**x, delta_softplus=softplus, impl="cpu").sum().backward()
+    got = {k: v.grad for k, v in x.items()}
+    refs = []
+    for dtype in (torch.float64, None):
+        xr = cast_leaves(x, dtype)
+        hierkern.selective_scan(**xr, delta_softplus=softplus, impl="reference").sum().backward()
+        refs.append({k: v.grad for k, v in xr.items()})
+    for k in ARGS:
+        assert_close_rel(f"d{k}", got[k], refs[0][k], refs[1][k])
+
+
 def test_checkpointed_backward():
     """l * n beyond the states one backward task keeps (65536 floats: 256 steps at n = 256, mamba's
     largest dstate): the backward recomputes each chunk of steps from a checkpoint taken by a first
