@@ -100,8 +100,8 @@ inline void exp_scaled(const float* A, float s, int64_t n, float* a) {
 
 // Per-thread scratch carved from one allocation: every array starts on its own cache line and the
 // block is padded by a line at each end. The hot per-step arrays (the state, the adjoint) are small
-// (n floats); as separate heap blocks two threads' arrays could share a cache line, and the store
-// every step then bounces it between cores (seen as 2 threads running 2x slower than 1 at n <= 16).
+// (n floats) and stored every step; as separate small heap blocks two threads' arrays could share a
+// cache line and bounce it between cores.
 class Scratch {
  public:
   explicit Scratch(std::initializer_list<int64_t> sizes) {
