@@ -58,4 +58,18 @@ TORCH_LIBRARY(hierkern, m) {
   m.def("cached_attn_bwd_triton(Tensor grad_out, Tensor q, Tensor k_cache, Tensor v_cache, "
         "Tensor? temperature, Tensor out, Tensor lse, SymInt kv_len, bool qk_norm, float scale) "
         "-> (Tensor, Tensor, Tensor)");
+
+  // Selective scan (Mamba-1; mamba-ssm's selective_scan_fn plus an initial state). u / delta / z
+  // (b, d, l) share a dtype; A (d, n) float32; B / C (d, n) time-invariant, (b, n, l) or grouped
+  // (b, g, n, l) with d % g == 0, in float32 or u's dtype; D, delta_bias (d,) and initial_state
+  // (b, d, n) float32. Returns out (b, d, l) in u's dtype and the float32 last state (b, d, n).
+  // The backward recomputes the states from initial_state (nothing else is saved) and returns
+  // (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state): dB / dC in B / C's shape and dtype,
+  // dA, dD, ddelta_bias, dinitial_state float32 and always dense (the caller drops those of absent
+  // inputs); dz is empty (0,) without z. grad_last_state is None when last_state was unused.
+  m.def("selective_scan_fwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
+        "Tensor? delta_bias, Tensor? initial_state, bool delta_softplus) -> (Tensor, Tensor)");
+  m.def("selective_scan_bwd(Tensor grad_out, Tensor? grad_last_state, Tensor u, Tensor delta, Tensor A, "
+        "Tensor B, Tensor C, Tensor? D, Tensor? z, Tensor? delta_bias, Tensor? initial_state, "
+        "bool delta_softplus) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

@@ -1,0 +1,659 @@
+// Selective scan (Mamba-1; mamba-ssm's selective_scan_fn semantics plus an initial state) on the CPU.
+//
+// Per (batch b, channel d), with float32 state x (n,):
+//   dt_t = delta_t + bias (softplus'd if asked);  x_t = exp(dt_t * A) * x_{t-1} + dt_t * B_t * u_t
+//   y_t  = <C_t, x_t> + D * u_t;  out_t = y_t * silu(z_t) (with z)
+// Channels are independent, so the forward is parallel over (batch, channel) and vectorised over the
+// n states: one step is a handful of n-wide FMAs plus an n-wide dot for y. The exp(dt * A) of a block
+// of steps is computed first in one vector pass, off the serial dependency chain.
+//
+// B and C are read once, through their strides, into float32 panels with the n states of a step
+// contiguous ((l, n) per batch and group): every one of the d / g channels of a group streams the
+// same panel, and the raw (b, n, l) layout would put the n states of a step l elements apart.
+//
+// The backward recomputes the states from the initial state (nothing but the inputs is saved) and
+// runs the adjoint recurrence h_{t-1} = exp(dt_t * A) * (h_t + dy_t * C_t) backwards. The states of
+// at most kMaxStoredStates floats are kept per task: longer sequences store one checkpoint per chunk
+// of steps in a first forward sweep, then recompute each chunk's states from its checkpoint.
+// dB / dC of a variable B / C are sums over the channels of a group: tasks own disjoint channel
+// ranges inside one group and accumulate into their own float32 partial (l, n) panel, reduced at
+// the end (no atomics). dA, dD, d(delta_bias) and fixed dB / dC are sums over the batch: per-(b, d)
+// partials, reduced at the end.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <numeric>
+#include <optional>
+#include <vector>
+
+#include "cpu/cpu_math.h"
+
+namespace hierkern::cpu {
+namespace {
+
+constexpr int64_t kTimeBlock = 64;             // steps discretised per vector pass in the forward
+constexpr int64_t kMaxStoredStates = 1 << 16;  // floats of recomputed states per backward task (256 KiB)
+
+// Element-wise maps over per-step arrays. Callers pad the arrays to a multiple of 8 so that, with AVX2,
+// every element goes through the same vector code: a step's value must not depend on where a block
+// or a piece of the sequence starts (a continued scan is bit-identical to a whole one). libm's exp
+// and log1p do not vectorise and cost more than the rest of a step together.
+inline int64_t pad8(int64_t m) { return (m + 7) / 8 * 8; }
+
+#ifdef HK_AVX2
+// log1p(e) for e in [0, 1]: 2 atanh(s) with s = e / (2 + e) <= 1/3, odd series to s^15 (rel. error < 2e-9).
+inline __m256 log1p_unit8(__m256 e) {
+  const __m256 s = _mm256_div_ps(e, _mm256_add_ps(_mm256_set1_ps(2.f), e));
+  const __m256 s2 = _mm256_mul_ps(s, s);
+  __m256 p = _mm256_set1_ps(1.f / 15.f);
+  for (float c : {1.f / 13.f, 1.f / 11.f, 1.f / 9.f, 1.f / 7.f, 1.f / 5.f, 1.f / 3.f, 1.f})
+    p = _mm256_fmadd_ps(p, s2, _mm256_set1_ps(c));
+  return _mm256_mul_ps(_mm256_add_ps(s, s), p);
+}
+
+inline __m256 sigmoid8(__m256 x) {
+  const __m256 one = _mm256_set1_ps(1.f);
+  return _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), x))));
+}
+#endif
+
+// x <- softplus(x) as F.softplus (threshold 20: the identity above it); m a multiple of 8.
+// softplus(x) = max(x, 0) + log1p(exp(-|x|)) keeps the exp argument <= 0.
+inline void softplus_inplace(float* x, int64_t m) {
+#ifdef HK_AVX2
+  const __m256 sign = _mm256_set1_ps(-0.f), thr = _mm256_set1_ps(20.f);
+  for (int64_t i = 0; i < m; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    const __m256 e = exp8(_mm256_or_ps(v, sign));  // exp(-|v|)
+    const __m256 sp = _mm256_add_ps(_mm256_max_ps(v, _mm256_setzero_ps()), log1p_unit8(e));
+    _mm256_storeu_ps(x + i, _mm256_blendv_ps(sp, v, _mm256_cmp_ps(v, thr, _CMP_GT_OQ)));
+  }
+#else
+  for (int64_t i = 0; i < m; ++i) x[i] = x[i] > 20.f ? x[i] : std::log1p(std::exp(x[i]));
+#endif
+}
+
+// x <- sigmoid(x) (with thresholded, the softplus derivative: 1 above 20); m a multiple of 8.
+inline void sigmoid_inplace(float* x, int64_t m, bool thresholded = false) {
+#ifdef HK_AVX2
+  const __m256 thr = _mm256_set1_ps(thresholded ? 20.f : std::numeric_limits<float>::infinity());
+  for (int64_t i = 0; i < m; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    _mm256_storeu_ps(x + i, _mm256_blendv_ps(sigmoid8(v), _mm256_set1_ps(1.f), _mm256_cmp_ps(v, thr, _CMP_GT_OQ)));
+  }
+#else
+  for (int64_t i = 0; i < m; ++i) x[i] = thresholded && x[i] > 20.f ? 1.f : 1.f / (1.f + std::exp(-x[i]));
+#endif
+}
+
+// a[k] = exp(s * A[k]) for k < n.
+inline void exp_scaled(const float* A, float s, int64_t n, float* a) {
+  int64_t k = 0;
+#ifdef HK_AVX2
+  const __m256 sv = _mm256_set1_ps(s);
+  for (; k + 8 <= n; k += 8) _mm256_storeu_ps(a + k, exp8(_mm256_mul_ps(sv, _mm256_loadu_ps(A + k))));
+#endif
+  for (; k < n; ++k) a[k] = fast_exp(s * A[k]);
+}
+
+// Per-thread scratch carved from one allocation: every array starts on its own cache line and the
+// block is padded by a line at each end. The hot per-step arrays (the state, the adjoint) are small
+// (n floats) and stored every step; as separate small heap blocks two threads' arrays could share a
+// cache line and bounce it between cores.
+class Scratch {
+ public:
+  explicit Scratch(std::initializer_list<int64_t> sizes) {
+    int64_t total = kLine;
+    for (int64_t m : sizes) total += round(m);
+    buf_.resize(total + 2 * kLine);
+    int64_t off = kLine + (kLine - (reinterpret_cast<uintptr_t>(buf_.data()) / sizeof(float)) % kLine) % kLine;
+    for (int64_t m : sizes) {
+      ptrs_.push_back(buf_.data() + off);
+      off += round(m);
+    }
+  }
+  float* operator[](size_t i) const { return ptrs_[i]; }
+
+ private:
+  static constexpr int64_t kLine = 16;  // floats per 64-byte cache line
+  static int64_t round(int64_t m) { return (m + kLine - 1) / kLine * kLine; }
+  std::vector<float> buf_;
+  std::vector<float*> ptrs_;
+};
+
+template <typename F>
+void dispatch_dtype(at::ScalarType st, const char* what, F&& f) {
+  switch (st) {
+    case at::kFloat: f(float{}); break;
+    case at::kBFloat16: f(c10::BFloat16{}); break;
+    case at::kHalf: f(c10::Half{}); break;
+    default: TORCH_CHECK(false, "hierkern::selective_scan (cpu): ", what, " has dtype ", st,
+                         "; expected float32, bfloat16 or float16");
+  }
+}
+
+struct Dims {
+  int64_t b, d, l, n;
+};
+
+// B or C as float32 with the n states of a step contiguous. Variable: (batch, groups, l, n); fixed
+// (d, n): its rows as they are (step stride 0, one row for every step).
+struct Panel {
+  std::vector<float> buf;
+  bool var = false;
+  int64_t groups = 1, per_group = 1, l = 0, n = 0;
+  const float* channel(int64_t b, int64_t d) const {
+    return var ? buf.data() + (b * groups + d / per_group) * l * n : buf.data() + d * n;
+  }
+  int64_t step() const { return var ? n : 0; }
+  int64_t group_of(int64_t d) const { return var ? d / per_group : 0; }
+};
+
+Panel make_panel(const at::Tensor& X, const Dims& s) {
+  Panel p;
+  p.var = X.dim() >= 3;
+  p.groups = X.dim() == 4 ? X.size(1) : 1;
+  p.per_group = s.d / p.groups;
+  p.l = s.l;
+  p.n = s.n;
+  p.buf.resize(p.var ? s.b * p.groups * s.l * s.n : s.d * s.n);
+  dispatch_dtype(X.scalar_type(), "B/C", [&](auto tag) {
+    using T = decltype(tag);
+    const T* src = X.const_data_ptr<T>();
+    float* dst = p.buf.data();
+    if (!p.var) {
+      for (int64_t d = 0; d < s.d; ++d)
+        for (int64_t k = 0; k < s.n; ++k) dst[d * s.n + k] = to_f(src[d * X.stride(0) + k * X.stride(1)]);
+      return;
+    }
+    const int64_t sb = X.stride(0), sg = X.dim() == 4 ? X.stride(1) : 0;
+    const int64_t sn = X.stride(-2), sl = X.stride(-1);
+    at::parallel_for(0, s.b * p.groups, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t bg = lo; bg < hi; ++bg) {
+        const T* x = src + (bg / p.groups) * sb + (bg % p.groups) * sg;
+        float* o = dst + bg * s.l * s.n;
+        for (int64_t k = 0; k < s.n; ++k)
+          for (int64_t t = 0; t < s.l; ++t) o[t * s.n + k] = to_f(x[k * sn + t * sl]);
+      }
+    });
+  });
+  return p;
+}
+
+// A (d, n) float32 with any strides as a dense float array.
+std::vector<float> dense_A(const at::Tensor& A) {
+  std::vector<float> a(A.size(0) * A.size(1));
+  const float* p = A.const_data_ptr<float>();
+  for (int64_t i = 0; i < A.size(0); ++i)
+    for (int64_t k = 0; k < A.size(1); ++k) a[i * A.size(1) + k] = p[i * A.stride(0) + k * A.stride(1)];
+  return a;
+}
+
+// A (d,) float32 vector (D or delta_bias) as floats; zeros when absent.
+std::vector<float> dense_vec(const std::optional<at::Tensor>& v, int64_t d) {
+  std::vector<float> out(d, 0.f);
+  if (v.has_value() && v->defined()) {
+    const float* p = v->const_data_ptr<float>();
+    for (int64_t i = 0; i < d; ++i) out[i] = p[i * v->stride(0)];
+  }
+  return out;
+}
+
+bool present(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+void check_bdl(const char* name, const at::Tensor& t, const at::Tensor& u) {
+  TORCH_CHECK(t.sizes() == u.sizes(), "hierkern::selective_scan: ", name, " must have u's shape ",
+              u.sizes(), " (batch, dim, seqlen), got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == u.scalar_type(), "hierkern::selective_scan: ", name, " has dtype ",
+              t.scalar_type(), " but u has ", u.scalar_type());
+  TORCH_CHECK(t.device().is_cpu(), "hierkern::selective_scan (cpu): ", name, " must be a CPU tensor");
+}
+
+void check_bc(const char* name, const at::Tensor& X, const Dims& s, at::ScalarType in_dtype) {
+  TORCH_CHECK(X.device().is_cpu(), "hierkern::selective_scan (cpu): ", name, " must be a CPU tensor");
+  TORCH_CHECK(X.scalar_type() == at::kFloat || X.scalar_type() == in_dtype, "hierkern::selective_scan: ",
+              name, " must be float32 or u's dtype ", in_dtype, ", got ", X.scalar_type());
+  if (X.dim() == 2) {
+    TORCH_CHECK(X.size(0) == s.d && X.size(1) == s.n, "hierkern::selective_scan: time-invariant ", name,
+                " must be (dim, dstate) = (", s.d, ", ", s.n, "), got ", X.sizes());
+  } else if (X.dim() == 3) {
+    TORCH_CHECK(X.size(0) == s.b && X.size(1) == s.n && X.size(2) == s.l, "hierkern::selective_scan: ",
+                name, " must be (batch, dstate, seqlen) = (", s.b, ", ", s.n, ", ", s.l, "), got ", X.sizes());
+  } else {
+    TORCH_CHECK(X.dim() == 4, "hierkern::selective_scan: ", name,
+                " must be 2-D (dim, dstate), 3-D (batch, dstate, seqlen) or 4-D (batch, groups, dstate, "
+                "seqlen), got ", X.dim(), "-D");
+    TORCH_CHECK(X.size(0) == s.b && X.size(2) == s.n && X.size(3) == s.l && X.size(1) >= 1 &&
+                    s.d % X.size(1) == 0,
+                "hierkern::selective_scan: grouped ", name, " must be (batch, groups, dstate, seqlen) = (", s.b,
+                ", g, ", s.n, ", ", s.l, ") with dim ", s.d, " divisible by g, got ", X.sizes());
+  }
+}
+
+void check_f32(const char* name, const std::optional<at::Tensor>& t, at::IntArrayRef shape) {
+  if (!present(t)) return;
+  TORCH_CHECK(t->scalar_type() == at::kFloat && t->sizes() == shape && t->device().is_cpu(),
+              "hierkern::selective_scan (cpu): ", name, " must be a float32 CPU tensor of shape ", shape,
+              ", got ", t->scalar_type(), " ", t->sizes(), " on ", t->device());
+}
+
+Dims check_inputs(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
+                  const at::Tensor& C, const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
+                  const std::optional<at::Tensor>& delta_bias, const std::optional<at::Tensor>& initial_state) {
+  TORCH_CHECK(u.dim() == 3, "hierkern::selective_scan: u must be 3-D (batch, dim, seqlen), got ", u.sizes());
+  TORCH_CHECK(u.device().is_cpu(), "hierkern::selective_scan (cpu): u must be a CPU tensor");
+  dispatch_dtype(u.scalar_type(), "u", [](auto) {});
+  check_bdl("delta", delta, u);
+  if (present(z)) check_bdl("z", *z, u);
+  TORCH_CHECK(A.dim() == 2 && A.size(0) == u.size(1) && A.scalar_type() == at::kFloat && A.device().is_cpu(),
+              "hierkern::selective_scan (cpu): A must be a float32 CPU tensor of shape (dim, dstate) with dim = ",
+              u.size(1), ", got ", A.scalar_type(), " ", A.sizes());
+  const Dims s{u.size(0), u.size(1), u.size(2), A.size(1)};
+  TORCH_CHECK(s.n >= 1 && s.l >= 1, "hierkern::selective_scan: dstate and seqlen must be >= 1");
+  check_bc("B", B, s, u.scalar_type());
+  check_bc("C", C, s, u.scalar_type());
+  check_f32("D", D, {s.d});
+  check_f32("delta_bias", delta_bias, {s.d});
+  check_f32("initial_state", initial_state, {s.b, s.d, s.n});
+  return s;
+}
+
+// Strided (b, d, l) access to one channel.
+template <typename T>
+struct Seq {
+  const T* p;
+  int64_t st;
+  float operator[](int64_t t) const { return to_f(p[t * st]); }
+};
+
+template <typename T>
+Seq<T> seq(const at::Tensor& x, int64_t b, int64_t d) {
+  return {x.const_data_ptr<T>() + b * x.stride(0) + d * x.stride(1), x.stride(2)};
+}
+
+// For steps t0 + i, i < nt: dt[i] (after bias and softplus), uu[i] = u, a[i * n + k] = exp(dt[i] * A[k]),
+// and with dsp the softplus derivative at the pre-activation. dt, uu, dsp hold pad8(nt) floats.
+template <typename T>
+void discretize(Seq<T> u, Seq<T> delta, const float* A, float bias, bool softplus, int64_t t0, int64_t nt,
+                int64_t n, float* dt, float* uu, float* a, float* dsp = nullptr) {
+  const int64_t m = pad8(nt);
+  for (int64_t i = 0; i < nt; ++i) {
+    dt[i] = delta[t0 + i] + bias;
+    uu[i] = u[t0 + i];
+  }
+  std::fill(dt + nt, dt + m, 0.f);
+  if (softplus && dsp) {
+    std::memcpy(dsp, dt, m * sizeof(float));
+    sigmoid_inplace(dsp, m, /*thresholded=*/true);
+  }
+  if (softplus) softplus_inplace(dt, m);
+  for (int64_t i = 0; i < nt; ++i) exp_scaled(A, dt[i], n, a + i * n);
+}
+
+// One step of one channel: x <- a * x + coef * B; returns <C, x>. The hand-vectorised path for n a
+// multiple of 8 avoids the peel / remainder / reduction scaffolding the compiler wraps around a
+// 16-element loop, which cost more than the arithmetic.
+inline float step(float* x, const float* a, const float* B, const float* C, float coef, int64_t n) {
+#ifdef HK_AVX2
+  if (n % 8 == 0) {
+    const __m256 cv = _mm256_set1_ps(coef);
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t k = 0; k < n; k += 8) {
+      const __m256 xk = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(x + k),
+                                        _mm256_mul_ps(cv, _mm256_loadu_ps(B + k)));
+      _mm256_storeu_ps(x + k, xk);
+      acc = _mm256_fmadd_ps(_mm256_loadu_ps(C + k), xk, acc);
+    }
+    return hsum8(acc);
+  }
+#endif
+  float y = 0.f;
+#pragma omp simd reduction(+ : y)
+  for (int64_t k = 0; k < n; ++k) {
+    const float xk = a[k] * x[k] + coef * B[k];
+    x[k] = xk;
+    y += C[k] * xk;
+  }
+  return y;
+}
+
+// One reverse step of one channel. h holds dL/dx_t minus the step's own output term on entry and
+// dL/dx_{t-1} on exit; accumulates dA, dB_t, dC_t; returns the state part of dL/d(dt_t) (through
+// exp(dt_t * A)) in *ddt and <h, B_t> in *hb.
+inline void bwd_step(float* h, float* dA, float* dB, float* dC, const float* xprev, const float* xcur,
+                     const float* a, const float* A, const float* B, const float* C, float dy, float dt,
+                     float coef, int64_t n, float* ddt, float* hb) {
+#ifdef HK_AVX2
+  if (n % 8 == 0) {
+    const __m256 dyv = _mm256_set1_ps(dy), dtv = _mm256_set1_ps(dt), cv = _mm256_set1_ps(coef);
+    __m256 ddt_v = _mm256_setzero_ps(), hb_v = _mm256_setzero_ps();
+    for (int64_t k = 0; k < n; k += 8) {
+      const __m256 ak = _mm256_loadu_ps(a + k);
+      _mm256_storeu_ps(dC + k, _mm256_fmadd_ps(dyv, _mm256_loadu_ps(xcur + k), _mm256_loadu_ps(dC + k)));
+      const __m256 hk = _mm256_fmadd_ps(dyv, _mm256_loadu_ps(C + k), _mm256_loadu_ps(h + k));  // dL/dx_t
+      const __m256 ha = _mm256_mul_ps(_mm256_mul_ps(hk, _mm256_loadu_ps(xprev + k)), ak);  // dL/d(dt A_k)
+      _mm256_storeu_ps(dA + k, _mm256_fmadd_ps(ha, dtv, _mm256_loadu_ps(dA + k)));
+      ddt_v = _mm256_fmadd_ps(ha, _mm256_loadu_ps(A + k), ddt_v);
+      hb_v = _mm256_fmadd_ps(hk, _mm256_loadu_ps(B + k), hb_v);
+      _mm256_storeu_ps(dB + k, _mm256_fmadd_ps(hk, cv, _mm256_loadu_ps(dB + k)));
+      _mm256_storeu_ps(h + k, _mm256_mul_ps(hk, ak));  // dL/dx_{t-1}
+    }
+    *ddt = hsum8(ddt_v);
+    *hb = hsum8(hb_v);
+    return;
+  }
+#endif
+  float s_ddt = 0.f, s_hb = 0.f;
+#pragma omp simd reduction(+ : s_ddt, s_hb)
+  for (int64_t k = 0; k < n; ++k) {
+    dC[k] += dy * xcur[k];
+    const float hk = h[k] + dy * C[k];
+    const float ha = hk * xprev[k] * a[k];
+    dA[k] += ha * dt;
+    s_ddt += ha * A[k];
+    s_hb += hk * B[k];
+    dB[k] += hk * coef;
+    h[k] = hk * a[k];
+  }
+  *ddt = s_ddt;
+  *hb = s_hb;
+}
+
+// zv[i] = z_{t0 + i} and sg[i] = sigmoid(zv[i]) (pad8(nt) floats each).
+template <typename T>
+void gate(Seq<T> z, int64_t t0, int64_t nt, float* zv, float* sg) {
+  const int64_t m = pad8(nt);
+  for (int64_t i = 0; i < nt; ++i) zv[i] = z[t0 + i];
+  std::fill(zv + nt, zv + m, 0.f);
+  std::memcpy(sg, zv, m * sizeof(float));
+  sigmoid_inplace(sg, m);
+}
+
+// x <- a_t * x + dt_t u_t B_t for steps [0, nt) of a discretised block.
+inline void advance(float* x, const float* a, const float* dt, const float* uu, const float* Bp, int64_t sB,
+                    int64_t nt, int64_t n) {
+  for (int64_t i = 0; i < nt; ++i) {
+    const float* ai = a + i * n;
+    const float* Bt = Bp + i * sB;
+    const float coef = dt[i] * uu[i];
+#pragma omp simd
+    for (int64_t k = 0; k < n; ++k) x[k] = ai[k] * x[k] + coef * Bt[k];
+  }
+}
+
+void read_state(const std::optional<at::Tensor>& st, int64_t b, int64_t d, int64_t n, float* x) {
+  if (!present(st)) {
+    std::fill(x, x + n, 0.f);
+    return;
+  }
+  const float* p = st->const_data_ptr<float>() + b * st->stride(0) + d * st->stride(1);
+  for (int64_t k = 0; k < n; ++k) x[k] = p[k * st->stride(2)];
+}
+
+template <typename T>
+void fwd_kernel(const at::Tensor& u, const at::Tensor& delta, const std::vector<float>& A, const Panel& Bp,
+                const Panel& Cp, const std::vector<float>& D, const std::optional<at::Tensor>& z,
+                const std::vector<float>& bias, const std::optional<at::Tensor>& init, bool softplus,
+                const Dims& s, at::Tensor& out, at::Tensor& last) {
+  const bool has_z = present(z);
+  T* op = out.mutable_data_ptr<T>();
+  float* lp = last.mutable_data_ptr<float>();
+  const int64_t os0 = out.stride(0), os1 = out.stride(1), os2 = out.stride(2);
+  at::parallel_for(0, s.b * s.d, 1, [&](int64_t lo, int64_t hi) {
+    const Scratch sc{s.n, kTimeBlock * s.n, kTimeBlock, kTimeBlock, kTimeBlock, kTimeBlock};
+    float *x = sc[0], *a = sc[1], *dt = sc[2], *uu = sc[3], *zv = sc[4], *zsg = sc[5];
+    for (int64_t task = lo; task < hi; ++task) {
+      const int64_t b = task / s.d, d = task % s.d;
+      const Seq<T> us = seq<T>(u, b, d), ds = seq<T>(delta, b, d);
+      const Seq<T> zs = has_z ? seq<T>(*z, b, d) : Seq<T>{nullptr, 0};
+      const float* Ad = A.data() + d * s.n;
+      const float* Bc = Bp.channel(b, d);
+      const float* Cc = Cp.channel(b, d);
+      const int64_t sB = Bp.step(), sC = Cp.step();
+      T* o = op + b * os0 + d * os1;
+      read_state(init, b, d, s.n, x);
+      for (int64_t t0 = 0; t0 < s.l; t0 += kTimeBlock) {
+        const int64_t nt = std::min(kTimeBlock, s.l - t0);
+        discretize(us, ds, Ad, bias[d], softplus, t0, nt, s.n, dt, uu, a);
+        if (has_z) gate(zs, t0, nt, zv, zsg);
+        for (int64_t i = 0; i < nt; ++i) {
+          const float* ai = a + i * s.n;
+          const float* Bt = Bc + (t0 + i) * sB;
+          const float* Ct = Cc + (t0 + i) * sC;
+          float y = step(x, ai, Bt, Ct, dt[i] * uu[i], s.n) + D[d] * uu[i];
+          if (has_z) y *= zv[i] * zsg[i];
+          o[(t0 + i) * os2] = static_cast<T>(y);
+        }
+      }
+      std::memcpy(lp + (b * s.d + d) * s.n, x, s.n * sizeof(float));
+    }
+  });
+}
+
+// Channel chunks for the backward: each lies inside one group of B and one of C (so its partial dB /
+// dC panel belongs to one group), and there are enough of them to keep every thread busy.
+int64_t channel_chunk(const Dims& s, const Panel& Bp, const Panel& Cp) {
+  if (!Bp.var && !Cp.var) return 1;
+  const int64_t gb = Bp.var ? Bp.groups : 1, gc = Cp.var ? Cp.groups : 1;
+  const int64_t cells = std::lcm(gb, gc);  // divides d, as gb and gc do
+  const int64_t per_cell = s.d / cells;
+  const int64_t want = 4 * at::get_num_threads();
+  for (int64_t q = 1; q <= per_cell; ++q)
+    if (per_cell % q == 0 && s.b * cells * q >= want) return per_cell / q;
+  return 1;
+}
+
+// Sums the per-chunk partial panels (batch, chunks, l, n) of a variable operand into dX with X's
+// (b, [g,] n, l) shape, converting to its dtype.
+void reduce_var_panel(const std::vector<float>& part, const Panel& P, const Dims& s, int64_t chunk,
+                      at::Tensor& dX) {
+  const int64_t chunks = s.d / chunk, per = P.per_group / chunk;  // chunks per group
+  dispatch_dtype(dX.scalar_type(), "dB/dC", [&](auto tag) {
+    using T = decltype(tag);
+    T* dst = dX.mutable_data_ptr<T>();
+    at::parallel_for(0, s.b * P.groups, 1, [&](int64_t lo, int64_t hi) {
+      std::vector<float> acc(s.l * s.n);
+      for (int64_t bg = lo; bg < hi; ++bg) {
+        const int64_t b = bg / P.groups, g = bg % P.groups;
+        std::fill(acc.begin(), acc.end(), 0.f);
+        for (int64_t c = g * per; c < (g + 1) * per; ++c) {
+          const float* src = part.data() + (b * chunks + c) * s.l * s.n;
+#pragma omp simd
+          for (int64_t j = 0; j < s.l * s.n; ++j) acc[j] += src[j];
+        }
+        T* o = dst + bg * s.n * s.l;  // dX is contiguous (b, [g,] n, l)
+        for (int64_t k = 0; k < s.n; ++k)
+          for (int64_t t = 0; t < s.l; ++t) o[k * s.l + t] = static_cast<T>(acc[t * s.n + k]);
+      }
+    });
+  });
+}
+
+// sum over the batch of a (b, m) float array, written into an m-element tensor of dX's dtype.
+void reduce_batch(const std::vector<float>& part, int64_t b, at::Tensor& dX) {
+  const int64_t m = dX.numel();
+  dispatch_dtype(dX.scalar_type(), "gradient", [&](auto tag) {
+    using T = decltype(tag);
+    T* o = dX.mutable_data_ptr<T>();
+    for (int64_t j = 0; j < m; ++j) {
+      float acc = 0.f;
+      for (int64_t i = 0; i < b; ++i) acc += part[i * m + j];
+      o[j] = static_cast<T>(acc);
+    }
+  });
+}
+
+template <typename T>
+void bwd_kernel(const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_last, const at::Tensor& u,
+                const at::Tensor& delta, const std::vector<float>& A, const Panel& Bp, const Panel& Cp,
+                const std::vector<float>& D, const std::optional<at::Tensor>& z, const std::vector<float>& bias,
+                const std::optional<at::Tensor>& init, bool softplus, const Dims& s, at::Tensor& du,
+                at::Tensor& ddelta, at::Tensor& dz, at::Tensor& dinit, std::vector<float>& dA_part,
+                std::vector<float>& dD_part, std::vector<float>& dbias_part, std::vector<float>& dB_part,
+                std::vector<float>& dC_part) {
+  const bool has_z = present(z);
+  const int64_t n = s.n, chunk = channel_chunk(s, Bp, Cp), chunks = s.d / chunk;
+  // Steps whose states one task keeps; more steps than this go through per-chunk checkpoints.
+  const int64_t K = std::min(s.l, std::max<int64_t>(1, kMaxStoredStates / n));
+  const int64_t n_ck = (s.l + K - 1) / K;
+  T* dup = du.mutable_data_ptr<T>();
+  T* ddp = ddelta.mutable_data_ptr<T>();
+  T* dzp = has_z ? dz.mutable_data_ptr<T>() : nullptr;
+  float* dip = dinit.mutable_data_ptr<float>();
+  const std::vector<int64_t> ust(du.strides().begin(), du.strides().end());
+  const std::vector<int64_t> dst(ddelta.strides().begin(), ddelta.strides().end());
+  const std::vector<int64_t> zst = has_z ? std::vector<int64_t>(dz.strides().begin(), dz.strides().end())
+                                         : std::vector<int64_t>(3, 0);
+
+  at::parallel_for(0, s.b * chunks, 1, [&](int64_t lo, int64_t hi) {
+    const int64_t Kp = pad8(K);
+    const Scratch sc{n_ck * n, (K + 1) * n, K * n, Kp, Kp, Kp, Kp, Kp, n, n, n, n};
+    float *ck = sc[0], *xs = sc[1], *a = sc[2], *dt = sc[3], *uu = sc[4], *dsp = sc[5], *zv = sc[6];
+    float *zsg = sc[7], *h = sc[8], *dA = sc[9], *dBfix = sc[10], *dCfix = sc[11];
+    for (int64_t task = lo; task < hi; ++task) {
+      const int64_t b = task / chunks, c = task % chunks;
+      // This chunk's partial panels; fixed operands accumulate per channel in dBfix / dCfix instead.
+      float* dBc = Bp.var ? dB_part.data() + task * s.l * n : dBfix;
+      float* dCc = Cp.var ? dC_part.data() + task * s.l * n : dCfix;
+      const int64_t sdB = Bp.var ? n : 0, sdC = Cp.var ? n : 0;
+      for (int64_t d = c * chunk; d < (c + 1) * chunk; ++d) {
+        const Seq<T> us = seq<T>(u, b, d), ds = seq<T>(delta, b, d), gs = seq<T>(grad_out, b, d);
+        const Seq<T> zs = has_z ? seq<T>(*z, b, d) : Seq<T>{nullptr, 0};
+        const float* Ad = A.data() + d * n;
+        const float* Bc = Bp.channel(b, d);
+        const float* Cc = Cp.channel(b, d);
+        const int64_t sB = Bp.step(), sC = Cp.step();
+        const float Dd = D[d], bd = bias[d];
+        read_state(init, b, d, n, ck);
+        for (int64_t j = 0; j + 1 < n_ck; ++j) {  // checkpoints: the state before each chunk of steps
+          std::memcpy(ck + (j + 1) * n, ck + j * n, n * sizeof(float));
+          discretize(us, ds, Ad, bd, softplus, j * K, K, n, dt, uu, a);
+          advance(ck + (j + 1) * n, a, dt, uu, Bc + j * K * sB, sB, K, n);
+        }
+        read_state(grad_last, b, d, n, h);
+        std::fill(dA, dA + n, 0.f);
+        if (!Bp.var) std::fill(dBfix, dBfix + n, 0.f);
+        if (!Cp.var) std::fill(dCfix, dCfix + n, 0.f);
+        float dD = 0.f, dbias = 0.f;
+        for (int64_t j = n_ck - 1; j >= 0; --j) {
+          const int64_t t0 = j * K, nt = std::min(K, s.l - t0);
+          discretize(us, ds, Ad, bd, softplus, t0, nt, n, dt, uu, a, dsp);
+          if (has_z) gate(zs, t0, nt, zv, zsg);
+          std::memcpy(xs, ck + j * n, n * sizeof(float));  // xs row i + 1 = x_{t0 + i}
+          for (int64_t i = 0; i < nt; ++i) {
+            const float* ai = a + i * n;
+            const float* Bt = Bc + (t0 + i) * sB;
+            const float coef = dt[i] * uu[i];
+            const float* xprev = xs + i * n;
+            float* xcur = xs + (i + 1) * n;
+#pragma omp simd
+            for (int64_t k = 0; k < n; ++k) xcur[k] = ai[k] * xprev[k] + coef * Bt[k];
+          }
+          for (int64_t i = nt - 1; i >= 0; --i) {
+            const int64_t t = t0 + i;
+            const float* ai = a + i * n;
+            const float* Bt = Bc + t * sB;
+            const float* Ct = Cc + t * sC;
+            const float* xprev = xs + i * n;
+            const float* xcur = xs + (i + 1) * n;
+            float* dBt = dBc + t * sdB;
+            float* dCt = dCc + t * sdC;
+            const float g = gs[t], dti = dt[i], ui = uu[i], coef = dti * ui;
+            float dy = g;
+            if (has_z) {
+              float y = 0.f;
+#pragma omp simd reduction(+ : y)
+              for (int64_t k = 0; k < n; ++k) y += Ct[k] * xcur[k];
+              y += Dd * ui;
+              const float zi = zv[i], sg = zsg[i];
+              dy = g * zi * sg;
+              dzp[b * zst[0] + d * zst[1] + t * zst[2]] =
+                  static_cast<T>(g * y * sg * (1.f + zi * (1.f - sg)));
+            }
+            dD += dy * ui;
+            float ddt, hb;
+            bwd_step(h, dA, dBt, dCt, xprev, xcur, ai, Ad, Bt, Ct, dy, dti, coef, n, &ddt, &hb);
+            ddt += hb * ui;
+            const float ddt_raw = softplus ? ddt * dsp[i] : ddt;
+            dbias += ddt_raw;
+            dup[b * ust[0] + d * ust[1] + t * ust[2]] = static_cast<T>(dy * Dd + dti * hb);
+            ddp[b * dst[0] + d * dst[1] + t * dst[2]] = static_cast<T>(ddt_raw);
+          }
+        }
+        const int64_t bd_i = b * s.d + d;
+        std::memcpy(dip + bd_i * n, h, n * sizeof(float));
+        std::memcpy(dA_part.data() + bd_i * n, dA, n * sizeof(float));
+        if (!Bp.var) std::memcpy(dB_part.data() + bd_i * n, dBfix, n * sizeof(float));
+        if (!Cp.var) std::memcpy(dC_part.data() + bd_i * n, dCfix, n * sizeof(float));
+        dD_part[bd_i] = dD;
+        dbias_part[bd_i] = dbias;
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> selective_scan_fwd_cpu(
+    const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
+    const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
+    const std::optional<at::Tensor>& delta_bias, const std::optional<at::Tensor>& initial_state,
+    bool delta_softplus) {
+  const Dims s = check_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state);
+  const Panel Bp = make_panel(B, s), Cp = make_panel(C, s);
+  const auto Av = dense_A(A);
+  const auto Dv = dense_vec(D, s.d), bias = dense_vec(delta_bias, s.d);
+  at::Tensor out = at::empty({s.b, s.d, s.l}, u.options());
+  at::Tensor last = at::empty({s.b, s.d, s.n}, u.options().dtype(at::kFloat));
+  dispatch_dtype(u.scalar_type(), "u", [&](auto tag) {
+    using T = decltype(tag);
+    fwd_kernel<T>(u, delta, Av, Bp, Cp, Dv, z, bias, initial_state, delta_softplus, s, out, last);
+  });
+  return {out, last};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+           at::Tensor>
+selective_scan_bwd_cpu(const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_last_state,
+                       const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
+                       const at::Tensor& C, const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
+                       const std::optional<at::Tensor>& delta_bias,
+                       const std::optional<at::Tensor>& initial_state, bool delta_softplus) {
+  const Dims s = check_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state);
+  check_bdl("grad_out", grad_out, u);
+  check_f32("grad_last_state", grad_last_state, {s.b, s.d, s.n});
+  const Panel Bp = make_panel(B, s), Cp = make_panel(C, s);
+  const auto Av = dense_A(A);
+  const auto Dv = dense_vec(D, s.d), bias = dense_vec(delta_bias, s.d);
+  const auto f32 = u.options().dtype(at::kFloat);
+  at::Tensor du = at::empty({s.b, s.d, s.l}, u.options());
+  at::Tensor ddelta = at::empty({s.b, s.d, s.l}, u.options());
+  at::Tensor dz = present(z) ? at::empty({s.b, s.d, s.l}, u.options()) : at::empty({0}, u.options());
+  at::Tensor dinit = at::empty({s.b, s.d, s.n}, f32);
+  at::Tensor dA = at::empty({s.d, s.n}, f32), dD = at::empty({s.d}, f32), dbias = at::empty({s.d}, f32);
+  at::Tensor dB = at::empty(B.sizes(), B.options()), dC = at::empty(C.sizes(), C.options());
+  const int64_t chunk = channel_chunk(s, Bp, Cp);
+  std::vector<float> dA_part(s.b * s.d * s.n), dD_part(s.b * s.d), dbias_part(s.b * s.d);
+  std::vector<float> dB_part(Bp.var ? s.b * (s.d / chunk) * s.l * s.n : s.b * s.d * s.n);
+  std::vector<float> dC_part(Cp.var ? s.b * (s.d / chunk) * s.l * s.n : s.b * s.d * s.n);
+  dispatch_dtype(u.scalar_type(), "u", [&](auto tag) {
+    using T = decltype(tag);
+    bwd_kernel<T>(grad_out, grad_last_state, u, delta, Av, Bp, Cp, Dv, z, bias, initial_state, delta_softplus,
+                  s, du, ddelta, dz, dinit, dA_part, dD_part, dbias_part, dB_part, dC_part);
+  });
+  reduce_batch(dA_part, s.b, dA);
+  reduce_batch(dD_part, s.b, dD);
+  reduce_batch(dbias_part, s.b, dbias);
+  if (Bp.var) reduce_var_panel(dB_part, Bp, s, chunk, dB); else reduce_batch(dB_part, s.b, dB);
+  if (Cp.var) reduce_var_panel(dC_part, Cp, s, chunk, dC); else reduce_batch(dC_part, s.b, dC);
+  return {du, ddelta, dA, dB, dC, dD, dz, dbias, dinit};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(hierkern, CPU, m) {
+  m.impl("selective_scan_fwd", &selective_scan_fwd_cpu);
+  m.impl("selective_scan_bwd", &selective_scan_bwd_cpu);
+}
+
+}  // namespace hierkern::cpu
