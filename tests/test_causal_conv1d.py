@@ -9,6 +9,7 @@ from hierkern.testing import assert_close_rel, kernel_backends, poisoned_outputs
 
 BACKENDS = [b for b in kernel_backends() if b[0] in ("cpu", "triton")]
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+INTERP = ("triton", "cpu")  # Triton under TRITON_INTERPRET=1: one program at a time, slow
 DIM = 12  # not a multiple of any channel tile: ragged channel blocks everywhere
 
 
@@ -73,9 +74,11 @@ def _reference(x, w, b, s, act):
 @pytest.mark.parametrize("case", _cases(), ids=_case_id)
 @pytest.mark.parametrize("impl,device", BACKENDS)
 def test_matches_reference(impl, device, case, dtype):
-    if impl == "triton" and device == "cpu" and dtype == torch.bfloat16:
+    if (impl, device) == INTERP and dtype == torch.bfloat16:
         pytest.skip("the Triton interpreter truncates float32 -> bfloat16 casts (GPUs round to nearest even); "
                     "bfloat16 Triton runs on CUDA")
+    if (impl, device) == INTERP and dtype == torch.float16 and case["seqlen"] not in (3, 130):
+        pytest.skip("interpreter time: float16 Triton at seqlen 3 and 130 here (every length on CUDA)")
     x, w, b, s = _inputs(case, dtype, device)
     g = torch.randn(x.shape).to(device=device, dtype=dtype)
     gf = torch.randn(case["batch"], DIM, case["width"] - 1).to(device=device, dtype=dtype) if case["grad_final"] else None
@@ -102,8 +105,8 @@ def test_matches_reference(impl, device, case, dtype):
         assert_close_rel(name, got, r64, rlow)
 
 
-@pytest.mark.parametrize("impl,device", BACKENDS)
-@pytest.mark.parametrize("width", (2, 4))
+@pytest.mark.parametrize("impl,device,width", [(*b, w) for b in BACKENDS for w in (2, 4)
+                                               if b != INTERP or w == 4])  # interpreter time
 def test_continuation_equals_whole(impl, device, width):
     """Chunks (some shorter than width - 1) carrying final_state -> initial_state equal one whole call,
     forward and gradients (the gradient of a chunk's final state flows into earlier chunks)."""
@@ -162,12 +165,18 @@ def test_opcheck(impl, device):
     w = torch.randn(DIM, 3, device=device, requires_grad=True)
     b = torch.randn(DIM, device=device, requires_grad=True)
     s = torch.randn(2, DIM, 2, device=device, requires_grad=True)
+    # The fake kernels and autograd registration are shared by both op pairs, so the interpreted Triton ops
+    # skip the (slow) dynamic-shape torch.compile check that the CPU ops run.
+    tests = ["test_schema", "test_autograd_registration", "test_faketensor"]
+    if (impl, device) != INTERP:
+        tests.append("test_aot_dispatch_dynamic")
+    kwargs = {"test_utils": tests}
     for args in ((x, w, b, s, True), (x, w, None, None, False)):
-        torch.library.opcheck(fwd, args)
+        torch.library.opcheck(fwd, args, **kwargs)
         out, fin = fwd(*args)
         detached = [None if t is None else t.detach() for t in args[:4]]
         for gf in (torch.randn_like(fin), None):
-            torch.library.opcheck(bwd, (torch.randn_like(out), gf, *detached, args[4]))
+            torch.library.opcheck(bwd, (torch.randn_like(out), gf, *detached, args[4]), **kwargs)
 
 
 def test_compiles_without_graph_break():
