@@ -185,3 +185,23 @@ def test_compiles_without_graph_break():
     f = torch.compile(lambda x, w: hierkern.causal_conv1d(x, w, activation="silu", impl="cpu"), fullgraph=True,
                       backend="aot_eager")
     torch.testing.assert_close(f(x, w), hierkern.causal_conv1d(x, w, activation="silu", impl="cpu"))
+
+
+@pytest.mark.parametrize("layout", ("contiguous", "channel_last"))
+def test_cpu_kernel_spans_chunks(layout):
+    """Sequences longer than the C++ kernel's buffered chunks (512 steps contiguous, 128 channel-last): the
+    forward re-reads width - 1 steps of halo and the backward carries dxpad's tail across chunks."""
+    case = dict(width=3, seqlen=1100, bias=True, act="silu", init=True, grad_final=True, layout=layout, batch=1)
+    x, w, b, s = _inputs(case, torch.float32, "cpu")
+    g, gf = torch.randn(x.shape), torch.randn(1, DIM, 2)
+
+    def kernel(x_, w_, b_, s_, act_):
+        return hierkern.causal_conv1d(x_, w_, b_, s_, return_final_state=True, activation=act_, impl="cpu")
+
+    with poisoned_outputs():
+        got = _run(kernel, [_leaf(t) for t in (x, w, b, s)], "silu", g, gf)
+    ref = _run(_reference, [_leaf(t, torch.float64) for t in (x, w, b, s)], "silu", g, gf)
+    low = _run(_reference, [_leaf(t) for t in (x, w, b, s)], "silu", g, gf)
+    assert_close_rel("out", got[0], ref[0], low[0])
+    for name, a, r, lo in zip(("dx", "dweight", "dbias", "dinitial_state"), got[2], ref[2], low[2]):
+        assert_close_rel(name, a, r, lo)
