@@ -40,10 +40,11 @@ def _make_x(batch, dim, seqlen, dtype, layout, device):
 
 
 def _inputs(c, dtype, device):
-    x = _make_x(c["batch"], DIM, c["seqlen"], dtype, c["layout"], device)
-    w = (torch.randn(DIM, c["width"]) / c["width"] ** 0.5).to(device=device, dtype=dtype)
-    b = torch.randn(DIM).to(device=device, dtype=dtype) if c["bias"] else None
-    s = torch.randn(c["batch"], DIM, c["width"] - 1).to(device=device, dtype=dtype) if c["init"] else None
+    dim = c.get("dim", DIM)
+    x = _make_x(c["batch"], dim, c["seqlen"], dtype, c["layout"], device)
+    w = (torch.randn(dim, c["width"]) / c["width"] ** 0.5).to(device=device, dtype=dtype)
+    b = torch.randn(dim).to(device=device, dtype=dtype) if c["bias"] else None
+    s = torch.randn(c["batch"], dim, c["width"] - 1).to(device=device, dtype=dtype) if c["init"] else None
     return x, w, b, s
 
 
@@ -188,12 +189,15 @@ def test_compiles_without_graph_break():
 
 
 @pytest.mark.parametrize("layout", ("contiguous", "channel_last"))
-def test_cpu_kernel_spans_chunks(layout):
+@pytest.mark.parametrize("dim", (DIM, 24))
+def test_cpu_kernel_spans_chunks(layout, dim):
     """Sequences longer than the C++ kernel's buffered chunks (512 steps contiguous, 128 channel-last): the
-    forward re-reads width - 1 steps of halo and the backward carries dxpad's tail across chunks."""
-    case = dict(width=3, seqlen=1100, bias=True, act="silu", init=True, grad_final=True, layout=layout, batch=1)
+    forward re-reads width - 1 steps of halo and the backward carries dxpad's tail across chunks. dim 24
+    takes the float32 channel-last 8 x 8 transpose path (channel blocks a multiple of 8), 12 the scalar one."""
+    case = dict(width=3, seqlen=1100, bias=True, act="silu", init=True, grad_final=True, layout=layout, batch=1,
+                dim=dim)
     x, w, b, s = _inputs(case, torch.float32, "cpu")
-    g, gf = torch.randn(x.shape), torch.randn(1, DIM, 2)
+    g, gf = torch.randn(x.shape), torch.randn(1, dim, 2)
 
     def kernel(x_, w_, b_, s_, act_):
         return hierkern.causal_conv1d(x_, w_, b_, s_, return_final_state=True, activation=act_, impl="cpu")

@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/cpu_math.h"
@@ -46,6 +47,19 @@ View view_of(const at::Tensor& t) { return {t.data_ptr(), t.stride(0), t.stride(
 // memory contiguously (channel-last inputs have sc == 1).
 template <typename T>
 void gather(const T* base, int64_t sc, int64_t st, int64_t nc, int64_t n, float* dst, int64_t ld) {
+#ifdef HK_AVX2
+  // Channel-last float32: 8 x 8 register transposes instead of stride-ld scalar stores.
+  if constexpr (std::is_same_v<T, float>) {
+    if (sc == 1 && nc % 8 == 0) {
+      const int64_t n8 = n - n % 8;
+      for (int64_t i = 0; i < n8; i += 8)
+        for (int64_t c = 0; c < nc; c += 8) transpose8x8(base + i * st + c, st, dst + c * ld + i, ld);
+      for (int64_t i = n8; i < n; ++i)
+        for (int64_t c = 0; c < nc; ++c) dst[c * ld + i] = base[c + i * st];
+      return;
+    }
+  }
+#endif
   if (st <= sc) {
     for (int64_t c = 0; c < nc; ++c)
       for (int64_t i = 0; i < n; ++i) dst[c * ld + i] = to_f(base[c * sc + i * st]);
@@ -57,6 +71,18 @@ void gather(const T* base, int64_t sc, int64_t st, int64_t nc, int64_t n, float*
 
 template <typename T>
 void scatter(const float* src, int64_t ld, int64_t nc, int64_t n, T* base, int64_t sc, int64_t st) {
+#ifdef HK_AVX2
+  if constexpr (std::is_same_v<T, float>) {
+    if (sc == 1 && nc % 8 == 0) {
+      const int64_t n8 = n - n % 8;
+      for (int64_t i = 0; i < n8; i += 8)
+        for (int64_t c = 0; c < nc; c += 8) transpose8x8(src + c * ld + i, ld, base + i * st + c, st);
+      for (int64_t i = n8; i < n; ++i)
+        for (int64_t c = 0; c < nc; ++c) base[c + i * st] = src[c * ld + i];
+      return;
+    }
+  }
+#endif
   if (st <= sc) {
     for (int64_t c = 0; c < nc; ++c)
       for (int64_t i = 0; i < n; ++i) base[c * sc + i * st] = static_cast<T>(src[c * ld + i]);
