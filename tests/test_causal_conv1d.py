@@ -82,7 +82,8 @@ def test_matches_reference(impl, device, case, dtype):
         pytest.skip("interpreter time: float16 Triton at seqlen 3 and 130 here (every length on CUDA)")
     x, w, b, s = _inputs(case, dtype, device)
     g = torch.randn(x.shape).to(device=device, dtype=dtype)
-    gf = torch.randn(case["batch"], DIM, case["width"] - 1).to(device=device, dtype=dtype) if case["grad_final"] else None
+    gf = (torch.randn(case["batch"], DIM, case["width"] - 1).to(device=device, dtype=dtype)
+          if case["grad_final"] else None)
     act = case["act"]
 
     def kernel(x_, w_, b_, s_, act_):
