@@ -72,4 +72,23 @@ TORCH_LIBRARY(hierkern, m) {
   m.def("selective_scan_bwd(Tensor grad_out, Tensor? grad_last_state, Tensor u, Tensor delta, Tensor A, "
         "Tensor B, Tensor C, Tensor? D, Tensor? z, Tensor? delta_bias, Tensor? initial_state, "
         "bool delta_softplus) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Causal depthwise conv1d (the short conv of a Mamba block) with conv state in and out.
+  // x (B, D, L) with any strides, weight (D, W) with 2 <= W <= 4, bias (D,) and initial_state
+  // (B, D, W - 1) optional, all one dtype. out[b, c, t] = act(bias[c] + sum_k weight[c, k] *
+  // xpad[b, c, t + k]) with xpad = cat(initial_state or zeros, x) along time and act = silu when
+  // `silu`, accumulated in float32. Returns out (x's layout when x is dense, e.g. a channel-last
+  // (B, L, D).transpose(1, 2) view; else contiguous) and final_state (B, D, W - 1), contiguous: the
+  // last W - 1 columns of xpad, so passing it as the next chunk's initial_state continues the sequence.
+  // The backward takes the final state's gradient (None when it was not used) and returns
+  // (dx, dweight, dbias, dinitial_state); dbias and dinitial_state are computed even when bias /
+  // initial_state were None (they are then the gradients of a zero bias / zero state, and unused).
+  m.def("causal_conv1d_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor? initial_state, bool silu) "
+        "-> (Tensor, Tensor)");
+  m.def("causal_conv1d_bwd(Tensor grad_out, Tensor? grad_final_state, Tensor x, Tensor weight, "
+        "Tensor? bias, Tensor? initial_state, bool silu) -> (Tensor, Tensor, Tensor, Tensor)");
+  // The same ops for the Triton kernels (registered from Python, as cached_attn_fwd_triton).
+  m.def("causal_conv1d_fwd_triton(Tensor x, Tensor weight, Tensor? bias, Tensor? initial_state, "
+        "bool silu) -> (Tensor, Tensor)");
+  m.def("causal_conv1d_bwd_triton(Tensor grad_out, Tensor? grad_final_state, Tensor x, Tensor weight, "
+        "Tensor? bias, Tensor? initial_state, bool silu) -> (Tensor, Tensor, Tensor, Tensor)");
 }

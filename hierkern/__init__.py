@@ -4,8 +4,9 @@ from .layouts import ScaleLayout
 from .ops.attention.next_scale import next_scale_attention
 from .ops.cached_attention.cached import cached_attention
 from .ops.attention.skip_causal import block_causal_attention, skip_causal_attention
+from .ops.conv.causal_conv1d import causal_conv1d
 from .ops.scan.selective_scan import selective_scan
 
-__all__ = ["KVCache", "ScaleLayout", "block_causal_attention", "cached_attention", "next_scale_attention",
-           "selective_scan", "skip_causal_attention"]
+__all__ = ["KVCache", "ScaleLayout", "block_causal_attention", "cached_attention", "causal_conv1d",
+           "next_scale_attention", "selective_scan", "skip_causal_attention"]
 __version__ = "0.1.0"

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Static GPU checks that need no GPU: compile every kernel configuration ahead of time and inspect it.
 
-  python tests/static_gpu_check.py [--arch 80 90] [--json out.json] [--jobs N]
+  python tests/static_gpu_check.py [--arch 80 90] [--json out.json] [--jobs N] [--modules M ...] [--no-cuda]
 
 1. Triton: every entry of aot_configs() of each module in TRITON_MODULES is compiled for each arch with
    triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32)). It fails on a compile error, on
@@ -34,7 +34,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Opt-in shared memory per block (bytes): A100 (sm_80) 163 KiB, H100/H200 (sm_90) 227 KiB.
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
-TRITON_MODULES = ("hierkern.ops.attention.triton", "hierkern.ops.cached_attention.triton")
+TRITON_MODULES = ("hierkern.ops.attention.triton", "hierkern.ops.cached_attention.triton",
+                  "hierkern.ops.conv.triton")
 TENSOR_CORE_PTX = {80: "mma.sync", 90: "wgmma.mma_async"}
 
 
@@ -121,11 +122,11 @@ def _compile_triton(module: str, index: int, arch: int) -> dict:
     return result
 
 
-def _triton_tasks(archs):
+def _triton_tasks(archs, modules=TRITON_MODULES):
     import importlib
 
     tasks = []
-    for module in TRITON_MODULES:
+    for module in modules:
         n = len(importlib.import_module(module).aot_configs())
         tasks += [(_compile_triton, module, i, arch) for i in range(n) for arch in archs]
     return tasks
@@ -218,17 +219,18 @@ def _format(r):
             f"  smem {fmt(r['shared']):>6}  mma {mma:3}  {status}")
 
 
-def run_checks(archs=(80, 90), jobs=None, verbose=True):
-    """Run every check for the given archs; returns a list of result dicts (key "ok" per check)."""
+def run_checks(archs=(80, 90), jobs=None, verbose=True, modules=TRITON_MODULES, cuda=True):
+    """Run every check for the given archs (the Triton `modules`, and the CUDA sources unless cuda is
+    false: a partial run while working on one kernel family); returns a list of result dicts."""
     archs = tuple(int(a) for a in archs)
     if os.environ.get("TRITON_INTERPRET"):
-        return _run_clean_subprocess(archs, jobs, verbose)
+        return _run_clean_subprocess(archs, jobs, verbose, modules, cuda)
     # Spawned workers unpickle the task functions by module name: keep this module and hierkern importable.
     for path in (REPO, os.path.dirname(os.path.abspath(__file__))):
         if path not in sys.path:
             sys.path.insert(0, path)
     jobs = jobs or os.cpu_count() or 1
-    tasks = _triton_tasks(archs) + _cuda_tasks(archs)
+    tasks = _triton_tasks(archs, modules) + (_cuda_tasks(archs) if cuda else [])
     results = []
     # Every compile (triton and nvcc) in one pool of fresh (spawned) interpreters, reported in order.
     with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -239,13 +241,14 @@ def run_checks(archs=(80, 90), jobs=None, verbose=True):
     return results
 
 
-def _run_clean_subprocess(archs, jobs, verbose):
+def _run_clean_subprocess(archs, jobs, verbose, modules=TRITON_MODULES, cuda=True):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "results.json")
         cmd = [sys.executable, os.path.abspath(__file__), "--arch", *map(str, archs), "--json", out]
         if jobs:
             cmd += ["--jobs", str(jobs)]
+        cmd += ["--modules", *modules] + ([] if cuda else ["--no-cuda"])
         proc = subprocess.run(cmd, env=env, cwd=REPO, stdout=None if verbose else subprocess.DEVNULL)
         if not os.path.exists(out):
             raise RuntimeError(f"static GPU check subprocess died (exit code {proc.returncode})")
@@ -258,8 +261,11 @@ def main(argv=None):
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], choices=sorted(SHARED_LIMIT))
     parser.add_argument("--json", help="write the result dicts to this file")
     parser.add_argument("--jobs", type=int, help="parallel compile processes (default: all cores)")
+    parser.add_argument("--modules", nargs="+", default=list(TRITON_MODULES), choices=TRITON_MODULES,
+                        help="Triton modules to check (default: all)")
+    parser.add_argument("--no-cuda", action="store_true", help="skip the nvcc checks of csrc/cuda")
     args = parser.parse_args(argv)
-    results = run_checks(args.arch, args.jobs)
+    results = run_checks(args.arch, args.jobs, modules=args.modules, cuda=not args.no_cuda)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
