@@ -90,6 +90,11 @@ step bench "$BT" "$PY" -m bench.report --device cuda --out "$OUT/bench" --time-l
 step bench_skip "$(budget_for 100 60)" "$PY" -m bench.bench_skip_causal --device cuda \
     --out "$OUT/bench/skip_causal_cuda.json"
 
+# causal_conv1d (Triton) vs F.conv1d with padding at Mamba-2-ish shapes.
+step bench_conv "$(budget_for 40 45)" "$PY" -m bench.bench_causal_conv1d --device cuda \
+    --out "$OUT/bench/causal_conv1d_cuda.json"
+[ -f "$OUT/logs/bench_conv.log" ] && cp "$OUT/logs/bench_conv.log" "$OUT/bench/causal_conv1d_cuda.txt"
+
 # Wall time vs kernel time per call: how much of each op's time is host overhead.
 step profile "$(budget_for 40 45)" "$PY" -m bench.profile_cuda --out "$OUT/bench/profile_cuda.md"
 
