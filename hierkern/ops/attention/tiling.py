@@ -2,8 +2,8 @@
 
 Every schedule row carries one tile and the (at most two) spans of the other axis that its rows see:
 q tiles (q_start, q_end, k0_start, k0_end, k1_start, k1_end) for the forward and dQ passes, k tiles
-(k_start, k_end, q0_start, q0_end, q1_start, q1_end) for the dK/dV pass. Spans are disjoint and
-ascending; an unused span is (0, 0). The kernels walk both spans in one loop.
+(k_start, k_end, q0_start, q0_end, q1_start, q1_end) for the dK/dV pass. Span t is the hull of the
+tile's t-th ranges (ranges are ascending, so spans are too); an unused span is (0, 0).
 
 Segment patterns (next-scale): scale-aligned tiling: consecutive small segments are packed into one
 query tile (VAR's first six scales, 91 tokens, share a single 128-row tile) and big segments are split
@@ -69,8 +69,10 @@ def _split(pieces, block):
 
 
 def _two_spans(ranges_of, positions):
-    """Hull of the first ranges and hull of the second ranges over `positions`, as two disjoint
-    ascending spans (merged into one when they touch); empty ranges are ignored."""
+    """Span t: the hull of the t-th ranges over `positions`, empty ranges ignored; (0, 0) when all are
+    empty. Span t stays in slot t (the kernels skip the mask of a block inside every entry's t-th
+    range), unless the two hulls overlap (no pattern's homogeneous tiles do): then slot 0 holds their
+    union, so that no key is visited twice, and slot 1 is (0, 0)."""
     hulls = []
     for t in range(2):
         lo = hi = None
@@ -79,12 +81,10 @@ def _two_spans(ranges_of, positions):
             if b > a:
                 lo = a if lo is None else min(lo, a)
                 hi = b if hi is None else max(hi, b)
-        if lo is not None:
-            hulls.append((lo, hi))
-    hulls.sort()
-    if len(hulls) == 2 and hulls[1][0] <= hulls[0][1]:
-        hulls = [(hulls[0][0], max(hulls[0][1], hulls[1][1]))]
-    hulls += [(0, 0)] * (2 - len(hulls))
+        hulls.append((0, 0) if lo is None else (lo, hi))
+    (a0, b0), (a1, b1) = hulls
+    if b0 > a0 and b1 > a1 and a1 < b0 and a0 < b1:
+        hulls = [(min(a0, a1), max(b0, b1)), (0, 0)]
     return hulls[0] + hulls[1]
 
 
