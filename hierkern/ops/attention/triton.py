@@ -16,13 +16,15 @@ Kernels
 
 Every row sees at most two key ranges (every key is seen by at most two query ranges), and every
 schedule row carries at most two spans of the other axis: for the block-diffusion masks a noisy tile
-visits the union of its rows' own blocks and the clean prefix, skipping the gap between them. Each
-program walks both spans in one loop (one loop so triton software-pipelines it). Only edge blocks,
-those not fully visible to every valid row (or key) of the tile, apply the element mask: each of the
-two per-row ranges is reduced once per tile to two scalars (max lo, min hi), and a block inside either
-[max lo, min hi) (and inside its span) takes the unmasked branch. Softmax runs in natural log, not base 2: the backward
-recomputes P = exp(s - lse) from the stored float32 lse, and converting lse to base 2 and back costs an
-ulp of |lse| each way, which with cos attention (logits up to 100) is a 1e-5 relative error in P.
+visits the union of its rows' own blocks and the clean prefix, skipping the gap between them. The
+dQ and dK/dV programs walk both spans in one loop (which triton software-pipelines); the forward runs
+one loop per span, because on sm_80 the merged loop's extra live bounds spill its 255-register
+configs. Only edge blocks, those not fully visible to every valid row (or key) of the tile, apply the
+element mask: range t of the rows is reduced once per tile to two scalars (max lo, min hi), and a
+block of span t inside [max lo, min hi) takes the unmasked branch. Softmax runs in natural log, not
+base 2: the backward recomputes P = exp(s - lse) from the stored float32 lse, and converting lse to
+base 2 and back costs an ulp of |lse| each way, which with cos attention (logits up to 100) is a 1e-5
+relative error in P.
 
 Operands a dot needs transposed are loaded transposed from global memory rather than tl.trans'ed in
 registers: on sm_80 a register transpose feeding mma keeps a whole tile per warp live and spills.
@@ -162,10 +164,11 @@ def _span_block(it, n0, s0, e0, u0_lo, u0_hi, s1, e1, u1_lo, u1_hi, BLOCK: tl.co
     return start, end, (start < lo) | (start + BLOCK > hi)
 
 
-# Edge-block masks. A tile's loop keeps two vectors per row (or key) live, as the single-range kernels
-# did: its own range [lo, hi), plus tile-uniform scalars for the second range, which only skip-causal
-# tiles have. That relies on the schedule (tiling.py): a block-pattern tile never mixes documents or
-# noisy and clean entries. Keeping all four bounds per entry live spills the widest forwards on sm_80.
+# Edge-block masks. A tile's loop keeps three vectors per row (or key) live: its own range [lo, hi) and
+# the one per-row bound of its second range, whose other bound is a tile-uniform scalar (only
+# skip-causal tiles have a second range). That relies on the schedule (tiling.py): a block-pattern
+# tile never mixes documents or noisy and clean entries. Keeping four bounds per entry live (or the
+# segment bounds, recomputing the ranges in the masked branch) spills the widest configs on sm_80.
 @triton.jit
 def _row_mask_params(a, e, pattern, block_size, rows, BLOCK_M: tl.constexpr):
     """(lo, hi, p_lo, p_hi): row r sees [lo, hi) and [p_lo, p_hi). For a noisy row [lo, hi) is its own
