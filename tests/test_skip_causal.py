@@ -1,6 +1,6 @@
 """skip_causal_attention / block_causal_attention: the reference mask against a brute-force
-per-element definition, the per-row ranges (patterns.py) against the mask, the C++ CPU kernel against
-the float64 reference (forward and backward), bad inputs, opcheck, and tiny CPU tiles."""
+per-element definition, the per-row ranges (patterns.py) against the mask, the C++ CPU and Triton
+kernels against the float64 reference (forward and backward), bad inputs, opcheck, and tiny CPU tiles."""
 import os
 import subprocess
 import sys
@@ -13,9 +13,10 @@ from hierkern import _backend
 from hierkern.ops.attention import patterns
 from hierkern.ops.attention.patterns import BLOCK_CAUSAL, SKIP_CLEAN_FIRST, SKIP_NOISY_FIRST
 from hierkern.ops.attention.reference import interval_mask
-from hierkern.testing import assert_close_rel, make_qkv, poisoned_outputs
+from hierkern.testing import assert_close_rel, kernel_backends, make_qkv, poisoned_outputs
 
 needs_cpu_ops = pytest.mark.skipif(not _backend.has_compiled_ops(), reason="hierkern._C not built")
+TRITON = [b for b in kernel_backends() if b[0] == "triton"]
 KINDS = {"noisy_first": SKIP_NOISY_FIRST, "clean_first": SKIP_CLEAN_FIRST, "block_causal": BLOCK_CAUSAL}
 
 
@@ -112,11 +113,11 @@ def _run(kind, q, k, v, B, cu_seqlens, impl):
 
 
 def _check(kind, L, B, cu_seqlens=None, dtype=torch.float32, H=2, Hkv=1, D=32, strides="contiguous",
-           batch=2):
-    q, k, v = make_qkv(batch, L, H, Hkv, D, dtype, "cpu", strides, requires_grad=True)
-    g = torch.randn(batch, L, H, D).to(dtype)
+           batch=2, impl="cpu", device="cpu"):
+    q, k, v = make_qkv(batch, L, H, Hkv, D, dtype, device, strides, requires_grad=True)
+    g = torch.randn(batch, L, H, D, device=device).to(dtype)
     with poisoned_outputs():
-        out = _run(kind, q, k, v, B, cu_seqlens, "cpu")
+        out = _run(kind, q, k, v, B, cu_seqlens, impl)
         grads = torch.autograd.grad(out, (q, k, v), g)
 
     def ref(dt):
@@ -126,7 +127,7 @@ def _check(kind, L, B, cu_seqlens=None, dtype=torch.float32, H=2, Hkv=1, D=32, s
 
     for name, got, a, b in zip(("out", "dq", "dk", "dv"), (out, *grads), ref(torch.float64), ref(dtype)):
         assert got.dtype == dtype
-        assert_close_rel(f"{kind}/B={B}/{name}", got, a, b)
+        assert_close_rel(f"{impl}/{kind}/B={B}/{name}", got, a, b)
 
 
 # N per block size chosen so that 2N is not a multiple of any CPU tile (128 rows, 512 keys, 16-key
@@ -184,6 +185,50 @@ def test_cpu_masks_really_differ():
         assert (a - other).abs().max() > 1e-3
 
 
+# --- Triton (compiled on a GPU, interpreted on CPU tensors otherwise: tiny shapes) ----------------
+# The interpreter's tiles are 32 x 16 (fwd, dQ) and 16 x 32 (dK/dV): each N below (except where the
+# block size forces a multiple) is a multiple of neither, so halves and documents end mid-tile.
+TRITON_N = {1: 37, 4: 44, 11: 33, 16: 48, 64: 64}
+
+
+@pytest.mark.parametrize("impl,device", TRITON)
+@pytest.mark.parametrize("order", ["noisy_first", "clean_first"])
+@pytest.mark.parametrize("B", list(TRITON_N))
+def test_triton_skip_causal(impl, device, order, B):
+    _check(order, 2 * TRITON_N[B], B, batch=1, impl=impl, device=device)
+
+
+@pytest.mark.parametrize("impl,device", TRITON)
+@pytest.mark.parametrize("B,L", [(1, 37), (4, 53), (11, 46), (16, 75), (64, 100)])
+def test_triton_block_causal(impl, device, B, L):
+    _check("block_causal", L, B, batch=1, impl=impl, device=device)
+
+
+@pytest.mark.parametrize("impl,device", TRITON)
+@pytest.mark.parametrize("kind,doc_lens,B", [
+    ("noisy_first", (8, 56, 24), 4), ("clean_first", (8, 56, 24), 4), ("noisy_first", (2, 34, 6), 1),
+    ("block_causal", (5, 40, 19, 1), 4)])
+def test_triton_packed_documents(impl, device, kind, doc_lens, B):
+    # Unequal documents: one smaller than a tile, one split across tiles, both in one launch.
+    _check(kind, sum(doc_lens), B, cu_seqlens=list(_offsets(doc_lens)), batch=1, impl=impl, device=device)
+
+
+@pytest.mark.parametrize("impl,device", TRITON)
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_triton_gqa_strides_fp16(impl, device, kind):
+    # The interpreter has no bf16 dot; fp16 exercises the 16-bit path.
+    _check(kind, 2 * 36, 4, cu_seqlens=(0, 24, 72), dtype=torch.float16, H=4, Hkv=2, D=48, strides="bhsd",
+           batch=1, impl=impl, device=device)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="impl=None picks Triton on CUDA tensors")
+def test_default_impl_on_cuda_is_triton():
+    q, k, v = make_qkv(1, 64, 2, 1, 64, torch.float16, "cuda")
+    for kind in KINDS:
+        torch.testing.assert_close(_run(kind, q, k, v, 4, None, None), _run(kind, q, k, v, 4, None, "triton"),
+                                   rtol=0, atol=0)
+
+
 # --- bad inputs -----------------------------------------------------------------------------------
 
 def _qkv(L=32):
@@ -204,7 +249,6 @@ def _qkv(L=32):
     (dict(block_size=4, cu_seqlens=torch.tensor([0, 16, 32.0])), ValueError, "cu_seqlens must be a 1-D int"),
     (dict(block_size=4, cu_seqlens=torch.tensor([[0, 16, 32]])), ValueError, "cu_seqlens must be a 1-D int"),
     (dict(block_size=4, cu_seqlens="0,32"), TypeError, "cu_seqlens"),
-    (dict(block_size=4, impl="triton"), NotImplementedError, "skip_causal_attention: impl='triton'"),
     (dict(block_size=4, impl="cuda"), NotImplementedError, "skip_causal_attention: impl='cuda'"),
     (dict(block_size=4, impl="fast"), ValueError, "impl"),
 ])
@@ -227,7 +271,6 @@ def test_skip_causal_bad_tensors():
 @pytest.mark.parametrize("kwargs,exc,match", [
     (dict(block_size=0), ValueError, "block_size must be >= 1"),
     (dict(block_size=4, cu_seqlens=[0, 40]), ValueError, "cu_seqlens ends at 40"),
-    (dict(block_size=4, impl="triton"), NotImplementedError, "block_causal_attention: impl='triton'"),
     (dict(block_size=4, impl="cuda"), NotImplementedError, "block_causal_attention: impl='cuda'"),
 ])
 def test_block_causal_bad_inputs(kwargs, exc, match):

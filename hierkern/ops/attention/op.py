@@ -113,9 +113,9 @@ def interval_attention(q, k, v, offsets, offsets_tensor, pattern, block_size, sc
         bbm, bbn = tk.bwd_blocks(d, q.dtype, q.device)
         out, lse = torch.ops.hierkern.interval_attn_fwd_triton(
             q, k, v, offsets_tensor(q.device),
-            tiling.q_tiles(offsets, pattern, fbm, q.device),
-            tiling.q_tiles(offsets, pattern, bbm, q.device),
-            tiling.k_tiles(offsets, pattern, bbn, q.device), pattern, block_size, scale, temperature)
+            tiling.q_tiles(offsets, pattern, fbm, q.device, block_size),
+            tiling.q_tiles(offsets, pattern, bbm, q.device, block_size),
+            tiling.k_tiles(offsets, pattern, bbn, q.device, block_size), pattern, block_size, scale, temperature)
     else:  # "cpu" or "cuda": the C++ op, dispatched on the tensors' device
         out, lse = torch.ops.hierkern.interval_attn_fwd(q, k, v, offsets_tensor(q.device), pattern,
                                                        block_size, scale, temperature)

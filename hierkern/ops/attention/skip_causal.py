@@ -12,9 +12,9 @@ from .patterns import BLOCK_CAUSAL, SKIP_CLEAN_FIRST, SKIP_NOISY_FIRST
 
 ORDERS = {"noisy_first": SKIP_NOISY_FIRST, "clean_first": SKIP_CLEAN_FIRST}
 
-# The Triton kernels take one key range per row, and the warp-per-row CUDA C++ kernels have not been
-# run on a GPU with these patterns; both are refused rather than faked.
-_UNSUPPORTED = ("triton", "cuda")
+# The warp-per-row CUDA C++ kernels have not been run on a GPU with these patterns (and their range
+# code is the segment-only subset): refused rather than faked. The Triton kernels run them.
+_UNSUPPORTED = ("cuda",)
 
 _OFFSETS_CACHE = {}
 
@@ -75,14 +75,16 @@ def _document_offsets(opname, cu_seqlens, seqlen):
 def _run(opname, q, k, v, offsets, pattern, block_size, scale, impl):
     if impl in _UNSUPPORTED:
         raise NotImplementedError(
-            f"{opname}: impl={impl!r} has no kernel for this mask yet (the {impl} interval kernels do "
-            f"not handle two-range block-diffusion rows); use impl='cpu' or impl='reference'")
-    if impl is None and q.device.type == "cuda":
+            f"{opname}: impl={impl!r} has no kernel for this mask yet (the CUDA C++ interval kernels do "
+            f"not handle two-range block-diffusion rows); use impl='triton' (GPU), 'cpu' or 'reference'")
+    if impl is None and q.device.type == "cuda" and not _backend.has_triton():
         raise NotImplementedError(
-            f"{opname}: no GPU kernel for this mask yet (Triton and CUDA interval kernels do not handle "
-            f"two-range block-diffusion rows); pass impl='reference' to run the dense-mask reference")
+            f"{opname}: the GPU kernel for this mask is Triton's and triton is not installed (the CUDA "
+            f"C++ kernels do not handle it); install triton or pass impl='reference' to run the "
+            f"dense-mask reference")
     scale = _validate.resolve_scale(opname, scale, q.shape[-1])
-    backend = _backend.select(opname, impl, q.device, cuda_op="interval_attn_fwd")
+    # No cuda_op: impl=None on CUDA tensors must resolve to Triton, never to the CUDA C++ op.
+    backend = _backend.select(opname, impl, q.device)
     if q.dtype == torch.float64 and backend != "reference":
         raise TypeError(f"{opname}: float64 is supported by impl='reference' only (backend {backend!r})")
     return interval_attention(q, k, v, offsets, _offsets_tensor_fn(offsets), pattern, block_size, scale,
@@ -106,7 +108,7 @@ def skip_causal_attention(q, k, v, block_size, order="noisy_first", cu_seqlens=N
 
     Args:
         q: (batch, seq, heads, head_dim); k, v: (batch, seq, kv_heads, head_dim), heads % kv_heads == 0.
-            Any strides (no copies are made). float32 / bfloat16 / float16 on CPU.
+            Any strides (no copies are made). float32 / bfloat16 / float16 (Triton: head_dim <= 256).
         block_size: tokens per block; must divide every document's N.
         order: "noisy_first" - documents [x_t ; x_0] (BD3-LM, SDAR, Fast-dLLM v2);
             "clean_first" - documents [x_0 ; x_t] (ACDiT).
@@ -116,9 +118,9 @@ def skip_causal_attention(q, k, v, block_size, order="noisy_first", cu_seqlens=N
             values are needed on the host for validation and tiling, so a CUDA tensor costs one host
             sync (pass a list to avoid it).
         scale: softmax scale, default 1/sqrt(head_dim).
-        impl: None, "reference" or "cpu". "triton" and "cuda" raise NotImplementedError: those kernels
-            do not handle these masks yet (and impl=None on CUDA tensors raises the same way rather than
-            falling back to the dense reference silently).
+        impl: None (Triton on CUDA tensors, the C++ kernels on CPU tensors), "reference", "cpu" or
+            "triton" (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1). "cuda" raises
+            NotImplementedError: the CUDA C++ kernels do not handle these masks yet.
 
     Returns:
         (batch, seq, heads, head_dim) in q's dtype. Differentiable in q, k, v.

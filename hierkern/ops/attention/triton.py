@@ -14,12 +14,17 @@ Kernels
                      GQA group and the query blocks that see it; accumulates in registers (no atomics).
   _bwd_dq_kernel     grid (n_dq_tiles, B*H): dQ of one query tile, schedule as the forward.
 
-Each program walks its tile's whole span in one loop (one loop so triton software-pipelines it).
-Only edge blocks, those not fully visible to every valid row (or key) of the tile, apply the element
-mask: the per-row ranges are reduced once per tile to two scalars (max lo, min hi), and a block inside
-[max lo, min hi) takes the unmasked branch. Softmax runs in natural log, not base 2: the backward
-recomputes P = exp(s - lse) from the stored float32 lse, and converting lse to base 2 and back costs an
-ulp of |lse| each way, which with cos attention (logits up to 100) is a 1e-5 relative error in P.
+Every row sees at most two key ranges (every key is seen by at most two query ranges), and every
+schedule row carries at most two spans of the other axis: for the block-diffusion masks a noisy tile
+visits the union of its rows' own blocks and the clean prefix, skipping the gap between them. The
+dQ and dK/dV programs walk both spans in one loop (which triton software-pipelines); the forward runs
+one loop per span, because on sm_80 the merged loop's extra live bounds spill its 255-register
+configs. Only edge blocks, those not fully visible to every valid row (or key) of the tile, apply the
+element mask: range t of the rows is reduced once per tile to two scalars (max lo, min hi), and a
+block of span t inside [max lo, min hi) takes the unmasked branch. Softmax runs in natural log, not
+base 2: the backward recomputes P = exp(s - lse) from the stored float32 lse, and converting lse to
+base 2 and back costs an ulp of |lse| each way, which with cos attention (logits up to 100) is a 1e-5
+relative error in P.
 
 Operands a dot needs transposed are loaded transposed from global memory rather than tl.trans'ed in
 registers: on sm_80 a register transpose feeding mma keeps a whole tile per warp live and spills.
@@ -33,9 +38,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .patterns import SEGMENT_CAUSAL, SEGMENT_DIAGONAL
+from .patterns import BLOCK_CAUSAL, PATTERN_NAMES, SEGMENT_CAUSAL, SKIP_CLEAN_FIRST, SKIP_NOISY_FIRST
 
 _SEGMENT_CAUSAL: tl.constexpr = tl.constexpr(SEGMENT_CAUSAL)
+_SKIP_NOISY_FIRST: tl.constexpr = tl.constexpr(SKIP_NOISY_FIRST)
+_SKIP_CLEAN_FIRST: tl.constexpr = tl.constexpr(SKIP_CLEAN_FIRST)
+_BLOCK_CAUSAL: tl.constexpr = tl.constexpr(BLOCK_CAUSAL)
+_TILE_COLS: tl.constexpr = tl.constexpr(6)  # a schedule row: one tile and two spans (tiling.py)
 _LN100: tl.constexpr = tl.constexpr(math.log(100.0))
 
 # Arguments that change with the sequence length or the tile schedule: never specialised (neither on
@@ -50,8 +59,8 @@ _VARYING = ["stride_lb", "stride_lh", "stride_deb", "stride_deh", "seq_len", "n_
 
 
 # ----------------------------------------------------------------------------------------------------
-# Mask semantics (mirror of csrc/interval.h). New patterns go here: a pattern with a second key range
-# returns (lo0, hi0, lo1, hi1) from both helpers and the masked steps test both ranges.
+# Mask semantics (mirror of csrc/interval.h and patterns.py). Every row (key) has two ranges
+# (lo0, hi0, lo1, hi1); the segment patterns leave the second empty (0, 0).
 # ----------------------------------------------------------------------------------------------------
 @triton.jit
 def _segment_of(Offsets, n_seg, pos):
@@ -67,34 +76,140 @@ def _segment_of(Offsets, n_seg, pos):
 
 
 @triton.jit
-def _row_key_range(Offsets, n_seg, pattern, block_size, rows):
-    """[lo, hi): keys visible to each query row. `block_size` is for the block patterns to come."""
-    s = _segment_of(Offsets, n_seg, rows)
-    start = tl.load(Offsets + s)
-    end = tl.load(Offsets + s + 1)
-    lo = tl.where(pattern == _SEGMENT_CAUSAL, 0, start)  # otherwise SEGMENT_DIAGONAL
-    return lo, end
+def _segment_bounds(Offsets, n_seg, pos):
+    """Per position: the bounds [a, e) of its segment (document)."""
+    s = _segment_of(Offsets, n_seg, pos)
+    return tl.load(Offsets + s), tl.load(Offsets + s + 1)
+
+
+# The range helpers below are pure arithmetic on the segment bounds [a, e).
+@triton.jit
+def _block_coords(a, e, pattern, block_size, pos):
+    """Per position: half length n, whether skip-causal / noisy / noisy-first, the start of the clean
+    half, the block index i within its half (or document, block-causal), the start of its block, and
+    the block size. Branch-free, so one code path serves every pattern."""
+    # block_size is 0 for the segment patterns, whose ranges do not use it: keep the division defined.
+    bs = tl.maximum(block_size, 1)
+    x = pos - a
+    n = (e - a) // 2
+    nf = pattern == _SKIP_NOISY_FIRST
+    skip = nf | (pattern == _SKIP_CLEAN_FIRST)
+    noisy = skip & ((x < n) == nf)
+    clean0 = tl.where(nf, a + n, a)
+    xh = tl.where(skip & (x >= n), x - n, x)
+    i = xh // bs
+    own0 = pos - xh % bs
+    return n, skip, noisy, nf, clean0, i, own0, bs
 
 
 @triton.jit
-def _key_query_range(Offsets, n_seg, pattern, block_size, cols):
-    """[lo, hi): query rows that see each key (the transpose of _row_key_range)."""
-    s = _segment_of(Offsets, n_seg, cols)
-    start = tl.load(Offsets + s)
-    end = tl.load(Offsets + s + 1)
-    hi = tl.where(pattern == _SEGMENT_CAUSAL, tl.load(Offsets + n_seg), end)
-    return start, hi
+def _row_key_ranges(a, e, pattern, block_size, rows):
+    """(lo0, hi0, lo1, hi1): the keys visible to each query row of segment [a, e), ascending."""
+    n, skip, noisy, nf, clean0, i, own0, bs = _block_coords(a, e, pattern, block_size, rows)
+    # Segment-causal [0, e), segment-diagonal [a, e), block-causal [a, min(end of own block, e)).
+    lo0 = tl.where(pattern == _SEGMENT_CAUSAL, 0, a)
+    hi0 = tl.where(pattern == _BLOCK_CAUSAL, tl.minimum(own0 + bs, e), e)
+    # Skip-causal: clean block i -> clean blocks <= i; noisy block i -> own block and clean blocks < i,
+    # ordered by where the halves lie.
+    prefix_hi = clean0 + tl.where(noisy, i, i + 1) * bs
+    lo0 = tl.where(skip, tl.where(noisy & nf, own0, clean0), lo0)
+    hi0 = tl.where(skip, tl.where(noisy & nf, own0 + bs, prefix_hi), hi0)
+    lo1 = tl.where(noisy, tl.where(nf, clean0, own0), 0)
+    hi1 = tl.where(noisy, tl.where(nf, prefix_hi, own0 + bs), 0)
+    return lo0, hi0, lo1, hi1
 
 
 @triton.jit
-def _full_span(idx_ok, lo, hi, fallback_hi):
-    """Mask padding entries out of per-entry ranges (a padding row / key sees nothing) and return the
-    scalars (max lo, min hi) over the valid entries: the span every valid entry of the tile sees."""
-    lo = tl.where(idx_ok, lo, 0)
-    hi = tl.where(idx_ok, hi, 0)
-    full_lo = tl.max(lo, 0)
-    full_hi = tl.min(tl.where(idx_ok, hi, fallback_hi), 0)
-    return lo, hi, full_lo, full_hi
+def _key_query_ranges(a, e, seq_end, pattern, block_size, cols):
+    """(lo0, hi0, lo1, hi1): the query rows that see each key of segment [a, e) (the transpose of
+    _row_key_ranges); seq_end is the sequence length."""
+    n, skip, noisy, nf, clean0, i, own0, bs = _block_coords(a, e, pattern, block_size, cols)
+    # Segment-causal [a, L), segment-diagonal [a, e), block-causal [start of own block, e).
+    lo0 = tl.where(pattern == _BLOCK_CAUSAL, own0, a)
+    hi0 = tl.where(pattern == _SEGMENT_CAUSAL, seq_end, e)
+    # Skip-causal: a noisy key is seen by its own block's rows; a clean key of block i by noisy rows of
+    # blocks > i and clean rows of blocks >= i.
+    noisy0 = tl.where(nf, a, a + n)
+    lo0 = tl.where(skip, tl.where(noisy, own0, tl.where(nf, noisy0 + (i + 1) * bs, clean0 + i * bs)), lo0)
+    hi0 = tl.where(skip, tl.where(noisy, own0 + bs, a + n), hi0)
+    clean = skip & ~noisy
+    lo1 = tl.where(clean, tl.where(nf, clean0 + i * bs, noisy0 + (i + 1) * bs), 0)
+    hi1 = tl.where(clean, e, 0)
+    return lo0, hi0, lo1, hi1
+
+
+@triton.jit
+def _first(x, BLOCK: tl.constexpr):
+    """x[0] of a per-entry vector (entry 0 of a tile is always valid)."""
+    return tl.sum(tl.where(tl.arange(0, BLOCK) == 0, x, 0), 0)
+
+
+@triton.jit
+def _unmasked(idx_ok, lo, hi, span_start, span_end):
+    """[max lo, min(min hi, span end)) over the valid entries: the part of a span that every valid entry
+    of the tile sees through this range; blocks inside it skip the element mask."""
+    full_lo = tl.maximum(tl.max(tl.where(idx_ok, lo, 0), 0), span_start)
+    full_hi = tl.minimum(tl.min(tl.where(idx_ok, hi, span_end), 0), span_end)
+    return full_lo, full_hi
+
+
+@triton.jit
+def _span_block(it, n0, s0, e0, u0_lo, u0_hi, s1, e1, u1_lo, u1_hi, BLOCK: tl.constexpr):
+    """Block `it` of the walk over spans [s0, e0) (n0 blocks) then [s1, e1): (start, span end, edge)."""
+    second = it >= n0
+    start = tl.where(second, s1 + (it - n0) * BLOCK, s0 + it * BLOCK)
+    end = tl.where(second, e1, e0)
+    lo = tl.where(second, u1_lo, u0_lo)
+    hi = tl.where(second, u1_hi, u0_hi)
+    return start, end, (start < lo) | (start + BLOCK > hi)
+
+
+# Edge-block masks. A tile's loop keeps three vectors per row (or key) live: its own range [lo, hi) and
+# the one per-row bound of its second range, whose other bound is a tile-uniform scalar (only
+# skip-causal tiles have a second range). That relies on the schedule (tiling.py): a block-pattern
+# tile never mixes documents or noisy and clean entries. Keeping four bounds per entry live (or the
+# segment bounds, recomputing the ranges in the masked branch) spills the widest configs on sm_80.
+@triton.jit
+def _row_mask_params(a, e, pattern, block_size, rows, BLOCK_M: tl.constexpr):
+    """(lo, hi, p_lo, p_hi): row r sees [lo, hi) and [p_lo, p_hi). For a noisy row [lo, hi) is its own
+    block and [p_lo, p_hi) its clean prefix, p_lo (the clean half's start) uniform over the tile, p_hi
+    = lo + N (noisy-first) or lo - N (clean-first); other tiles get an empty second range (p_lo past
+    every key)."""
+    n, skip, noisy, nf, clean0, i, own0, bs = _block_coords(a, e, pattern, block_size, rows)
+    lo0, hi0, lo1, hi1 = _row_key_ranges(a, e, pattern, block_size, rows)
+    lo = tl.where(noisy, own0, lo0)
+    hi = tl.where(noisy, own0 + bs, hi0)
+    p_lo = tl.where(_first(noisy.to(tl.int32), BLOCK_M) != 0, _first(clean0, BLOCK_M), 2147483647)
+    return lo, hi, p_lo, lo + _first(tl.where(nf, n, -n), BLOCK_M)
+
+
+@triton.jit
+def _row_mask(lo, hi, p_lo, p_hi, cols):
+    """(rows, cols) visibility for _row_mask_params: compares only, no (rows, cols) integer temporary."""
+    return (((cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None]))
+            | ((cols >= p_lo)[None, :] & (cols[None, :] < p_hi[:, None])))
+
+
+@triton.jit
+def _key_mask_params(a, e, seq_end, pattern, block_size, cols, BLOCK_N: tl.constexpr):
+    """(lo, hi, t_lo, t_hi): key j is seen by rows [lo, hi) and [t_lo, t_hi). For a clean key [lo, hi)
+    is its clean rows and [t_lo, t_hi) its noisy rows, t_hi (the noisy half's end) uniform over the
+    tile, t_lo = lo + B - N (noisy-first) or lo + N + B (clean-first); other tiles get an empty second
+    range (t_hi = 0)."""
+    n, skip, noisy, nf, clean0, i, own0, bs = _block_coords(a, e, pattern, block_size, cols)
+    lo0, hi0, lo1, hi1 = _key_query_ranges(a, e, seq_end, pattern, block_size, cols)
+    clean = skip & ~noisy
+    lo = tl.where(clean & nf, lo1, lo0)
+    hi = tl.where(clean & nf, hi1, hi0)
+    t_hi = tl.where(_first(clean.to(tl.int32), BLOCK_N) != 0, _first(tl.where(nf, a + n, e), BLOCK_N), 0)
+    return lo, hi, lo + _first(tl.where(nf, bs - n, n + bs), BLOCK_N), t_hi
+
+
+@triton.jit
+def _key_mask(lo, hi, t_lo, t_hi, rows):
+    """(keys, rows) visibility for _key_mask_params: compares only."""
+    return (((rows[None, :] >= lo[:, None]) & (rows[None, :] < hi[:, None]))
+            | ((rows[None, :] >= t_lo[:, None]) & (rows < t_hi)[None, :]))
 
 
 @triton.jit
@@ -149,7 +264,7 @@ def _head_multiplier(Temp, h, QK_NORM: tl.constexpr):
 # ----------------------------------------------------------------------------------------------------
 @triton.jit
 def _fwd_step(acc, l_i, m_i, q, K_base, V_base, stride_kl, stride_kd, stride_vl, stride_vd, start_n, k_end,
-              edge, lo, hi, offs_d, d_ok, qk_scale, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr,
+              edge, lo, hi, p_lo, p_hi, offs_d, d_ok, qk_scale, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr,
               DOT_PRECISION: tl.constexpr, QK_NORM: tl.constexpr):
     cols = start_n + tl.arange(0, BLOCK_N)
     col_ok = cols < k_end
@@ -159,7 +274,9 @@ def _fwd_step(acc, l_i, m_i, q, K_base, V_base, stride_kl, stride_kd, stride_vl,
     v = _load_rows(V_base + cols[:, None] * stride_vl + offs_d[None, :] * stride_vd, col_ok, d_ok, EVEN_D)
     s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale
     if edge:  # a block at the edge of the visible span: element mask
-        s = tl.where((cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None]), s, float("-inf"))
+        # Columns past the span's end are masked even where a row's other range covers them: the
+        # other span visits those keys (and they were loaded as zeros here).
+        s = tl.where(_row_mask(lo, hi, p_lo, p_hi, cols) & col_ok[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # A row that has seen no key yet keeps m = -inf; subtract 0 instead so exp gives 0, not NaN.
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -172,13 +289,13 @@ def _fwd_step(acc, l_i, m_i, q, K_base, V_base, stride_kl, stride_kd, stride_vl,
 
 @triton.jit
 def _query_tile(Tiles, n_heads, group):
-    """(batch, head, kv head, q_start, q_end, k_start, k_end) of this program: axis 0 picks a row of
-    the tile schedule, axis 1 a (batch, head) pair."""
-    tile = tl.program_id(0)
+    """(batch, head, kv head, q_start, q_end, k0_start, k0_end, k1_start, k1_end) of this program:
+    axis 0 picks a row of the tile schedule, axis 1 a (batch, head) pair."""
+    tile = Tiles + tl.program_id(0) * _TILE_COLS
     bh = tl.program_id(1)
     h = bh % n_heads
-    return ((bh // n_heads).to(tl.int64), h, h // group, tl.load(Tiles + tile * 4), tl.load(Tiles + tile * 4 + 1),
-            tl.load(Tiles + tile * 4 + 2), tl.load(Tiles + tile * 4 + 3))
+    return ((bh // n_heads).to(tl.int64), h, h // group, tl.load(tile), tl.load(tile + 1), tl.load(tile + 2),
+            tl.load(tile + 3), tl.load(tile + 4), tl.load(tile + 5))
 
 
 @triton.jit(do_not_specialize=_VARYING)
@@ -192,7 +309,7 @@ def _fwd_kernel(Q, K, V, Out, Lse, Offsets, Tiles, Temp,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, QK_NORM: tl.constexpr):
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
-    b, h, hk, q_start, q_end, k_start, k_end = _query_tile(Tiles, n_heads, group)
+    b, h, hk, q_start, q_end, k0_start, k0_end, k1_start, k1_end = _query_tile(Tiles, n_heads, group)
     rows = q_start + tl.arange(0, BLOCK_M)
     row_ok = rows < q_end
     offs_d = tl.arange(0, BLOCK_D)
@@ -201,19 +318,28 @@ def _fwd_kernel(Q, K, V, Out, Lse, Offsets, Tiles, Temp,
                    row_ok, d_ok, EVEN_D)
     if QK_NORM:
         q = _unit_rows(q, _head_multiplier(Temp, h, QK_NORM))
-    lo, hi = _row_key_range(Offsets, n_seg, pattern, block_size, rows)
-    lo, hi, full_lo, full_hi = _full_span(row_ok, lo, hi, k_end)
+    a, e = _segment_bounds(Offsets, n_seg, rows)
+    lo0, hi0, lo1, hi1 = _row_key_ranges(a, e, pattern, block_size, rows)
+    u0_lo, u0_hi = _unmasked(row_ok, lo0, hi0, k0_start, k0_end)
+    u1_lo, u1_hi = _unmasked(row_ok, lo1, hi1, k1_start, k1_end)
+    lo, hi, p_lo, p_hi = _row_mask_params(a, e, pattern, block_size, rows, BLOCK_M)
 
     K_base = K + b * stride_kb + hk * stride_kh
     V_base = V + b * stride_vb + hk * stride_vh
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    for start_n in range(k_start, k_end, BLOCK_N):
-        edge = (start_n < full_lo) | (start_n + BLOCK_N > full_hi)
+    # One loop per span (an unused span (0, 0) runs none): triton software-pipelines each.
+    for start_n in range(k0_start, k0_end, BLOCK_N):
+        edge = (start_n < u0_lo) | (start_n + BLOCK_N > u0_hi)
         acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, K_base, V_base, stride_kl, stride_kd, stride_vl, stride_vd,
-                                  start_n, k_end, edge, lo, hi, offs_d, d_ok, qk_scale, BLOCK_N, EVEN_D,
-                                  DOT_PRECISION, QK_NORM)
+                                  start_n, k0_end, edge, lo, hi, p_lo, p_hi, offs_d, d_ok, qk_scale, BLOCK_N,
+                                  EVEN_D, DOT_PRECISION, QK_NORM)
+    for start_n in range(k1_start, k1_end, BLOCK_N):
+        edge = (start_n < u1_lo) | (start_n + BLOCK_N > u1_hi)
+        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, K_base, V_base, stride_kl, stride_kd, stride_vl, stride_vd,
+                                  start_n, k1_end, edge, lo, hi, p_lo, p_hi, offs_d, d_ok, qk_scale, BLOCK_N,
+                                  EVEN_D, DOT_PRECISION, QK_NORM)
 
     # Rows that saw no key: out 0, lse -inf.
     seen = l_i > 0
@@ -252,7 +378,7 @@ def _bwd_delta_kernel(Out, DO, Delta,
 
 @triton.jit
 def _bwd_dkdv_step(dk, dv, k, v, Q_base, DO_base, Lse_base, Delta_base, stride_ql, stride_qd, stride_dol,
-                   stride_dod, stride_ll, start_m, q_end, edge, q_lo, q_hi, offs_d, d_ok, qk_scale, q_mult,
+                   stride_dod, stride_ll, start_m, q_end, edge, lo, hi, t_lo, t_hi, offs_d, d_ok, qk_scale, q_mult,
                    BLOCK_M: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
                    QK_NORM: tl.constexpr):
     rows = start_m + tl.arange(0, BLOCK_M)
@@ -267,8 +393,9 @@ def _bwd_dkdv_step(dk, dv, k, v, Q_base, DO_base, Lse_base, Delta_base, stride_q
     s_t = tl.dot(k, q_t, input_precision=DOT_PRECISION) * qk_scale
     p_t = tl.exp(s_t - lse_rows[None, :])
     if edge:
-        # Rows outside a key's query range (padding rows, rows with lse = -inf included) get p = 0.
-        p_t = tl.where((rows[None, :] >= q_lo[:, None]) & (rows[None, :] < q_hi[:, None]), p_t, 0.0)
+        # Rows outside a key's query ranges (padding rows, rows with lse = -inf included) get p = 0, and
+        # so do rows past the span's end, which the other span visits.
+        p_t = tl.where(_key_mask(lo, hi, t_lo, t_hi, rows) & row_ok[None, :], p_t, 0.0)
     dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
     dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
     ds_t = p_t * (dp_t - delta[None, :])
@@ -293,10 +420,12 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, Lse, Delta, Offsets, Tiles, Temp,
     bhk = tl.program_id(1)
     b = (bhk // n_kv_heads).to(tl.int64)
     hk = bhk % n_kv_heads
-    k_start = tl.load(Tiles + tile * 4)
-    k_end = tl.load(Tiles + tile * 4 + 1)
-    q_start = tl.load(Tiles + tile * 4 + 2)
-    q_end = tl.load(Tiles + tile * 4 + 3)
+    k_start = tl.load(Tiles + tile * _TILE_COLS)
+    k_end = tl.load(Tiles + tile * _TILE_COLS + 1)
+    q0_start = tl.load(Tiles + tile * _TILE_COLS + 2)
+    q0_end = tl.load(Tiles + tile * _TILE_COLS + 3)
+    q1_start = tl.load(Tiles + tile * _TILE_COLS + 4)
+    q1_end = tl.load(Tiles + tile * _TILE_COLS + 5)
 
     cols = k_start + tl.arange(0, BLOCK_N)
     col_ok = cols < k_end
@@ -309,8 +438,13 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, Lse, Delta, Offsets, Tiles, Temp,
     if QK_NORM:
         k = _unit_rows(k, 1.0)
     # Transposed ranges per key, computed once for all heads of the group.
-    q_lo, q_hi = _key_query_range(Offsets, n_seg, pattern, block_size, cols)
-    q_lo, q_hi, full_lo, full_hi = _full_span(col_ok, q_lo, q_hi, q_end)
+    a, e = _segment_bounds(Offsets, n_seg, cols)
+    seq_end = tl.load(Offsets + n_seg)
+    q_lo0, q_hi0, q_lo1, q_hi1 = _key_query_ranges(a, e, seq_end, pattern, block_size, cols)
+    u0_lo, u0_hi = _unmasked(col_ok, q_lo0, q_hi0, q0_start, q0_end)
+    u1_lo, u1_hi = _unmasked(col_ok, q_lo1, q_hi1, q1_start, q1_end)
+    lo, hi, t_lo, t_hi = _key_mask_params(a, e, seq_end, pattern, block_size, cols, BLOCK_N)
+    n0 = tl.cdiv(q0_end - q0_start, BLOCK_M)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -321,11 +455,12 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, Lse, Delta, Offsets, Tiles, Temp,
         Lse_base = Lse + b * stride_lb + h * stride_lh
         Delta_base = Delta + b * stride_deb + h * stride_deh
         q_mult = _head_multiplier(Temp, h, QK_NORM)
-        for start_m in range(q_start, q_end, BLOCK_M):
-            edge = (start_m < full_lo) | (start_m + BLOCK_M > full_hi)
+        for it in range(0, n0 + tl.cdiv(q1_end - q1_start, BLOCK_M)):
+            start_m, span_end, edge = _span_block(it, n0, q0_start, q0_end, u0_lo, u0_hi, q1_start, q1_end, u1_lo,
+                                                  u1_hi, BLOCK_M)
             dk, dv = _bwd_dkdv_step(dk, dv, k, v, Q_base, DO_base, Lse_base, Delta_base, stride_ql, stride_qd,
-                                    stride_dol, stride_dod, stride_ll, start_m, q_end, edge, q_lo, q_hi, offs_d,
-                                    d_ok, qk_scale, q_mult, BLOCK_M, EVEN_D, DOT_PRECISION, QK_NORM)
+                                    stride_dol, stride_dod, stride_ll, start_m, span_end, edge, lo, hi, t_lo, t_hi,
+                                    offs_d, d_ok, qk_scale, q_mult, BLOCK_M, EVEN_D, DOT_PRECISION, QK_NORM)
 
     out_mask = col_ok[:, None] & d_ok[None, :]
     tl.store(DK + b * stride_dkb + hk * stride_dkh + cols[:, None] * stride_dkl + offs_d[None, :] * stride_dkd,
@@ -336,8 +471,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, Lse, Delta, Offsets, Tiles, Temp,
 
 @triton.jit
 def _bwd_dq_step(dq, q, do, lse_rows, delta, K_base, V_base, stride_kl, stride_kd, stride_vl, stride_vd, start_n,
-                 k_end, edge, lo, hi, offs_d, d_ok, qk_scale, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr, QK_NORM: tl.constexpr):
+                 k_end, edge, lo, hi, p_lo, p_hi, offs_d, d_ok, qk_scale, BLOCK_N: tl.constexpr,
+                 EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, QK_NORM: tl.constexpr):
     cols = start_n + tl.arange(0, BLOCK_N)
     col_ok = cols < k_end
     k_t = _load_cols(K_base + cols[None, :] * stride_kl + offs_d[:, None] * stride_kd, col_ok, d_ok, EVEN_D)
@@ -347,7 +482,7 @@ def _bwd_dq_step(dq, q, do, lse_rows, delta, K_base, V_base, stride_kl, stride_k
     s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale
     p = tl.exp(s - lse_rows[:, None])
     if edge:
-        p = tl.where((cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None]), p, 0.0)
+        p = tl.where(_row_mask(lo, hi, p_lo, p_hi, cols) & col_ok[None, :], p, 0.0)
     dp = tl.dot(do, v_t, input_precision=DOT_PRECISION)
     ds = p * (dp - delta[:, None])
     dq += tl.dot(ds.to(k_t.dtype), tl.trans(k_t), input_precision=DOT_PRECISION)
@@ -366,7 +501,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, Lse, Delta, Offsets, Tiles, Temp,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, QK_NORM: tl.constexpr):
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
-    b, h, hk, q_start, q_end, k_start, k_end = _query_tile(Tiles, n_heads, group)
+    b, h, hk, q_start, q_end, k0_start, k0_end, k1_start, k1_end = _query_tile(Tiles, n_heads, group)
     rows = q_start + tl.arange(0, BLOCK_M)
     row_ok = rows < q_end
     offs_d = tl.arange(0, BLOCK_D)
@@ -379,17 +514,22 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, Lse, Delta, Offsets, Tiles, Temp,
         q = _unit_rows(q, _head_multiplier(Temp, h, QK_NORM))
     lse_rows = tl.load(Lse + b * stride_lb + h * stride_lh + rows * stride_ll, mask=row_ok, other=0.0)
     delta = tl.load(Delta + b * stride_deb + h * stride_deh + rows, mask=row_ok, other=0.0)
-    lo, hi = _row_key_range(Offsets, n_seg, pattern, block_size, rows)
-    lo, hi, full_lo, full_hi = _full_span(row_ok, lo, hi, k_end)
+    a, e = _segment_bounds(Offsets, n_seg, rows)
+    lo0, hi0, lo1, hi1 = _row_key_ranges(a, e, pattern, block_size, rows)
+    u0_lo, u0_hi = _unmasked(row_ok, lo0, hi0, k0_start, k0_end)
+    u1_lo, u1_hi = _unmasked(row_ok, lo1, hi1, k1_start, k1_end)
+    lo, hi, p_lo, p_hi = _row_mask_params(a, e, pattern, block_size, rows, BLOCK_M)
 
     K_base = K + b * stride_kb + hk * stride_kh
     V_base = V + b * stride_vb + hk * stride_vh
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(k_start, k_end, BLOCK_N):
-        edge = (start_n < full_lo) | (start_n + BLOCK_N > full_hi)
+    n0 = tl.cdiv(k0_end - k0_start, BLOCK_N)
+    for it in range(0, n0 + tl.cdiv(k1_end - k1_start, BLOCK_N)):
+        start_n, span_end, edge = _span_block(it, n0, k0_start, k0_end, u0_lo, u0_hi, k1_start, k1_end, u1_lo,
+                                              u1_hi, BLOCK_N)
         dq = _bwd_dq_step(dq, q, do, lse_rows, delta, K_base, V_base, stride_kl, stride_kd, stride_vl, stride_vd,
-                          start_n, k_end, edge, lo, hi, offs_d, d_ok, qk_scale, BLOCK_N, EVEN_D, DOT_PRECISION,
-                          QK_NORM)
+                          start_n, span_end, edge, lo, hi, p_lo, p_hi, offs_d, d_ok, qk_scale, BLOCK_N, EVEN_D,
+                          DOT_PRECISION, QK_NORM)
 
     tl.store(DQ + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dql + offs_d[None, :] * stride_dqd,
              (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
@@ -424,7 +564,8 @@ _DKDV_GPU = {
     (64, 16): _Config(32, 64, 4, 1),
     (128, 16): _Config(32, 64, 8, 1),
     (256, 16): _Config(16, 64, 8, 1),
-    (64, 32): _Config(16, 32, 4, 1),
+    # 16 keys: with 32, ptxas spills (16 B on sm_90) once the two-span loop's bounds are live.
+    (64, 32): _Config(16, 16, 4, 1),
     (128, 32): _Config(32, 32, 8, 1),
     (256, 32): _Config(32, 32, 8, 1),
 }
@@ -502,9 +643,12 @@ def _temperature_arg(temperature, placeholder):
     return temperature
 
 
-def _check_pattern(pattern):
-    if pattern not in (SEGMENT_CAUSAL, SEGMENT_DIAGONAL):
+def _check_pattern(pattern, block_size):
+    if pattern not in PATTERN_NAMES:
         raise ValueError(f"interval attention (triton): unsupported pattern id {pattern}")
+    if pattern in (SKIP_NOISY_FIRST, SKIP_CLEAN_FIRST, BLOCK_CAUSAL) and block_size < 1:
+        raise ValueError(f"interval attention (triton): block_size must be >= 1 for pattern "
+                         f"{PATTERN_NAMES[pattern]}, got {block_size}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -513,7 +657,7 @@ def _check_pattern(pattern):
 def interval_attn_fwd(q, k, v, offsets, q_tiles, pattern: int, block_size: int, scale: float, temperature=None):
     """out (B, L, H, D) in q.dtype and lse (B, H, L) float32; q_tiles from tiling.q_tiles with
     fwd_blocks()[0]. Inputs may have any strides. temperature: the qk_norm prologue's (H,) float32."""
-    _check_pattern(pattern)
+    _check_pattern(pattern, block_size)
     B, L, H, D = q.shape
     out = torch.empty((B, L, H, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
@@ -536,7 +680,7 @@ def interval_attn_bwd(grad_out, q, k, v, out, lse, offsets, dq_tiles, k_tiles, p
     """(dq, dk, dv) shaped and strided like (q, k, v); dq_tiles / k_tiles from tiling.q_tiles /
     tiling.k_tiles with bwd_blocks(). With a temperature, dq / dk are the gradients with respect to
     the normalised q_hat / k_hat (cos_attention.backward finishes the chain rule)."""
-    _check_pattern(pattern)
+    _check_pattern(pattern, block_size)
     B, L, H, D = q.shape
     Hkv = k.shape[2]
     dq = torch.empty_like(q)
