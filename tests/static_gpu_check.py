@@ -9,7 +9,7 @@
    shared memory beyond the arch's per-block limit, and, for entries with uses_dot, when any of its dots
    is not lowered to tensor cores (wgmma on sm_90, mma on sm_80; checked per dot in the TTGIR). An entry
    with a "wgmma_exempt" reason (a deliberately tiny decode tile: wgmma needs 64 rows) must get mma on
-   sm_90 instead.
+   sm_90 instead. An entry with "archs" (e.g. an Ampere-only tile) is compiled for those archs only.
 2. CUDA C++: the device code of every csrc/cuda/*.cu is compiled with nvcc (-cubin) for sm_80 and sm_90a
    with setup.py's flags and -Xptxas -v; it fails on any compile error or spill stores/loads.
 
@@ -127,8 +127,10 @@ def _triton_tasks(archs, modules=TRITON_MODULES):
 
     tasks = []
     for module in modules:
-        n = len(importlib.import_module(module).aot_configs())
-        tasks += [(_compile_triton, module, i, arch) for i in range(n) for arch in archs]
+        cfgs = importlib.import_module(module).aot_configs()
+        # An entry with "archs" is the configuration the launcher picks on those architectures only.
+        tasks += [(_compile_triton, module, i, arch) for i, cfg in enumerate(cfgs) for arch in archs
+                  if arch in cfg.get("archs", archs)]
     return tasks
 
 

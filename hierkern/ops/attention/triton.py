@@ -552,7 +552,8 @@ class _Config:
 # (FMA, no tensor cores), so its tiles are smaller. ptxas is erratic near the register limit: retune an
 # entry with the static check, not by rule of thumb.
 _FWD_GPU = {
-    (64, 16): _Config(128, 64, 4, 3),
+    # 8 warps: with 4, the qk_norm bf16 variant spilled 8 B on sm_90 once rows carry two key ranges.
+    (64, 16): _Config(128, 64, 8, 3),
     (128, 16): _Config(128, 64, 8, 2),
     (256, 16): _Config(64, 64, 8, 2),
     (64, 32): _Config(64, 32, 8, 2),
@@ -568,6 +569,12 @@ _DKDV_GPU = {
     (64, 32): _Config(16, 16, 4, 1),
     (128, 32): _Config(32, 32, 8, 1),
     (256, 32): _Config(32, 32, 8, 1),
+}
+# Ampere overrides (capability < 9): d256 16-bit dK/dV with 64-key tiles spills on sm_80 (8-24 B at
+# every block_m / warps / stages tried; the dK and dV accumulators are 2 x 64 x 256 floats), and 32-key
+# tiles are too short for Hopper's wgmma (64 rows), so each architecture gets its own key tile.
+_DKDV_GPU_SM80 = {
+    (256, 16): _Config(16, 32, 8, 1),
 }
 _DQ_GPU = {
     (64, 16): _Config(64, 64, 4, 2),
@@ -600,10 +607,13 @@ def _interpreted(device):
     return torch.device(device).type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _config(table, interpreted_cfg, head_dim, dtype, device):
+def _config(table, interpreted_cfg, head_dim, dtype, device, ampere=None):
     if _interpreted(device):
         return interpreted_cfg
-    return table[(_bucket(head_dim), torch.finfo(dtype).bits)]
+    key = (_bucket(head_dim), torch.finfo(dtype).bits)
+    if ampere and key in ampere and torch.cuda.get_device_capability(device)[0] < 9:
+        return ampere[key]
+    return table[key]
 
 
 def _fwd_config(head_dim, dtype, device):
@@ -611,7 +621,7 @@ def _fwd_config(head_dim, dtype, device):
 
 
 def _dkdv_config(head_dim, dtype, device):
-    return _config(_DKDV_GPU, _INTERP_DKDV, head_dim, dtype, device)
+    return _config(_DKDV_GPU, _INTERP_DKDV, head_dim, dtype, device, ampere=_DKDV_GPU_SM80)
 
 
 def _dq_config(head_dim, dtype, device):
@@ -772,12 +782,20 @@ def aot_configs() -> list[dict]:
             # The cos-attention prologue (QK_NORM) at the head dims VAR (64) and Infinity (128) use.
             qk_norms = (False, True) if head_dim in (64, 128) and bits == 16 else (False,)
             for (kname, kernel, table), qk_norm in itertools.product(kernels, qk_norms):
-                cfg = table[(_bucket(head_dim), bits)]
-                constexprs = {"HEAD_DIM": head_dim, "BLOCK_D": block_d, "BLOCK_M": cfg.block_m,
-                              "BLOCK_N": cfg.block_n, "DOT_PRECISION": _dot_precision(dtype), "QK_NORM": qk_norm}
-                name = f"{kname}_{_TRITON_DTYPE[dtype]}_d{head_dim}" + ("_qknorm" if qk_norm else "")
-                entries.append(_aot_entry(name, kernel, dtype, constexprs, cfg.num_warps, cfg.num_stages,
-                                          uses_dot=bits == 16))
+                key = (_bucket(head_dim), bits)
+                ampere = _DKDV_GPU_SM80.get(key) if kname == "dkdv" else None
+                # (config, archs it serves): an Ampere override splits an entry in two.
+                variants = [(table[key], None)] if ampere is None else [(ampere, (80,)), (table[key], (90,))]
+                for cfg, archs in variants:
+                    constexprs = {"HEAD_DIM": head_dim, "BLOCK_D": block_d, "BLOCK_M": cfg.block_m,
+                                  "BLOCK_N": cfg.block_n, "DOT_PRECISION": _dot_precision(dtype),
+                                  "QK_NORM": qk_norm}
+                    name = f"{kname}_{_TRITON_DTYPE[dtype]}_d{head_dim}" + ("_qknorm" if qk_norm else "")
+                    entry = _aot_entry(name, kernel, dtype, constexprs, cfg.num_warps, cfg.num_stages,
+                                       uses_dot=bits == 16)
+                    if archs:
+                        entry["archs"] = archs
+                    entries.append(entry)
         entries.append(_aot_entry(f"delta_{_TRITON_DTYPE[dtype]}_d128", _bwd_delta_kernel, dtype,
                                   {"HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_M": _DELTA_BLOCK_M},
                                   _DELTA_WARPS, 1, uses_dot=False))
