@@ -53,7 +53,12 @@ step() {
         tail -n 25 "$OUT/logs/$name.log" | sed 's/^/      /' | tee -a "$LOG"
         FAILED+=("$name")
     fi
+    pack
 }
+
+# The device tool brings back at most 8 files: GPU_CHECK_PACK=FILE also writes everything as one tarball,
+# refreshed after every step so a run cut short still returns what it measured.
+pack() { [ -z "${GPU_CHECK_PACK:-}" ] || tar czf "$GPU_CHECK_PACK" -C "$OUT" . 2>/dev/null || true; }
 
 say "gpu_check: repo $(pwd), OUT=$OUT, budget ${BUDGET}s, python $PY"
 step env 30 bash -c "nvidia-smi; $PY -c 'import sys, torch, triton; print(sys.version); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"available\", torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else \"\"); print(\"triton\", triton.__version__)'; command -v nvcc && nvcc --version | tail -n 2 || true"
@@ -88,7 +93,7 @@ step bench "$BT" "$PY" -m bench.report --device cuda --out "$OUT/bench" --time-l
 
 # Skip-causal (block-diffusion) attention at BD3 and SDAR shapes vs SDPA dense mask and compiled flex.
 step bench_skip "$(budget_for 100 60)" "$PY" -m bench.bench_skip_causal --device cuda \
-    --out "$OUT/bench/skip_causal_cuda.json"
+    --peers hierkern,sdpa_dense,flex --out "$OUT/bench/skip_causal_cuda.json"
 
 # causal_conv1d (Triton) vs F.conv1d with padding at Mamba-2-ish shapes.
 step bench_conv "$(budget_for 40 45)" "$PY" -m bench.bench_causal_conv1d --device cuda \
@@ -117,8 +122,7 @@ if compgen -G "$OUT/bench/*" > /dev/null; then
     cp "$OUT"/bench/* "$OUT/results/$(basename "$DEST")"/
 fi
 
-# The device tool brings back at most 8 files: GPU_CHECK_PACK=FILE also writes everything as one tarball.
-[ -n "${GPU_CHECK_PACK:-}" ] && tar czf "$GPU_CHECK_PACK" -C "$OUT" . && say "packed $OUT into $GPU_CHECK_PACK"
+pack
 
 # a short summary on the console (the full logs are under $OUT/logs)
 [ -f "$OUT/logs/tests.log" ] && { echo "--- tests (tail)"; tail -n 5 "$OUT/logs/tests.log"; }

@@ -3,6 +3,7 @@ backend dispatch behind every public attention wrapper (next_scale_attention, ..
 import torch
 
 from ... import _backend
+from ..._autograd import call_op
 from . import cos_attention, reference, tiling
 
 _LIB = "hierkern"
@@ -16,6 +17,38 @@ def _fake_fwd(q, k, v):
 
 def _fake_bwd(q, k, v):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+# Autograd: the forward saves q, k, v, out and the float32 log-sum-exp; the backward recomputes
+# the probabilities tile by tile (no L x L tensor is kept). The lse output is not differentiable.
+# With a temperature (qk_norm) the backward kernels return gradients with respect to the
+# normalised q_hat, k_hat and cos_attention.backward finishes the chain rule to q, k and temperature.
+def _setup(ctx, inputs, output):
+    ctx.n_meta = len(inputs) - 7  # tensors between q, k, v and the trailing scalars
+    ctx.save_for_backward(*inputs[:3 + ctx.n_meta], inputs[-1], *output)
+    ctx.mark_non_differentiable(output[1])
+    ctx.args = inputs[3 + ctx.n_meta:-1]
+
+
+def _finish(ctx, q, k, temperature, dq, dk, dv):
+    dt = None
+    if temperature is not None:
+        dq, dk, dt = cos_attention.backward(q, k, temperature, dq, dk)
+    return (dq, dk, dv) + (None,) * (ctx.n_meta + len(ctx.args)) + (dt,)
+
+
+def _bwd_compiled(ctx, grad_out, grad_lse):
+    q, k, v, offsets, temperature, out, lse = ctx.saved_tensors
+    dq, dk, dv = torch.ops.hierkern.interval_attn_bwd(grad_out, q, k, v, out, lse, offsets, *ctx.args,
+                                                      temperature)
+    return _finish(ctx, q, k, temperature, dq, dk, dv)
+
+
+def _bwd_triton(ctx, grad_out, grad_lse):
+    q, k, v, offsets, _, dq_tiles, k_tiles, temperature, out, lse = ctx.saved_tensors
+    dq, dk, dv = torch.ops.hierkern.interval_attn_bwd_triton(
+        grad_out, q, k, v, out, lse, offsets, dq_tiles, k_tiles, *ctx.args, temperature)
+    return _finish(ctx, q, k, temperature, dq, dk, dv)
 
 
 def _register():
@@ -39,36 +72,7 @@ def _register():
           temperature=None):
         return _fake_bwd(q, k, v)
 
-    # Autograd: the forward saves q, k, v, out and the float32 log-sum-exp; the backward recomputes
-    # the probabilities tile by tile (no L x L tensor is kept). The lse output is not differentiable.
-    # With a temperature (qk_norm) the backward kernels return gradients with respect to the
-    # normalised q_hat, k_hat and cos_attention.backward finishes the chain rule to q, k and temperature.
-    def _setup(ctx, inputs, output):
-        ctx.n_meta = len(inputs) - 7  # tensors between q, k, v and the trailing scalars
-        ctx.save_for_backward(*inputs[:3 + ctx.n_meta], inputs[-1], *output)
-        ctx.mark_non_differentiable(output[1])
-        ctx.args = inputs[3 + ctx.n_meta:-1]
-
-    def _finish(ctx, q, k, temperature, dq, dk, dv):
-        dt = None
-        if temperature is not None:
-            dq, dk, dt = cos_attention.backward(q, k, temperature, dq, dk)
-        return (dq, dk, dv) + (None,) * (ctx.n_meta + len(ctx.args)) + (dt,)
-
-    def _bwd_compiled(ctx, grad_out, grad_lse):
-        q, k, v, offsets, temperature, out, lse = ctx.saved_tensors
-        dq, dk, dv = torch.ops.hierkern.interval_attn_bwd(grad_out, q, k, v, out, lse, offsets, *ctx.args,
-                                                          temperature)
-        return _finish(ctx, q, k, temperature, dq, dk, dv)
-
     torch.library.register_autograd(f"{_LIB}::interval_attn_fwd", _bwd_compiled, setup_context=_setup)
-
-    def _bwd_triton(ctx, grad_out, grad_lse):
-        q, k, v, offsets, _, dq_tiles, k_tiles, temperature, out, lse = ctx.saved_tensors
-        dq, dk, dv = torch.ops.hierkern.interval_attn_bwd_triton(
-            grad_out, q, k, v, out, lse, offsets, dq_tiles, k_tiles, *ctx.args, temperature)
-        return _finish(ctx, q, k, temperature, dq, dk, dv)
-
     torch.library.register_autograd(f"{_LIB}::interval_attn_fwd_triton", _bwd_triton, setup_context=_setup)
 
     if _backend.has_triton():
@@ -111,12 +115,12 @@ def interval_attention(q, k, v, offsets, offsets_tensor, pattern, block_size, sc
         d = q.shape[-1]
         fbm, _ = tk.fwd_blocks(d, q.dtype, q.device)
         bbm, bbn = tk.bwd_blocks(d, q.dtype, q.device)
-        out, lse = torch.ops.hierkern.interval_attn_fwd_triton(
-            q, k, v, offsets_tensor(q.device),
+        out, lse = call_op(
+            torch.ops.hierkern.interval_attn_fwd_triton, _setup, _bwd_triton, q, k, v, offsets_tensor(q.device),
             tiling.q_tiles(offsets, pattern, fbm, q.device, block_size),
             tiling.q_tiles(offsets, pattern, bbm, q.device, block_size),
             tiling.k_tiles(offsets, pattern, bbn, q.device, block_size), pattern, block_size, scale, temperature)
     else:  # "cpu" or "cuda": the C++ op, dispatched on the tensors' device
-        out, lse = torch.ops.hierkern.interval_attn_fwd(q, k, v, offsets_tensor(q.device), pattern,
-                                                       block_size, scale, temperature)
+        out, lse = call_op(torch.ops.hierkern.interval_attn_fwd, _setup, _bwd_compiled, q, k, v,
+                           offsets_tensor(q.device), pattern, block_size, scale, temperature)
     return (out, lse) if return_lse else out
