@@ -157,18 +157,11 @@ class SkipCase(common.Case):
                                                 cuda_op="interval_attn_fwd")
         self._mask = self._block_mask = None
 
-    @property
-    def mask(self):
-        if self._mask is None:
-            self._mask = interval_mask(self.cfg.offsets, self.cfg.pattern_id, device=self.device,
-                                       block_size=self.cfg.block)
-        return self._mask
+    def build_mask(self):
+        return interval_mask(self.cfg.offsets, self.cfg.pattern_id, device=self.device, block_size=self.cfg.block)
 
-    @property
-    def block_mask(self):
-        if self._block_mask is None:
-            self._block_mask = make_block_mask(self.cfg, self.device)
-        return self._block_mask
+    def build_block_mask(self):
+        return make_block_mask(self.cfg, self.device)
 
     def forward_fn(self, peer):
         cfg = self.cfg

@@ -271,14 +271,20 @@ class Case:
     @property
     def mask(self):
         if self._mask is None:
-            self._mask = interval_mask(self.layout.offsets, self.cfg.pattern_id, device=self.device)
+            self._mask = self.build_mask()
         return self._mask
 
     @property
     def block_mask(self):
         if self._block_mask is None:
-            self._block_mask = make_block_mask(self.cfg, self.device)
+            self._block_mask = self.build_block_mask()
         return self._block_mask
+
+    def build_mask(self):
+        return interval_mask(self.layout.offsets, self.cfg.pattern_id, device=self.device)
+
+    def build_block_mask(self):
+        return make_block_mask(self.cfg, self.device)
 
     # forward functions: BSHD in, BSHD out ----------------------------------------------------
     def forward_fn(self, peer: str) -> Callable:

@@ -85,6 +85,18 @@ class AdaLNHead(nn.Module):
         return self.out(self.norm(x) * (scale + 1) + shift)
 
 
+def trunc_normal_init_(module, std, embeddings=False):
+    """VAR/DiT-style init of every Linear (and, with embeddings, every Embedding) below `module`:
+    truncated-normal weights of std `std`, zero biases."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif embeddings and isinstance(m, nn.Embedding):
+            nn.init.trunc_normal_(m.weight, std=std)
+
+
 def _modulation(ada, parts, width, length):
     """(B, parts*C) -> (B, 1, parts, C), broadcast over the tokens; (B, n, parts*C) -> (B, L, parts, C)
     with row j of n repeated for the L/n tokens it conditions."""

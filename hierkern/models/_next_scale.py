@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from hierkern.layouts import VAR_256, ScaleLayout
 
 from . import _attention
-from ._blocks import AdaLNBlock, AdaLNHead
+from ._blocks import AdaLNBlock, AdaLNHead, trunc_normal_init_
 
 # VAR's own 256px token schedule (L = 680): at depth 4 a training step and a generation take about a
 # second each on a 2-core CPU, and attention is as large a share of the work as in the real model.
@@ -93,13 +93,7 @@ class NextScaleTransformer(nn.Module):
         # VAR's init: truncated normal std sqrt(1/(3C)); residual projections shrunk with depth; AdaLN
         # gates start near zero so every block starts close to the identity.
         std = math.sqrt(1.0 / self.width / 3)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=std)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Embedding):
-                nn.init.trunc_normal_(m.weight, std=std)
+        trunc_normal_init_(self, std, embeddings=True)
         nn.init.trunc_normal_(self.pos_start, std=std)
         nn.init.trunc_normal_(self.pos_embed, std=std)
         with torch.no_grad():

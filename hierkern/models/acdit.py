@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from . import _attention
 from . import _block_attention as ba
-from ._blocks import AdaLNBlock, AdaLNHead, GQASelfAttention
+from ._blocks import AdaLNBlock, AdaLNHead, GQASelfAttention, trunc_normal_init_
 from ._next_scale import _check_positive_int
 
 
@@ -82,11 +82,7 @@ class ACDiT(nn.Module):
         # DiT-like: small uniform-scale weights, zero biases; the AdaLN gates start small (not zero,
         # so a fresh model's output still depends on its attention).
         std = math.sqrt(1.0 / self.width / 3)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=std)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        trunc_normal_init_(self, std)
         with torch.no_grad():
             for b in self.blocks:
                 b.ada_lin[-1].weight[:2 * self.width].mul_(0.1)
