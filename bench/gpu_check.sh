@@ -1,12 +1,20 @@
 #!/usr/bin/env bash
 # One prepared check for a lent GPU (H200, no network): build, static GPU check, the full test suite
-# on CUDA, and the next_scale benchmark report. Must finish in under 8 minutes; every step has a
-# timeout taken from one overall budget (GPU_CHECK_BUDGET_S, default 450 s).
+# on CUDA (pytest-xdist when present), then the benchmarks: next_scale report, skip_causal, causal_conv1d,
+# a wall-vs-kernel-time profile, the VAR/HMAR models and cached_attention. Every step has a timeout
+# taken from one overall budget (GPU_CHECK_BUDGET_S, default 450 s).
 #
 #   bash bench/gpu_check.sh            # run from the repository root; results under $OUT (default ./out)
 #
+# Knobs: GPU_CHECK_STEPS=build,tests,... runs a subset (a rerun on a short device budget);
+# GPU_CHECK_SKIP_STATIC=1 skips the static check (CI runs it on every commit); GPU_CHECK_REPORT_ARGS
+# passes extra arguments to bench.report (e.g. "--configs VAR512 --ops fwd"); GPU_CHECK_PACK=FILE keeps a
+# tarball of $OUT, refreshed after every step (the device tool returns at most 8 files).
+# A full run, as the device tool calls it:
+#   D=$OUT; OUT=/tmp/gc GPU_CHECK_PACK=$D/gc.tgz bash bench/gpu_check.sh
+#
 # Everything goes under $OUT: gpu_check.log (timestamped), logs/<step>.log, static_gpu_check.json,
-# pytest.xml, bench/next_scale_cuda.{json,md,png}, bench/models_cuda.{json,md}. The bench results are also copied to
+# pytest.xml, bench/*_cuda.{json,md,txt,png}. The bench results are also copied to
 # bench/results/<date>_<device>/. Keeps going after a failing step; exits non-zero if any failed.
 set -euo pipefail
 
