@@ -137,7 +137,7 @@ def test_each_option_alone(option):
     check_case(D={"D": "h", "Dhp": "hp"}.get(option), **flags)
 
 
-@pytest.mark.parametrize("n", [1, 5, 64])
+@pytest.mark.parametrize("n", [1, 5, 64, 72])  # 1, 5: the portable loops; 72: two register blocks (64 + 8)
 def test_batch_one_and_state_sizes(n):
     check_case(b=1, h=2, g=1, p=3, n=n, l=19)
 
