@@ -323,6 +323,90 @@ void fwd_kernel(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& B, 
   });
 }
 
+#ifdef HK_AVX2
+// The adjoint recurrence of row j over a chunk, backwards, for the NV * 8 states at k0, the adjoint
+// row held in registers across the steps. Per step: dC_t += dy S_t, dB_t += dt x h_t (h_t = the adjoint
+// after adding dy C_t), and the partial lanes of <h_t, B_t> and <h_t, S_{t-1}> into dcv / dav
+// (stored by the first block, accumulated by the others).
+template <int NV>
+inline void row_bwd_avx2(float* h, const ChunkBufs& c, const float* rows, const float* dy, int64_t j, int64_t nt,
+                         const Dims& s, float* dBp, float* dCp, int64_t k0, bool first, float* dcv, float* dav) {
+  __m256 hv[NV];
+  for (int v = 0; v < NV; ++v) hv[v] = _mm256_loadu_ps(h + k0 + 8 * v);
+  for (int64_t i = nt - 1; i >= 0; --i) {
+    const __m256 a = _mm256_set1_ps(c.av[i]), dyv = _mm256_set1_ps(dy[i]);
+    const __m256 cf = _mm256_set1_ps(c.dtv[i] * c.Xc[i * s.p + j]);
+    const float* Bt = c.Bc.data() + i * s.n + k0;
+    const float* Ct = c.Cc.data() + i * s.n + k0;
+    const float* prev = rows + i * s.n + k0;
+    const float* cur = prev + s.n;
+    float* dBt = dBp + i * s.n + k0;
+    float* dCt = dCp + i * s.n + k0;
+    __m256 dc = _mm256_setzero_ps(), da = _mm256_setzero_ps();
+    for (int v = 0; v < NV; ++v) {
+      const __m256 hk = _mm256_fmadd_ps(dyv, _mm256_loadu_ps(Ct + 8 * v), hv[v]);
+      _mm256_storeu_ps(dCt + 8 * v, _mm256_fmadd_ps(dyv, _mm256_loadu_ps(cur + 8 * v), _mm256_loadu_ps(dCt + 8 * v)));
+      _mm256_storeu_ps(dBt + 8 * v, _mm256_fmadd_ps(cf, hk, _mm256_loadu_ps(dBt + 8 * v)));
+      dc = _mm256_fmadd_ps(hk, _mm256_loadu_ps(Bt + 8 * v), dc);
+      da = _mm256_fmadd_ps(hk, _mm256_loadu_ps(prev + 8 * v), da);
+      hv[v] = _mm256_mul_ps(a, hk);
+    }
+    _mm256_storeu_ps(dcv + i * 8, first ? dc : _mm256_add_ps(dc, _mm256_loadu_ps(dcv + i * 8)));
+    _mm256_storeu_ps(dav + i * 8, first ? da : _mm256_add_ps(da, _mm256_loadu_ps(dav + i * 8)));
+  }
+  for (int v = 0; v < NV; ++v) _mm256_storeu_ps(h + k0 + 8 * v, hv[v]);
+}
+#endif
+
+// The adjoint recurrence of row j over a loaded chunk, backwards: h (the row of dL/dS) from the
+// chunk's end to its start; accumulates dB / dC rows (dBp / dCp point at the chunk's first step);
+// dcoef[i] = <h_t, B_t> and da[i] = <h_t, S_{t-1}>, with h_t the adjoint of S_t. rows[i] holds
+// row j of S_{t0 + i - 1}. dcv / dav: 8 * nt floats of scratch.
+inline void row_bwd(float* h, const ChunkBufs& c, const float* rows, const float* dy, int64_t j, int64_t nt,
+                    const Dims& s, float* dBp, float* dCp, float* dcv, float* dav, float* dcoef, float* da) {
+#ifdef HK_AVX2
+  if (s.n % 8 == 0) {
+    // Blocks of 32 states: the adjoint row, the two accumulators and the broadcasts fit in the 16
+    // registers without spills.
+    for (int64_t k0 = 0; k0 < s.n; k0 += 32) {
+      const bool first = k0 == 0;
+      switch (std::min<int64_t>(4, (s.n - k0) / 8)) {
+        case 4: row_bwd_avx2<4>(h, c, rows, dy, j, nt, s, dBp, dCp, k0, first, dcv, dav); break;
+        case 3: row_bwd_avx2<3>(h, c, rows, dy, j, nt, s, dBp, dCp, k0, first, dcv, dav); break;
+        case 2: row_bwd_avx2<2>(h, c, rows, dy, j, nt, s, dBp, dCp, k0, first, dcv, dav); break;
+        default: row_bwd_avx2<1>(h, c, rows, dy, j, nt, s, dBp, dCp, k0, first, dcv, dav); break;
+      }
+    }
+    for (int64_t i = 0; i < nt; ++i) {
+      dcoef[i] = hsum8(_mm256_loadu_ps(dcv + i * 8));
+      da[i] = hsum8(_mm256_loadu_ps(dav + i * 8));
+    }
+    return;
+  }
+#endif
+  for (int64_t i = nt - 1; i >= 0; --i) {
+    const float a = c.av[i], coef = c.dtv[i] * c.Xc[i * s.p + j], d = dy[i];
+    const float* Bt = c.Bc.data() + i * s.n;
+    const float* Ct = c.Cc.data() + i * s.n;
+    const float* prev = rows + i * s.n;
+    const float* cur = prev + s.n;
+    float* dBt = dBp + i * s.n;
+    float* dCt = dCp + i * s.n;
+    float sc = 0.f, sa = 0.f;
+#pragma omp simd reduction(+ : sc, sa)
+    for (int64_t k = 0; k < s.n; ++k) {
+      const float hk = h[k] + d * Ct[k];  // dL/dS_t[j, k]
+      dCt[k] += d * cur[k];
+      dBt[k] += coef * hk;
+      sc += hk * Bt[k];
+      sa += hk * prev[k];
+      h[k] = a * hk;  // dL/dS_{t-1}[j, k] through the decay
+    }
+    dcoef[i] = sc;
+    da[i] = sa;
+  }
+}
+
 struct Partials {
   std::vector<float> dB, dC;  // (b * h, l, n): per-task panels, summed over a group's heads at the end
   std::vector<float> dA, dbias, dD;  // (b * h), (b * h), (b * h, p)
@@ -343,7 +427,7 @@ void bwd_kernel(const at::Tensor& grad_out, const OptT& grad_fin, const at::Tens
   at::parallel_for(0, s.b * s.h, 1, [&](int64_t lo, int64_t hi) {
     ChunkBufs c(s);
     std::vector<float> ck(n_chunks * pn), H(pn), rows((s.q + 1) * s.n), Gc(s.q * s.p), dXc(s.q * s.p),
-        dZc(s.q * s.p), ddt_acc(s.q);
+        dZc(s.q * s.p), ddt_acc(s.q), dy(s.q), dcoef(s.q), da(s.q), dcv(s.q * 8), dav(s.q * 8);
     for (int64_t task = lo; task < hi; ++task) {
       const int64_t b = task / s.h, hh = task % s.h;
       const float Ah = P.A[hh];
@@ -374,42 +458,33 @@ void bwd_kernel(const at::Tensor& grad_out, const OptT& grad_fin, const at::Tens
 #pragma omp simd
             for (int64_t k = 0; k < s.n; ++k) cur[k] = a * prev[k] + coef * Bt[k];
           }
-          float* h = H.data() + j * s.n;
           const float Dj = P.D[hh * s.p + j];
           float dDj = 0.f;
-          for (int64_t i = nt - 1; i >= 0; --i) {
-            const float a = c.av[i], dtv = c.dtv[i], xv = c.Xc[i * s.p + j], coef = dtv * xv;
-            const float* Bt = c.Bc.data() + i * s.n;
-            const float* Ct = c.Cc.data() + i * s.n;
-            const float* prev = rows.data() + i * s.n;
-            const float* cur = rows.data() + (i + 1) * s.n;
-            float* dBt = dBp + (t0 + i) * s.n;
-            float* dCt = dCp + (t0 + i) * s.n;
-            const float g = Gc[i * s.p + j];
-            float dy = g;
+          // dy_t does not depend on the adjoint: all of the chunk's first (with z it needs y_t).
+          for (int64_t i = 0; i < nt; ++i) {
+            const float g = Gc[i * s.p + j], xv = c.Xc[i * s.p + j];
+            float d = g;
             if (has_z) {
+              const float* Ct = c.Cc.data() + i * s.n;
+              const float* cur = rows.data() + (i + 1) * s.n;
               float y = 0.f;
 #pragma omp simd reduction(+ : y)
               for (int64_t k = 0; k < s.n; ++k) y += cur[k] * Ct[k];
               y += Dj * xv;
               const float zz = c.Zc[i * s.p + j], sg = c.SGc[i * s.p + j];
-              dy = g * zz * sg;
+              d = g * zz * sg;
               dZc[i * s.p + j] = g * y * sg * (1.f + zz * (1.f - sg));
             }
-            dDj += dy * xv;
-            float dcoef = 0.f, da = 0.f;
-#pragma omp simd reduction(+ : dcoef, da)
-            for (int64_t k = 0; k < s.n; ++k) {
-              const float hk = h[k] + dy * Ct[k];  // dL/dS_t[j, k]
-              dCt[k] += dy * cur[k];
-              dBt[k] += coef * hk;
-              dcoef += hk * Bt[k];
-              da += hk * prev[k];
-              h[k] = a * hk;  // dL/dS_{t-1}[j, k] through the decay
-            }
-            dXc[i * s.p + j] = dy * Dj + dtv * dcoef;
-            ddt_acc[i] += xv * dcoef + da * a * Ah;
-            dA += da * a * dtv;
+            dy[i] = d;
+            dDj += d * xv;
+          }
+          row_bwd(H.data() + j * s.n, c, rows.data(), dy.data(), j, nt, s, dBp + t0 * s.n, dCp + t0 * s.n,
+                  dcv.data(), dav.data(), dcoef.data(), da.data());
+          for (int64_t i = 0; i < nt; ++i) {
+            const float a = c.av[i], dtv = c.dtv[i], xv = c.Xc[i * s.p + j];
+            dXc[i * s.p + j] = dy[i] * Dj + dtv * dcoef[i];
+            ddt_acc[i] += xv * dcoef[i] + da[i] * a * Ah;
+            dA += da[i] * a * dtv;
           }
           part.dD[task * s.p + j] += dDj;
         }
