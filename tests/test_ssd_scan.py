@@ -126,7 +126,7 @@ def test_chunk_size_does_not_change_the_forward():
     x, softplus = make_inputs(l=30)
     x = {k: v.detach() if v is not None else None for k, v in x.items()}
     ref = hierkern.ssd_scan(**x, chunk_size=64, dt_softplus=softplus, return_final_states=True, impl="cpu")
-    for q in (1, 7, 30):
+    for q in (1, 7, 30, 1 << 40):  # a chunk far beyond the sequence must not size buffers by it
         got = hierkern.ssd_scan(**x, chunk_size=q, dt_softplus=softplus, return_final_states=True, impl="cpu")
         assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
 

@@ -97,7 +97,8 @@ Dims check_inputs(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A
   TORCH_CHECK(B.dim() == 4 && B.size(2) >= 1 && x.size(2) % B.size(2) == 0 && B.size(3) >= 1,
               "hierkern::ssd_scan: B must be (batch, seqlen, ngroups, dstate) with nheads ", x.size(2),
               " divisible by ngroups and dstate >= 1, got ", B.sizes());
-  const Dims s{x.size(0), x.size(1), x.size(2), x.size(3), B.size(2), B.size(3), chunk_size};
+  // A chunk longer than the sequence is the sequence (the buffers are sized by the chunk).
+  const Dims s{x.size(0), x.size(1), x.size(2), x.size(3), B.size(2), B.size(3), std::min(chunk_size, x.size(1))};
   check_bc("B", B, s, x.scalar_type());
   check_bc("C", C, s, x.scalar_type());
   if (present(z)) check_like_x("z", *z, x);
