@@ -142,6 +142,18 @@ def test_batch_one_and_state_sizes(n):
     check_case(b=1, h=2, g=1, p=3, n=n, l=19)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_backward_tasks_with_several_heads(threads):
+    """Few threads and many heads per group: a backward task runs several heads of a group into one
+    dB / dC panel (1 thread, b=1, g=2, h=8: 2 heads per task)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        check_case(b=1, h=8, g=2, p=3, l=19)
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 def test_non_contiguous(dtype):
     check_case(dtype=dtype, strided=True, D="hp")

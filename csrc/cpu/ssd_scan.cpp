@@ -18,9 +18,9 @@
 // does the same float32 arithmetic whatever the chunking or the piece of the sequence it is in, so a
 // continued scan and any chunk_size give bit-identical results.
 //
-// dB / dC sum over the p rows and the heads of a group: every (batch, head) task accumulates its own
-// float32 (l, n) partial panels (no atomics), summed over the group's heads at the end. dA, dD and
-// d(dt_bias) sum over the batch through per-task partials the same way.
+// dB / dC sum over the p rows and the heads of a group: a backward task runs some heads of one group
+// and accumulates into its own float32 (l, n) partial panels (no atomics), summed at the end. dA, dD and
+// d(dt_bias) sum over the batch through per-(batch, head) partials the same way.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -408,11 +408,23 @@ inline void row_bwd(float* h, const ChunkBufs& c, const float* rows, const float
   }
 }
 
+// Backward tasks: (batch, group, split), each running h / g / splits heads of one group one after
+// the other, so the heads of a task share one dB / dC panel. splits is the smallest divisor of the
+// group's head count that gives every thread several tasks: the panels (float32, l * n each) then
+// cost b * g * splits * l * n floats instead of one per (batch, head).
+int64_t head_splits(const Dims& s) {
+  const int64_t per = s.h / s.g, want = 4 * at::get_num_threads();
+  for (int64_t q = 1; q <= per; ++q)
+    if (per % q == 0 && s.b * s.g * q >= want) return q;
+  return per;
+}
+
 struct Partials {
-  std::vector<float> dB, dC;  // (b * h, l, n): per-task panels, summed over a group's heads at the end
+  int64_t splits;
+  std::vector<float> dB, dC;  // (b * g * splits, l, n): per-task panels, summed over the splits at the end
   std::vector<float> dA, dbias, dD;  // (b * h), (b * h), (b * h, p)
   explicit Partials(const Dims& s)
-      : dB(s.b * s.h * s.l * s.n, 0.f), dC(s.b * s.h * s.l * s.n, 0.f), dA(s.b * s.h, 0.f),
+      : splits(head_splits(s)), dB(s.b * s.g * splits * s.l * s.n, 0.f), dC(dB.size(), 0.f), dA(s.b * s.h, 0.f),
         dbias(s.b * s.h, 0.f), dD(s.b * s.h * s.p, 0.f) {}
 };
 
@@ -425,88 +437,92 @@ void bwd_kernel(const at::Tensor& grad_out, const OptT& grad_fin, const at::Tens
   const int64_t pn = s.p * s.n, n_chunks = (s.l + s.q - 1) / s.q;
   T* ddtp = ddt.mutable_data_ptr<T>();
   float* dip = dinit.mutable_data_ptr<float>();
-  at::parallel_for(0, s.b * s.h, 1, [&](int64_t lo, int64_t hi) {
+  const int64_t per_task = s.h / s.g / part.splits;
+  at::parallel_for(0, s.b * s.g * part.splits, 1, [&](int64_t lo, int64_t hi) {
     ChunkBufs c(s);
     std::vector<float> ck(n_chunks * pn), H(pn), rows((s.q + 1) * s.n), Gc(s.q * s.p), dXc(s.q * s.p),
         dZc(s.q * s.p), ddt_acc(s.q), dy(s.q), dcoef(s.q), da(s.q), dcv(s.q * 8), dav(s.q * 8);
     for (int64_t task = lo; task < hi; ++task) {
-      const int64_t b = task / s.h, hh = task % s.h;
-      const float Ah = P.A[hh];
-      // The state at the start of every chunk.
-      read_state(init, b, hh, s, ck.data());
-      for (int64_t jc = 0; jc + 1 < n_chunks; ++jc) {
-        c.load(x, dt, B, C, z, P, softplus, s, b, hh, jc * s.q, s.q, /*need_c=*/false);
-        std::memcpy(ck.data() + (jc + 1) * pn, ck.data() + jc * pn, pn * sizeof(float));
-        for (int64_t j = 0; j < s.p; ++j) advance_row(ck.data() + (jc + 1) * pn + j * s.n, c, j, s.q, s);
-      }
-      read_state(grad_fin, b, hh, s, H.data());
-      float dA = 0.f, dbias = 0.f;
+      const int64_t b = task / (s.g * part.splits);
       float* dBp = part.dB.data() + task * s.l * s.n;
       float* dCp = part.dC.data() + task * s.l * s.n;
-      for (int64_t jc = n_chunks - 1; jc >= 0; --jc) {
-        const int64_t t0 = jc * s.q, nt = std::min(s.q, s.l - t0);
-        c.load(x, dt, B, C, z, P, softplus, s, b, hh, t0, nt);
-        load_tile4(grad_out, b, hh, t0, nt, Gc.data());
-        std::fill(ddt_acc.begin(), ddt_acc.end(), 0.f);
-        for (int64_t j = 0; j < s.p; ++j) {
-          // rows[i + 1] = row j of S_{t0 + i}; rows[0] the state before the chunk.
-          std::memcpy(rows.data(), ck.data() + jc * pn + j * s.n, s.n * sizeof(float));
-          for (int64_t i = 0; i < nt; ++i) {
-            const float a = c.av[i], coef = c.dtv[i] * c.Xc[i * s.p + j];
-            const float* Bt = c.Bc.data() + i * s.n;
-            const float* prev = rows.data() + i * s.n;
-            float* cur = rows.data() + (i + 1) * s.n;
-#pragma omp simd
-            for (int64_t k = 0; k < s.n; ++k) cur[k] = a * prev[k] + coef * Bt[k];
-          }
-          const float Dj = P.D[hh * s.p + j];
-          float dDj = 0.f;
-          // dy_t does not depend on the adjoint: all of the chunk's first (with z it needs y_t).
-          for (int64_t i = 0; i < nt; ++i) {
-            const float g = Gc[i * s.p + j], xv = c.Xc[i * s.p + j];
-            float d = g;
-            if (has_z) {
-              const float* Ct = c.Cc.data() + i * s.n;
-              const float* cur = rows.data() + (i + 1) * s.n;
-              float y = 0.f;
-#pragma omp simd reduction(+ : y)
-              for (int64_t k = 0; k < s.n; ++k) y += cur[k] * Ct[k];
-              y += Dj * xv;
-              const float zz = c.Zc[i * s.p + j], sg = c.SGc[i * s.p + j];
-              d = g * zz * sg;
-              dZc[i * s.p + j] = g * y * sg * (1.f + zz * (1.f - sg));
+      // The task's heads: consecutive within one group (tasks of a batch are ordered group-major).
+      for (int64_t hh = (task % (s.g * part.splits)) * per_task, hh_end = hh + per_task; hh < hh_end; ++hh) {
+        const int64_t bh = b * s.h + hh;
+        const float Ah = P.A[hh];
+        // The state at the start of every chunk.
+        read_state(init, b, hh, s, ck.data());
+        for (int64_t jc = 0; jc + 1 < n_chunks; ++jc) {
+          c.load(x, dt, B, C, z, P, softplus, s, b, hh, jc * s.q, s.q, /*need_c=*/false);
+          std::memcpy(ck.data() + (jc + 1) * pn, ck.data() + jc * pn, pn * sizeof(float));
+          for (int64_t j = 0; j < s.p; ++j) advance_row(ck.data() + (jc + 1) * pn + j * s.n, c, j, s.q, s);
+        }
+        read_state(grad_fin, b, hh, s, H.data());
+        float dA = 0.f, dbias = 0.f;
+        for (int64_t jc = n_chunks - 1; jc >= 0; --jc) {
+          const int64_t t0 = jc * s.q, nt = std::min(s.q, s.l - t0);
+          c.load(x, dt, B, C, z, P, softplus, s, b, hh, t0, nt);
+          load_tile4(grad_out, b, hh, t0, nt, Gc.data());
+          std::fill(ddt_acc.begin(), ddt_acc.end(), 0.f);
+          for (int64_t j = 0; j < s.p; ++j) {
+            // rows[i + 1] = row j of S_{t0 + i}; rows[0] the state before the chunk.
+            std::memcpy(rows.data(), ck.data() + jc * pn + j * s.n, s.n * sizeof(float));
+            for (int64_t i = 0; i < nt; ++i) {
+              const float a = c.av[i], coef = c.dtv[i] * c.Xc[i * s.p + j];
+              const float* Bt = c.Bc.data() + i * s.n;
+              const float* prev = rows.data() + i * s.n;
+              float* cur = rows.data() + (i + 1) * s.n;
+  #pragma omp simd
+              for (int64_t k = 0; k < s.n; ++k) cur[k] = a * prev[k] + coef * Bt[k];
             }
-            dy[i] = d;
-            dDj += d * xv;
+            const float Dj = P.D[hh * s.p + j];
+            float dDj = 0.f;
+            // dy_t does not depend on the adjoint: all of the chunk's first (with z it needs y_t).
+            for (int64_t i = 0; i < nt; ++i) {
+              const float g = Gc[i * s.p + j], xv = c.Xc[i * s.p + j];
+              float d = g;
+              if (has_z) {
+                const float* Ct = c.Cc.data() + i * s.n;
+                const float* cur = rows.data() + (i + 1) * s.n;
+                float y = 0.f;
+  #pragma omp simd reduction(+ : y)
+                for (int64_t k = 0; k < s.n; ++k) y += cur[k] * Ct[k];
+                y += Dj * xv;
+                const float zz = c.Zc[i * s.p + j], sg = c.SGc[i * s.p + j];
+                d = g * zz * sg;
+                dZc[i * s.p + j] = g * y * sg * (1.f + zz * (1.f - sg));
+              }
+              dy[i] = d;
+              dDj += d * xv;
+            }
+            row_bwd(H.data() + j * s.n, c, rows.data(), dy.data(), j, nt, s, dBp + t0 * s.n, dCp + t0 * s.n,
+                    dcv.data(), dav.data(), dcoef.data(), da.data());
+            for (int64_t i = 0; i < nt; ++i) {
+              const float a = c.av[i], dtv = c.dtv[i], xv = c.Xc[i * s.p + j];
+              dXc[i * s.p + j] = dy[i] * Dj + dtv * dcoef[i];
+              ddt_acc[i] += xv * dcoef[i] + da[i] * a * Ah;
+              dA += da[i] * a * dtv;
+            }
+            part.dD[bh * s.p + j] += dDj;
           }
-          row_bwd(H.data() + j * s.n, c, rows.data(), dy.data(), j, nt, s, dBp + t0 * s.n, dCp + t0 * s.n,
-                  dcv.data(), dav.data(), dcoef.data(), da.data());
+          store_tile4<T>(dXc.data(), dx, b, hh, t0, nt);
+          if (has_z) store_tile4<T>(dZc.data(), dz, b, hh, t0, nt);
           for (int64_t i = 0; i < nt; ++i) {
-            const float a = c.av[i], dtv = c.dtv[i], xv = c.Xc[i * s.p + j];
-            dXc[i * s.p + j] = dy[i] * Dj + dtv * dcoef[i];
-            ddt_acc[i] += xv * dcoef[i] + da[i] * a * Ah;
-            dA += da[i] * a * dtv;
+            const float raw = ddt_acc[i] * c.dsp[i];
+            dbias += raw;
+            ddtp[b * ddt.stride(0) + (t0 + i) * ddt.stride(1) + hh * ddt.stride(2)] = static_cast<T>(raw);
           }
-          part.dD[task * s.p + j] += dDj;
         }
-        store_tile4<T>(dXc.data(), dx, b, hh, t0, nt);
-        if (has_z) store_tile4<T>(dZc.data(), dz, b, hh, t0, nt);
-        for (int64_t i = 0; i < nt; ++i) {
-          const float raw = ddt_acc[i] * c.dsp[i];
-          dbias += raw;
-          ddtp[b * ddt.stride(0) + (t0 + i) * ddt.stride(1) + hh * ddt.stride(2)] = static_cast<T>(raw);
-        }
+        std::memcpy(dip + bh * pn, H.data(), pn * sizeof(float));
+        part.dA[bh] = dA;
+        part.dbias[bh] = dbias;
       }
-      std::memcpy(dip + task * pn, H.data(), pn * sizeof(float));
-      part.dA[task] = dA;
-      part.dbias[task] = dbias;
     }
   });
 }
 
-// dX (b, l, g, n), contiguous, in X's dtype: the sum over each group's heads of the per-task panels.
-void reduce_group_panels(const std::vector<float>& panel, const Dims& s, at::Tensor& dX) {
-  const int64_t per = s.h / s.g;
+// dX (b, l, g, n), contiguous, in X's dtype: the sum over each group's splits of the per-task panels.
+void reduce_group_panels(const std::vector<float>& panel, int64_t splits, const Dims& s, at::Tensor& dX) {
   dispatch(dX.scalar_type(), "dB/dC", [&](auto tag) {
     using T = decltype(tag);
     T* o = dX.mutable_data_ptr<T>();
@@ -516,8 +532,8 @@ void reduce_group_panels(const std::vector<float>& panel, const Dims& s, at::Ten
         const int64_t b = bt / s.l, t = bt % s.l;
         for (int64_t gi = 0; gi < s.g; ++gi) {
           std::fill(acc.begin(), acc.end(), 0.f);
-          for (int64_t hh = gi * per; hh < (gi + 1) * per; ++hh) {
-            const float* src = panel.data() + ((b * s.h + hh) * s.l + t) * s.n;
+          for (int64_t q = 0; q < splits; ++q) {
+            const float* src = panel.data() + (((b * s.g + gi) * splits + q) * s.l + t) * s.n;
 #pragma omp simd
             for (int64_t k = 0; k < s.n; ++k) acc[k] += src[k];
           }
@@ -579,8 +595,8 @@ ssd_scan_bwd_cpu(const at::Tensor& grad_out, const OptT& grad_final_states, cons
     bwd_kernel<decltype(tag)>(grad_out, grad_final_states, x, dt, B, C, z, initial_states, P, dt_softplus, s, dx,
                               ddt, dz, dinit, part);
   });
-  reduce_group_panels(part.dB, s, dB);
-  reduce_group_panels(part.dC, s, dC);
+  reduce_group_panels(part.dB, part.splits, s, dB);
+  reduce_group_panels(part.dC, part.splits, s, dC);
   reduce_batch(part.dA, s.b, dA);
   reduce_batch(part.dbias, s.b, dbias);
   if (D_per_p) {
