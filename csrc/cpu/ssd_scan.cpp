@@ -6,17 +6,19 @@
 //
 // Why the recurrence and not the chunked matrix ("SSD") form: A is one scalar per head, so every row
 // S[p, :] evolves on its own: s_t = a_t s_{t-1} + (dt_t x_t[p]) B_t, y_t[p] = <s_t, C_t>. That is three
-// n-wide multiply-adds per (token, p) on a row that stays in L1. The SSD form needs per token about
-// Q n (C B^T, half masked away) + Q p (its product with dt x) + 2 n p (chunk states in and out)
-// multiply-adds: 4 n p at the usual Q = n = p, a third more than the recurrence, and in 64 x 64 x 64
-// GEMMs that carry packing and call overhead. The SSD form wins where a matmul is much cheaper than the
-// same multiply-adds done elementwise (tensor cores); on AVX2 cores the operation count decides.
+// n-wide multiply-adds per (token, p) on a row held in registers across a chunk's steps. The SSD form
+// needs per token about Q n (C B^T, half masked away) + Q p (its product with dt x) + 2 n p (chunk
+// states in and out) multiply-adds: 4 n p at the usual Q = n = p, a third more than the recurrence,
+// and in 64 x 64 x 64 GEMMs that carry packing and call overhead. The SSD form wins where a matmul is much cheaper than the
+// same multiply-adds done elementwise (tensor cores); on AVX2 cores the operation count decides
+// (bench/bench_ssd_scan.py: this forward runs 3.5-4.9x faster than the chunked PyTorch reference).
 //
 // chunk_size blocks time: a chunk's B / C rows, dt and exp(dt A) are converted once per (batch, head)
 // and streamed by every row p; the backward stores the state at each chunk start (one forward sweep),
 // then recomputes a chunk's row states from it and runs the adjoint recurrence backwards. Every step
 // does the same float32 arithmetic whatever the chunking or the piece of the sequence it is in, so a
-// continued scan and any chunk_size give bit-identical results.
+// continued scan and any chunk_size give bit-identical forward results (the backward's sums over
+// steps, e.g. dA, follow the chunking and differ by rounding).
 //
 // dB / dC sum over the p rows and the heads of a group: a backward task runs some heads of one group
 // and accumulates into its own float32 (l, n) partial panels (no atomics), summed at the end. dA, dD and
