@@ -85,7 +85,8 @@ def main():
     fma = 3 * args.b * args.l * args.h * args.p * args.n
     print(f"ssd_scan CPU, {args.dtype}, b={args.b} l={args.l} h={args.h} p={args.p} n={args.n} g={args.g} "
           f"chunk={args.chunk}, threads {torch.get_num_threads()}")
-    print(f"{'op':<8} " + " ".join(f"{p + ' ms':>15}" for p in peers) + f" {'chunk/hk':>9} {'seq/hk':>7} {'hk GFLOP/s':>10}")
+    print(f"{'op':<8} " + " ".join(f"{p + ' ms':>15}" for p in peers)
+          + f" {'chunk/hk':>9} {'seq/hk':>7} {'hk GFLOP/s':>10}")
     rows = []
     for op, make in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
         ms = {p: timed(make(p), args.reps if p == "hierkern" else args.peer_reps) * 1e3 for p in peers}

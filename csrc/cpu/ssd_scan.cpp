@@ -9,8 +9,9 @@
 // n-wide multiply-adds per (token, p) on a row held in registers across a chunk's steps. The SSD form
 // needs per token about Q n (C B^T, half masked away) + Q p (its product with dt x) + 2 n p (chunk
 // states in and out) multiply-adds: 4 n p at the usual Q = n = p, a third more than the recurrence,
-// and in 64 x 64 x 64 GEMMs that carry packing and call overhead. The SSD form wins where a matmul is much cheaper than the
-// same multiply-adds done elementwise (tensor cores); on AVX2 cores the operation count decides
+// and in 64 x 64 x 64 GEMMs that carry packing and call overhead. The SSD form wins where a matmul is
+// much cheaper than the same multiply-adds done elementwise (tensor cores); on AVX2 cores the
+// operation count decides
 // (bench/bench_ssd_scan.py: this forward runs 3.5-4.9x faster than the chunked PyTorch reference).
 //
 // chunk_size blocks time: a chunk's B / C rows, dt and exp(dt A) are converted once per (batch, head)
