@@ -91,4 +91,19 @@ TORCH_LIBRARY(hierkern, m) {
         "bool silu) -> (Tensor, Tensor)");
   m.def("causal_conv1d_bwd_triton(Tensor grad_out, Tensor? grad_final_state, Tensor x, Tensor weight, "
         "Tensor? bias, Tensor? initial_state, bool silu) -> (Tensor, Tensor, Tensor, Tensor)");
+
+  // SSD scan (Mamba-2; mamba-ssm's mamba_chunk_scan_combined plus an initial state). x / z
+  // (b, l, h, p) and dt (b, l, h) share a dtype; A (h,) float32; B / C (b, l, g, n) with h % g == 0
+  // (head i reads group i / (h / g)), float32 or x's dtype; D (h,) or (h, p), dt_bias (h,) and
+  // initial_states (b, h, p, n) float32. chunk_size (>= 1) blocks time only: results do not depend
+  // on it beyond rounding. Returns out (b, l, h, p) in x's dtype and the float32 final states
+  // (b, h, p, n). The backward recomputes the states from initial_states and returns (dx, ddt, dA,
+  // dB, dC, dD, dz, ddt_bias, dinitial_states): dB / dC in B / C's dtype, dD in D's shape ((h,)
+  // without D), dA, dD, ddt_bias and dinitial_states float32 and always dense (the caller drops those
+  // of absent inputs); dz is empty (0,) without z. grad_final_states is None when unused.
+  m.def("ssd_scan_fwd(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
+        "Tensor? dt_bias, Tensor? initial_states, bool dt_softplus, int chunk_size) -> (Tensor, Tensor)");
+  m.def("ssd_scan_bwd(Tensor grad_out, Tensor? grad_final_states, Tensor x, Tensor dt, Tensor A, Tensor B, "
+        "Tensor C, Tensor? D, Tensor? z, Tensor? dt_bias, Tensor? initial_states, bool dt_softplus, "
+        "int chunk_size) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
