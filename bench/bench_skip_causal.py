@@ -264,6 +264,7 @@ def main(argv=None):
     ap.add_argument("--peers", default="hierkern,sdpa_dense,flex,reference")
     ap.add_argument("--ops", default="fwd,fwd+bwd")
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--configs", default="", help="comma list of substrings: only configs whose name holds one")
     ap.add_argument("--out", help="write the rows, targets and environment as JSON (and a .md beside it)")
     args = ap.parse_args(argv)
     dev = args.device
@@ -272,6 +273,9 @@ def main(argv=None):
            "device_name": torch.cuda.get_device_name() if dev == "cuda" else "cpu"}
     policy = common.policy_for(dev, args.quick)
     rows, cfgs = [], configs(dev, args.quick, args.sdar)
+    only = [c for c in args.configs.split(",") if c]
+    if only:
+        cfgs = [c for c in cfgs if any(o in c.name for o in only)]
     for cfg in cfgs:
         case = SkipCase(cfg, dev)
         for op in args.ops.split(","):
