@@ -33,8 +33,28 @@ def has_kernel(op: str, dispatch_key: str) -> bool:
     return has_compiled_ops() and torch._C._dispatch_has_kernel_for_dispatch_key(f"hierkern::{op}", dispatch_key)
 
 
-def select(opname: str, impl, device: torch.device, cuda_op: str | None = None) -> str:
-    """Resolve `impl` for tensors on `device`; raise a clear error for an unusable explicit choice."""
+def select(opname: str, impl, device: torch.device, cuda_op: str | None = None, dtype=None) -> str:
+    """Resolve `impl` for tensors on `device`; raise a clear error for an unusable explicit choice.
+    With `dtype`, float64 inputs are refused by every backend but the reference (kernels run float32
+    arithmetic at most)."""
+    backend = _resolve(opname, impl, device, cuda_op)
+    if dtype == torch.float64 and backend != "reference":
+        raise TypeError(f"{opname}: float64 is supported by impl='reference' only (backend {backend!r})")
+    return backend
+
+
+def refuse_gpu(opname: str, impl, device: torch.device, kernel: str, reference: str):
+    """For ops with no GPU kernel yet: NotImplementedError for impl='triton' / 'cuda' and for impl=None
+    on CUDA tensors, rather than a silent fallback to the reference."""
+    if impl in ("triton", "cuda"):
+        raise NotImplementedError(f"{opname}: impl={impl!r} has no {kernel} kernel yet (only the C++ CPU "
+                                  f"kernel exists); use impl='cpu' on CPU tensors or impl='reference'")
+    if impl is None and device.type == "cuda":
+        raise NotImplementedError(f"{opname}: there is no GPU {kernel} kernel yet; pass impl='reference' to "
+                                  f"run {reference} on CUDA")
+
+
+def _resolve(opname: str, impl, device: torch.device, cuda_op: str | None) -> str:
     if impl not in IMPLS:
         raise ValueError(f"{opname}: impl must be one of {IMPLS}, got {impl!r}")
     on_cuda = device.type == "cuda"

@@ -1,6 +1,5 @@
 """next_scale_attention: block-sparse attention over a multi-scale token sequence (VAR, HMAR, M-VAR,
 Infinity, FlexVAR), a thin wrapper over the interval-attention kernels."""
-import torch
 
 from ... import _backend, _validate
 from ...layouts import ScaleLayout
@@ -46,8 +45,6 @@ def next_scale_attention(q, k, v, layout, pattern="causal", scale=None, impl=Non
     if scale is None:
         scale = cos_attention.default_scale(qk_norm, q.shape[-1])
     scale = _validate.resolve_scale(_NAME, scale, q.shape[-1])
-    backend = _backend.select(_NAME, impl, q.device, cuda_op="interval_attn_fwd")
-    if q.dtype == torch.float64 and backend != "reference":
-        raise TypeError(f"{_NAME}: float64 is supported by impl='reference' only (backend {backend!r})")
+    backend = _backend.select(_NAME, impl, q.device, cuda_op="interval_attn_fwd", dtype=q.dtype)
     return interval_attention(q, k, v, layout.offsets, layout.offsets_tensor, PATTERNS[pattern], 0,
                               scale, backend, _NAME, temperature=temperature)

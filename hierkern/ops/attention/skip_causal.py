@@ -84,9 +84,7 @@ def _run(opname, q, k, v, offsets, pattern, block_size, scale, impl):
             f"dense-mask reference")
     scale = _validate.resolve_scale(opname, scale, q.shape[-1])
     # No cuda_op: impl=None on CUDA tensors must resolve to Triton, never to the CUDA C++ op.
-    backend = _backend.select(opname, impl, q.device)
-    if q.dtype == torch.float64 and backend != "reference":
-        raise TypeError(f"{opname}: float64 is supported by impl='reference' only (backend {backend!r})")
+    backend = _backend.select(opname, impl, q.device, dtype=q.dtype)
     return interval_attention(q, k, v, offsets, _offsets_tensor_fn(offsets), pattern, block_size, scale,
                               backend, opname)
 

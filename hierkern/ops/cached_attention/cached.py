@@ -45,7 +45,5 @@ def cached_attention(q, k_cache, v_cache, kv_len, scale=None, impl=None, qk_norm
     if scale is None:
         scale = cos_attention.default_scale(qk_norm, q.shape[-1])
     scale = _validate.resolve_scale(_NAME, scale, q.shape[-1])
-    backend = _backend.select(_NAME, impl, q.device)
-    if q.dtype == torch.float64 and backend != "reference":
-        raise TypeError(f"{_NAME}: float64 is supported by impl='reference' only (backend {backend!r})")
+    backend = _backend.select(_NAME, impl, q.device, dtype=q.dtype)
     return cached_attention_op(q, k_cache, v_cache, kv_len, scale, qk_norm, temperature, backend)

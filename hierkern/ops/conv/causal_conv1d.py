@@ -67,8 +67,6 @@ def causal_conv1d(x, weight, bias=None, initial_state=None, return_final_state=F
     if impl == "cuda":
         raise NotImplementedError(f"{_NAME}: there is no CUDA C++ kernel for causal_conv1d (backend 'cuda'); "
                                   f"use impl='triton' or impl=None on CUDA tensors")
-    backend = _backend.select(_NAME, impl, x.device)
-    if x.dtype == torch.float64 and backend != "reference":
-        raise TypeError(f"{_NAME}: float64 is supported by impl='reference' only (backend {backend!r})")
+    backend = _backend.select(_NAME, impl, x.device, dtype=x.dtype)
     out, final_state = causal_conv1d_op(x, weight, bias, initial_state, _ACTIVATIONS[activation], backend)
     return (out, final_state) if return_final_state else out

@@ -7,7 +7,6 @@ from .op import selective_scan_op
 
 _NAME = "selective_scan"
 # The GPU scan kernels are not written yet; they are refused, never replaced by the reference.
-_GPU_IMPLS = ("triton", "cuda")
 
 
 def _check_bc(name, X, b, d, n, l, dtype):
@@ -114,14 +113,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     for name, flag in (("delta_softplus", delta_softplus), ("return_last_state", return_last_state)):
         if not isinstance(flag, bool):
             raise TypeError(f"{_NAME}: {name} must be a bool, got {type(flag).__name__}")
-    if impl in _GPU_IMPLS:
-        raise NotImplementedError(f"{_NAME}: impl={impl!r} has no selective-scan kernel yet (only the C++ "
-                                  f"CPU kernel exists); use impl='cpu' on CPU tensors or impl='reference'")
-    if impl is None and u.device.type == "cuda":
-        raise NotImplementedError(f"{_NAME}: there is no GPU selective-scan kernel yet; pass "
-                                  f"impl='reference' to run the sequential PyTorch reference on CUDA")
-    backend = _backend.select(_NAME, impl, u.device)
-    if u.dtype == torch.float64 and backend != "reference":
-        raise TypeError(f"{_NAME}: float64 is supported by impl='reference' only (backend {backend!r})")
+    _backend.refuse_gpu(_NAME, impl, u.device, "selective-scan", "the sequential PyTorch reference")
+    backend = _backend.select(_NAME, impl, u.device, dtype=u.dtype)
     out, last = selective_scan_op(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, backend)
     return (out, last) if return_last_state else out

@@ -7,7 +7,6 @@ from .ssd_op import ssd_scan_op
 
 _NAME = "ssd_scan"
 # No GPU kernels for this op yet; those impls are refused, never replaced by the reference.
-_GPU_IMPLS = ("triton", "cuda")
 
 
 def _check_param(name, t, shapes, state_dtype):
@@ -105,14 +104,7 @@ def ssd_scan(x, dt, A, B, C, chunk_size=64, D=None, z=None, dt_bias=None, dt_sof
     for name, flag in (("dt_softplus", dt_softplus), ("return_final_states", return_final_states)):
         if not isinstance(flag, bool):
             raise TypeError(f"{_NAME}: {name} must be a bool, got {type(flag).__name__}")
-    if impl in _GPU_IMPLS:
-        raise NotImplementedError(f"{_NAME}: impl={impl!r} has no ssd_scan kernel yet (only the C++ CPU kernel "
-                                  f"exists); use impl='cpu' on CPU tensors or impl='reference'")
-    if impl is None and x.device.type == "cuda":
-        raise NotImplementedError(f"{_NAME}: there is no GPU ssd_scan kernel (triton or cuda) yet; pass "
-                                  f"impl='reference' to run the chunked PyTorch reference on CUDA")
-    backend = _backend.select(_NAME, impl, x.device)
-    if x.dtype == torch.float64 and backend != "reference":
-        raise TypeError(f"{_NAME}: float64 is supported by impl='reference' only (backend {backend!r})")
+    _backend.refuse_gpu(_NAME, impl, x.device, "ssd_scan", "the chunked PyTorch reference")
+    backend = _backend.select(_NAME, impl, x.device, dtype=x.dtype)
     out, final = ssd_scan_op(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, initial_states, backend)
     return (out, final) if return_final_states else out
