@@ -2,7 +2,7 @@
 """Microbenchmark: hierkern.selective_scan (C++ CPU kernel) against two eager PyTorch scans at
 M-VAR-like shapes (Mamba-1 layer, dstate 16, the VAR 256px sequence of 680 tokens).
 
-    PYTHONPATH=. python bench/bench_selective_scan.py [--b 2] [--d 512] [--n 16] [--l 680]
+    python -m bench.bench_selective_scan [--b 2] [--d 512] [--n 16] [--l 680]
         [--dtype fp32|bf16] [--reps 5] [--out bench/results/selective_scan_cpu.json]
 
 Peers, all on the same inputs (variable B and C, D, z, delta_bias, delta_softplus):
@@ -20,13 +20,13 @@ scan's backward is left out unless --mamba-bwd is given: autograd turns each ste
 import argparse
 import json
 import os
-import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 
 import hierkern
+from bench.common import median_seconds
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -45,16 +45,6 @@ def mamba_style_scan(u, delta, A, B, C, D, z, delta_bias):
         ys.append(torch.bmm(x, Cf[:, :, t, None])[..., 0])
     y = torch.stack(ys, dim=2) + D[:, None] * u
     return (y * F.silu(z.float())).to(dtype)
-
-
-def timed(fn, reps):
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def make_inputs(b, d, n, l, dtype):
@@ -111,7 +101,7 @@ def main():
             if p == "mamba-style" and op == "fwd+bwd" and not args.mamba_bwd:
                 ms[p] = nan
             else:
-                ms[p] = timed(make(p), args.reps if p == "hierkern" else args.peer_reps) * 1e3
+                ms[p] = median_seconds(make(p), "cpu", args.reps if p == "hierkern" else args.peer_reps) * 1e3
         row = {"op": op, **{f"{p}_ms": ms[p] for p in peers},
                "ratio_reference": ms["reference"] / ms["hierkern"],
                "ratio_mamba_style": ms["mamba-style"] / ms["hierkern"]}

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import statistics
 import time
 
 import torch
@@ -186,18 +185,6 @@ class SkipCase(common.Case):
         raise ValueError(f"unknown peer {peer!r}")
 
 
-def _median_ms(fn, device, reps):
-    fn()
-    common.sync(device)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        common.sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
-
-
 def metadata_rows(case, reps):
     cfg, dev = case.cfg, case.device
     rows = []
@@ -209,7 +196,7 @@ def metadata_rows(case, reps):
         row = {"config": cfg.name, "op": "metadata", "peer": label, "label": label, "median_ms": None,
                "error": None}
         try:
-            row["median_ms"] = _median_ms(fn, dev, reps)
+            row["median_ms"] = common.median_seconds(fn, dev, reps) * 1e3
         except Exception as e:  # noqa: BLE001 - a peer failing is a result
             row["error"] = common._short_error(e)
         rows.append(row)

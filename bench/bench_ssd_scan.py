@@ -3,7 +3,7 @@
 spec at M-VAR-like shapes scaled for a small CPU (Mamba-2 layer: headdim 64, dstate 64, one group,
 the VAR 256px sequence of 680 tokens).
 
-    PYTHONPATH=. python bench/bench_ssd_scan.py [--b 2] [--l 680] [--h 8] [--p 64] [--n 64] [--g 1]
+    python -m bench.bench_ssd_scan [--b 2] [--l 680] [--h 8] [--p 64] [--n 64] [--g 1]
         [--chunk 64] [--dtype fp32|bf16] [--reps 5] [--threads N] [--out bench/results/ssd_scan_cpu.json]
 
 Peers, on the same inputs (D, z, dt_bias, dt_softplus):
@@ -15,26 +15,16 @@ faster). "fwd+bwd" runs the forward and the backward of sum(out * g) w.r.t. ever
 import argparse
 import json
 import os
-import statistics
 import time
 
 import torch
 
 import hierkern
+from bench.common import median_seconds
 from hierkern.ops.scan import ssd_reference
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 GRADS = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias")
-
-
-def timed(fn, reps):
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def make_inputs(b, l, h, p, g, n, dtype):
@@ -89,7 +79,7 @@ def main():
           + f" {'chunk/hk':>9} {'seq/hk':>7} {'hk GFLOP/s':>10}")
     rows = []
     for op, make in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
-        ms = {p: timed(make(p), args.reps if p == "hierkern" else args.peer_reps) * 1e3 for p in peers}
+        ms = {p: median_seconds(make(p), "cpu", args.reps if p == "hierkern" else args.peer_reps) * 1e3 for p in peers}
         row = {"op": op, **{f"{p}_ms": ms[p] for p in peers},
                "ratio_chunked": ms["chunked"] / ms["hierkern"],
                "ratio_sequential": ms["sequential"] / ms["hierkern"],

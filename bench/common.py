@@ -372,6 +372,20 @@ def time_call(fn: Callable, device: str) -> float:
     return time.perf_counter() - t0
 
 
+def median_seconds(fn: Callable, device: str = "cpu", reps: int = 5) -> float:
+    """Median wall seconds of `reps` calls after one warm-up call, the device synchronised around
+    each (the microbenchmarks' simple policy; the report uses TimingPolicy and measure_group)."""
+    fn()
+    sync(device)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 @dataclasses.dataclass
 class TimingPolicy:
     """Warm-up calls, then between min_reps and max_reps timed calls, as many as fit budget_s
