@@ -3,7 +3,7 @@ backend dispatch behind every public attention wrapper (next_scale_attention, ..
 import torch
 
 from ... import _backend
-from ..._autograd import call_op
+from ..._autograd import below_autograd, call_op, dispatch
 from . import cos_attention, reference, tiling
 
 _LIB = "hierkern"
@@ -39,15 +39,15 @@ def _finish(ctx, q, k, temperature, dq, dk, dv):
 
 def _bwd_compiled(ctx, grad_out, grad_lse):
     q, k, v, offsets, temperature, out, lse = ctx.saved_tensors
-    dq, dk, dv = torch.ops.hierkern.interval_attn_bwd(grad_out, q, k, v, out, lse, offsets, *ctx.args,
-                                                      temperature)
+    op = torch.ops.hierkern.interval_attn_bwd
+    dq, dk, dv = dispatch(op, below_autograd(op), grad_out, q, k, v, out, lse, offsets, *ctx.args, temperature)
     return _finish(ctx, q, k, temperature, dq, dk, dv)
 
 
 def _bwd_triton(ctx, grad_out, grad_lse):
     q, k, v, offsets, _, dq_tiles, k_tiles, temperature, out, lse = ctx.saved_tensors
-    dq, dk, dv = torch.ops.hierkern.interval_attn_bwd_triton(
-        grad_out, q, k, v, out, lse, offsets, dq_tiles, k_tiles, *ctx.args, temperature)
+    dq, dk, dv = dispatch(torch.ops.hierkern.interval_attn_bwd_triton, _triton_bwd,
+                          grad_out, q, k, v, out, lse, offsets, dq_tiles, k_tiles, *ctx.args, temperature)
     return _finish(ctx, q, k, temperature, dq, dk, dv)
 
 
@@ -119,8 +119,10 @@ def interval_attention(q, k, v, offsets, offsets_tensor, pattern, block_size, sc
             torch.ops.hierkern.interval_attn_fwd_triton, _setup, _bwd_triton, q, k, v, offsets_tensor(q.device),
             tiling.q_tiles(offsets, pattern, fbm, q.device, block_size),
             tiling.q_tiles(offsets, pattern, bbm, q.device, block_size),
-            tiling.k_tiles(offsets, pattern, bbn, q.device, block_size), pattern, block_size, scale, temperature)
+            tiling.k_tiles(offsets, pattern, bbn, q.device, block_size), pattern, block_size, scale, temperature,
+            eager=_triton_fwd)
     else:  # "cpu" or "cuda": the C++ op, dispatched on the tensors' device
-        out, lse = call_op(torch.ops.hierkern.interval_attn_fwd, _setup, _bwd_compiled, q, k, v,
-                           offsets_tensor(q.device), pattern, block_size, scale, temperature)
+        op = torch.ops.hierkern.interval_attn_fwd
+        out, lse = call_op(op, _setup, _bwd_compiled, q, k, v, offsets_tensor(q.device), pattern, block_size, scale,
+                           temperature, eager=below_autograd(op))
     return (out, lse) if return_lse else out

@@ -10,7 +10,7 @@ with a few torch ops (prologue_backward) instead of in every kernel backend.
 import torch
 
 from ... import _backend
-from ..._autograd import call_op
+from ..._autograd import below_autograd, call_op, dispatch
 from ..attention import cos_attention
 from . import reference
 
@@ -47,11 +47,12 @@ def _setup(ctx, inputs, output):
     ctx.args = (kv_len, qk_norm, scale)
 
 
-def _backward_with(bwd_op):
+def _backward_with(bwd_op, eager):
     def backward(ctx, grad_out, grad_lse):
         q, k_cache, v_cache, temperature, out, lse = ctx.saved_tensors
         kv_len, qk_norm, scale = ctx.args
-        dq, dk, dv = bwd_op(grad_out, q, k_cache, v_cache, temperature, out, lse, kv_len, qk_norm, scale)
+        dq, dk, dv = dispatch(bwd_op, eager, grad_out, q, k_cache, v_cache, temperature, out, lse, kv_len,
+                              qk_norm, scale)
         dt = None
         if qk_norm:
             dq, dk, dt = prologue_backward(q, k_cache, temperature, kv_len, dq, dk)
@@ -66,9 +67,9 @@ def _register():
         torch.library.register_fake(f"{_LIB}::{name}")(_fake_fwd)
         torch.library.register_fake(f"{_LIB}::{name.replace('fwd', 'bwd')}")(_fake_bwd)
     torch.library.register_autograd(f"{_LIB}::cached_attn_fwd",
-                                    _backward_with(torch.ops.hierkern.cached_attn_bwd), setup_context=_setup)
+                                    _backward_with(torch.ops.hierkern.cached_attn_bwd, None), setup_context=_setup)
     torch.library.register_autograd(f"{_LIB}::cached_attn_fwd_triton",
-                                    _backward_with(torch.ops.hierkern.cached_attn_bwd_triton),
+                                    _backward_with(torch.ops.hierkern.cached_attn_bwd_triton, None),
                                     setup_context=_setup)
     if _backend.has_triton():
         # CPU tensors reach the Triton kernels only under the interpreter (tests without a GPU).
@@ -101,8 +102,10 @@ def cached_attention_op(q, k_cache, v_cache, kv_len, scale, qk_norm, temperature
     else:
         if impl == "triton":
             op, bwd = torch.ops.hierkern.cached_attn_fwd_triton, torch.ops.hierkern.cached_attn_bwd_triton
+            eager, eager_bwd = _triton_fwd, _triton_bwd
         else:
             op, bwd = torch.ops.hierkern.cached_attn_fwd, torch.ops.hierkern.cached_attn_bwd
-        out, lse = call_op(op, _setup, _backward_with(bwd), q, k_cache, v_cache, temperature, kv_len, qk_norm,
-                           scale, num_splits)
+            eager, eager_bwd = below_autograd(op), below_autograd(bwd)
+        out, lse = call_op(op, _setup, _backward_with(bwd, eager_bwd), q, k_cache, v_cache, temperature, kv_len,
+                           qk_norm, scale, num_splits, eager=eager)
     return (out, lse) if return_lse else out
