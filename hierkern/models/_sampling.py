@@ -32,9 +32,23 @@ def filter_logits(logits, top_k, top_p):
     return logits
 
 
+# Rows are filtered and sampled in chunks of at most this many logits: the float32 temporaries of
+# filter_logits and softmax (top-p's sort, its int64 order, the cumulative sum) then stay a few tens of
+# MiB instead of growing with batch x tokens x vocabulary. At a 512px scale (1024 tokens x 4096 codes,
+# batch 8) they were the peak of a whole HMAR generation.
+_CHUNK_LOGITS = 1 << 22
+
+
 def sample(logits, top_k, top_p, generator):
     """(B, n, V) logits -> (ids (B, n) int64, probability of each sampled id (B, n) float32)."""
-    probs = filter_logits(logits.float(), top_k, top_p).softmax(dim=-1)
-    flat = probs.reshape(-1, probs.shape[-1])
-    ids = torch.multinomial(flat, 1, generator=generator)
-    return ids.view(probs.shape[:-1]), flat.gather(1, ids).view(probs.shape[:-1])
+    V = logits.shape[-1]
+    flat = logits.reshape(-1, V)
+    ids = torch.empty(flat.shape[0], dtype=torch.long, device=logits.device)
+    conf = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
+    rows = max(1, _CHUNK_LOGITS // V)
+    for start in range(0, flat.shape[0], rows):
+        probs = filter_logits(flat[start:start + rows].float(), top_k, top_p).softmax(dim=-1)
+        pick = torch.multinomial(probs, 1, generator=generator)
+        ids[start:start + rows] = pick.squeeze(1)
+        conf[start:start + rows] = probs.gather(1, pick).squeeze(1)
+    return ids.view(logits.shape[:-1]), conf.view(logits.shape[:-1])

@@ -1,0 +1,36 @@
+"""Token sampling shared by the generation loops (hierkern/models/_sampling.py)."""
+import pytest
+import torch
+
+from hierkern.models import _sampling
+
+
+@pytest.mark.parametrize("top_k,top_p", [(0, 0.0), (5, 0.0), (0, 0.8), (7, 0.9)])
+def test_chunked_sampling_draws_from_the_filtered_distribution(top_k, top_p, monkeypatch):
+    logits = torch.randn(3, 50, 32, dtype=torch.bfloat16) * 3
+    probs = _sampling.filter_logits(logits.float(), top_k, top_p).softmax(dim=-1)
+    monkeypatch.setattr(_sampling, "_CHUNK_LOGITS", 32 * 7)  # 7 rows per chunk: 22 chunks, a short last one
+    ids, conf = _sampling.sample(logits, top_k, top_p, torch.Generator().manual_seed(0))
+    assert ids.shape == conf.shape == (3, 50) and ids.dtype == torch.long and conf.dtype == torch.float32
+    picked = probs.gather(-1, ids[..., None]).squeeze(-1)
+    assert (picked > 0).all(), "a filtered-out token was sampled"
+    torch.testing.assert_close(conf, picked, rtol=0, atol=0)
+    if top_k:  # the top_k largest survive, ties with the k-th included (as VAR's sampler)
+        kth = logits.float().topk(top_k, dim=-1).values[..., -1:]
+        assert not (probs > 0)[logits.float() < kth].any()
+
+
+def test_chunked_sampling_matches_the_empirical_distribution(monkeypatch):
+    # one row repeated: every chunk samples the same distribution, so frequencies must match it
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0, -8.0]).expand(6000, 5).reshape(2, 3000, 5)
+    monkeypatch.setattr(_sampling, "_CHUNK_LOGITS", 5 * 512)
+    ids, _ = _sampling.sample(logits, 0, 0.0, torch.Generator().manual_seed(1))
+    freq = torch.bincount(ids.flatten(), minlength=5).float() / ids.numel()
+    torch.testing.assert_close(freq, logits[0, 0].softmax(-1), atol=0.02, rtol=0)
+
+
+def test_single_chunk_is_one_multinomial_call():
+    logits = torch.randn(2, 9, 11)
+    ids, _ = _sampling.sample(logits, 0, 0.0, torch.Generator().manual_seed(3))
+    want = torch.multinomial(logits.reshape(-1, 11).softmax(-1), 1, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(ids.flatten(), want.flatten())
