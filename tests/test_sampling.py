@@ -14,19 +14,27 @@ def test_chunked_sampling_draws_from_the_filtered_distribution(top_k, top_p, mon
     assert ids.shape == conf.shape == (3, 50) and ids.dtype == torch.long and conf.dtype == torch.float32
     picked = probs.gather(-1, ids[..., None]).squeeze(-1)
     assert (picked > 0).all(), "a filtered-out token was sampled"
-    torch.testing.assert_close(conf, picked, rtol=0, atol=0)
+    torch.testing.assert_close(conf, picked, rtol=0, atol=1e-6)  # candidate vs full-vocabulary softmax
     if top_k:  # the top_k largest survive, ties with the k-th included (as VAR's sampler)
         kth = logits.float().topk(top_k, dim=-1).values[..., -1:]
         assert not (probs > 0)[logits.float() < kth].any()
 
 
-def test_chunked_sampling_matches_the_empirical_distribution(monkeypatch):
-    # one row repeated: every chunk samples the same distribution, so frequencies must match it
-    logits = torch.tensor([2.0, 1.0, 0.0, -1.0, -8.0]).expand(6000, 5).reshape(2, 3000, 5)
-    monkeypatch.setattr(_sampling, "_CHUNK_LOGITS", 5 * 512)
-    ids, _ = _sampling.sample(logits, 0, 0.0, torch.Generator().manual_seed(1))
-    freq = torch.bincount(ids.flatten(), minlength=5).float() / ids.numel()
-    torch.testing.assert_close(freq, logits[0, 0].softmax(-1), atol=0.02, rtol=0)
+@pytest.mark.parametrize("top_k,top_p,ties", [(0, 0.0, False), (4, 0.0, False), (4, 0.9, False), (3, 0.0, True),
+                                              (0, 0.7, False)])
+def test_sampling_matches_the_filtered_distribution_empirically(top_k, top_p, ties, monkeypatch):
+    # one row repeated: every chunk samples the same distribution, so frequencies must match it.
+    # top_k > 0 draws among the sorted top_k candidates unless the k-th value is tied (then it filters
+    # the whole vocabulary, which keeps every tie)
+    row = torch.tensor([2.0, 1.0, 0.5, 0.0, 0.0 if ties else -0.5, -1.0, -8.0])
+    logits = row.expand(6000, 7).reshape(2, 3000, 7)
+    monkeypatch.setattr(_sampling, "_CHUNK_LOGITS", 7 * 512)
+    ids, conf = _sampling.sample(logits, top_k, top_p, torch.Generator().manual_seed(1))
+    want = _sampling.filter_logits(row[None], top_k, top_p).softmax(-1)[0]
+    freq = torch.bincount(ids.flatten(), minlength=7).float() / ids.numel()
+    torch.testing.assert_close(freq, want, atol=0.02, rtol=0)
+    assert (want[ids] > 0).all()
+    torch.testing.assert_close(conf, want[ids], atol=1e-6, rtol=0)
 
 
 def test_single_chunk_is_one_multinomial_call():

@@ -1,5 +1,5 @@
-"""Token sampling for generation: top-k / top-p filtering and torch.multinomial with a caller's
-generator (so a seed fixes the output)."""
+"""Token sampling for generation: top-k / top-p filtering and a draw with a caller's generator (so a
+seed fixes the output)."""
 import numbers
 
 import torch
@@ -39,16 +39,46 @@ def filter_logits(logits, top_k, top_p):
 _CHUNK_LOGITS = 1 << 22
 
 
+def _sample_top_k(logits, top_k, top_p, generator):
+    """(ids, conf) of (R, V) float32 rows, working on the top_k candidates only (topk's sorted values
+    replace filter_logits' full-vocabulary sort and multinomial's pass over V); None when a row has
+    ties at the k-th value (filter_logits keeps all of them, topk only some)."""
+    vals, idx = logits.topk(top_k, dim=-1)
+    if bool(((logits >= vals[:, -1:]).sum(dim=-1) > top_k).any()):
+        return None
+    probs = vals.softmax(dim=-1)
+    if 0.0 < top_p < 1.0:
+        # filter_logits' rule on the descending candidates: drop a token once the mass before it
+        # reaches top_p (the first token always stays)
+        before = probs.cumsum(dim=-1) - probs
+        probs = vals.masked_fill(before >= top_p, float("-inf")).softmax(dim=-1)
+    cdf = probs.cumsum(dim=-1)
+    u = torch.rand((probs.shape[0], 1), generator=generator, device=probs.device, dtype=probs.dtype)
+    pick = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
+    # the kept candidates are a prefix, so rounding past the end falls back on the last kept one
+    pick = torch.minimum(pick, (probs > 0).sum(dim=-1, keepdim=True) - 1)
+    return idx.gather(1, pick).squeeze(1), probs.gather(1, pick).squeeze(1)
+
+
+def _sample_rows(logits, top_k, top_p, generator):
+    if 0 < top_k < logits.shape[-1]:
+        drawn = _sample_top_k(logits, top_k, top_p, generator)
+        if drawn is not None:
+            return drawn
+    probs = filter_logits(logits, top_k, top_p).softmax(dim=-1)
+    pick = torch.multinomial(probs, 1, generator=generator)
+    return pick.squeeze(1), probs.gather(1, pick).squeeze(1)
+
+
 def sample(logits, top_k, top_p, generator):
-    """(B, n, V) logits -> (ids (B, n) int64, probability of each sampled id (B, n) float32)."""
+    """(B, n, V) logits -> (ids (B, n) int64, probability of each sampled id (B, n) float32), from
+    softmax(filter_logits(logits)). The draws depend on the generator only (a seed fixes them)."""
     V = logits.shape[-1]
     flat = logits.reshape(-1, V)
     ids = torch.empty(flat.shape[0], dtype=torch.long, device=logits.device)
     conf = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
     rows = max(1, _CHUNK_LOGITS // V)
     for start in range(0, flat.shape[0], rows):
-        probs = filter_logits(flat[start:start + rows].float(), top_k, top_p).softmax(dim=-1)
-        pick = torch.multinomial(probs, 1, generator=generator)
-        ids[start:start + rows] = pick.squeeze(1)
-        conf[start:start + rows] = probs.gather(1, pick).squeeze(1)
+        ids[start:start + rows], conf[start:start + rows] = _sample_rows(flat[start:start + rows].float(), top_k,
+                                                                         top_p, generator)
     return ids.view(logits.shape[:-1]), conf.view(logits.shape[:-1])
