@@ -3,7 +3,8 @@ the whole prefix at every scale (what M-VAR's public code does), and the trainin
 impl="kernels" against impl="reference" (dense-mask SDPA, PyTorch causal conv, chunked PyTorch SSD
 scan: the eager baseline), on the same weights.
 
-    python -m bench.bench_mvar [--device cpu|cuda] [--quick] [--threads N] [--out results.json]
+    python -m bench.bench_mvar [--device cpu|cuda] [--quick] [--threads N] [--depth N] [--phases ...]
+                               [--out results.json]
 
 Generation: a whole image at VAR's 256px schedule (patch_nums 1,2,3,4,5,6,8,10,13,16; L=680), every
 scale, classifier-free guidance (2B rows), top_k=900, top_p=0.96, a generator seeded the same for
@@ -35,6 +36,7 @@ from hierkern.layouts import VAR_256, ScaleLayout
 from hierkern.models import MVAR
 
 IMPLS = ("reference", "kernels")
+PHASES = ("generate", "network", "train")
 CARRY_TARGET = 2.0
 _ERRORS = (RuntimeError, NotImplementedError, ValueError, TypeError)
 
@@ -42,13 +44,16 @@ _ERRORS = (RuntimeError, NotImplementedError, ValueError, TypeError)
 @dataclasses.dataclass(frozen=True)
 class Config:
     name: str
-    preset: str | None  # None: the model's default constructor
+    preset: str | None  # None: the model's default constructor (with `depth`)
     batch: int
     dtype: torch.dtype
+    depth: int = 4
 
 
-def config_for(device, quick):
+def config_for(device, quick, depth=None):
     if device == "cpu":
+        if depth is not None and depth != 4:
+            return Config(f"depth {depth}", None, 1 if quick else 2, torch.float32, depth)
         return Config("default", None, 1 if quick else 2, torch.float32)
     return Config("d16", "d16", 8 if quick else 16, torch.bfloat16)
 
@@ -56,7 +61,7 @@ def config_for(device, quick):
 def build(cfg, device):
     torch.manual_seed(0)
     with torch.device(device):  # a d16 model is built on the GPU, not initialised on the CPU and copied
-        model = MVAR(patch_nums=VAR_256) if cfg.preset is None else MVAR.preset(cfg.preset)
+        model = MVAR(depth=cfg.depth, patch_nums=VAR_256) if cfg.preset is None else MVAR.preset(cfg.preset)
     return model.to(dtype=cfg.dtype)
 
 
@@ -115,8 +120,8 @@ def timed(fns, device, reps, memory, log):
     return {key: (*res.get(key, (None, None)), errors.get(key)) for key in fns}
 
 
-def run(device, quick, reps, memory, log=print):
-    cfg = config_for(device, quick)
+def run(device, quick, reps, memory, log=print, depth=None, phases=PHASES):
+    cfg = config_for(device, quick, depth)
     model = build(cfg, device)
     g = torch.Generator(device=device).manual_seed(1)
     labels = torch.randint(0, model.num_classes, (cfg.batch,), generator=g, device=device)
@@ -125,6 +130,8 @@ def run(device, quick, reps, memory, log=print):
                 d_state=model.mambas[0].d_state, dtype=str(cfg.dtype).replace("torch.", ""), device=device)
     rows = []
     for impl in IMPLS:
+        if "generate" not in phases:
+            break
         sink = {}
         fns = {sc: generate_fn(model, labels, impl, sc, device, sink) for sc in (True, False)}
         res = timed(fns, device, reps, memory, log)
@@ -136,6 +143,8 @@ def run(device, quick, reps, memory, log=print):
                              time_s=t, peak_bytes=peak, error=err, same_tokens=same))
         log(f"  generate {impl}: carry {fmt_time(res[True][0])}, recompute {fmt_time(res[False][0])}, "
             f"same tokens {same}")
+        if "network" not in phases:
+            continue
         fns = {sc: network_fn(model, tokens, labels, impl, sc, device) for sc in (True, False)}
         res = timed(fns, device, reps, False, log)
         for sc in (True, False):
@@ -143,6 +152,8 @@ def run(device, quick, reps, memory, log=print):
             rows.append(dict(base, phase="network", impl=impl, mode="state_carry" if sc else "prefix_recompute",
                              time_s=t, peak_bytes=peak, error=err, same_tokens=None))
         log(f"  network {impl}: carry {fmt_time(res[True][0])}, recompute {fmt_time(res[False][0])}")
+    if "train" not in phases:
+        return rows
     fns = {impl: train_fn(model, tokens, labels, impl) for impl in IMPLS}
     res = timed(fns, device, reps, memory, log)
     for impl in IMPLS:
@@ -201,6 +212,8 @@ def main(argv=None):
     ap.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available, else cpu")
     ap.add_argument("--quick", action="store_true", help="batch 1 (CPU) / 8 (CUDA), fewer reps")
     ap.add_argument("--reps", type=int, default=None, help="timed calls per contender (default 3 CPU / 5 CUDA)")
+    ap.add_argument("--depth", type=int, default=None, help="CPU: model depth (width 64 * depth; default 4)")
+    ap.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated subset of {','.join(PHASES)}")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory calls")
     ap.add_argument("--out", default=None, help="write rows, summary and table as JSON to this path")
@@ -208,12 +221,18 @@ def main(argv=None):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda but torch.cuda.is_available() is False")
+    phases = tuple(p.strip() for p in args.phases.split(",") if p.strip())
+    if not phases or any(p not in PHASES for p in phases):
+        ap.error(f"--phases must name some of {PHASES}, got {args.phases!r}")
+    if args.depth is not None and (device != "cpu" or args.depth < 1):
+        ap.error("--depth takes a positive int and applies to --device cpu only (CUDA runs the d16 preset)")
     if args.threads:
         torch.set_num_threads(args.threads)
     reps = args.reps or ((2 if args.quick else 3) if device == "cpu" else (3 if args.quick else 5))
     print(f"bench_mvar: device={device} torch={torch.__version__} threads={torch.get_num_threads()} reps={reps}",
           file=sys.stderr)
-    rows = run(device, args.quick, reps, memory=not args.no_memory, log=lambda s: print(s, file=sys.stderr))
+    rows = run(device, args.quick, reps, memory=not args.no_memory, log=lambda s: print(s, file=sys.stderr),
+               depth=args.depth, phases=phases)
     table = markdown(rows)
     print(table)
     if args.out:
