@@ -3,6 +3,7 @@ impl="kernels"."""
 from .acdit import ACDiT
 from .block_diffusion import BlockDiffusionLM
 from .hmar import HMAR
+from .masked_diffusion import MaskedDiffusionLM
 from .var import VAR
 
-__all__ = ["VAR", "HMAR", "ACDiT", "BlockDiffusionLM"]
+__all__ = ["VAR", "HMAR", "ACDiT", "BlockDiffusionLM", "MaskedDiffusionLM"]
