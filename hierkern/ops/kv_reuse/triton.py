@@ -26,8 +26,8 @@ from ..attention.triton import _TRITON_DTYPE
 
 _EPS: tl.constexpr = tl.constexpr(1e-8)
 _VARYING = ["S", "k", "n", "max_len", "HD"]
-_SIM_BLOCK_S, _SIM_BLOCK_D, _SIM_WARPS = 16, 128, 4
-_RANK_BLOCK, _RANK_WARPS = 128, 4
+_SIM_BLOCK_S, _SIM_BLOCK_D, _SIM_WARPS = 16, 64, 4
+_RANK_BLOCK, _RANK_WARPS = 64, 4
 _COMPACT_BLOCK, _COMPACT_WARPS = 256, 4
 
 
