@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared check for a lent GPU (H200, no network): build, static GPU check, the full test suite
 # on CUDA (pytest-xdist when present), then the benchmarks: next_scale report, skip_causal, causal_conv1d,
-# a wall-vs-kernel-time profile, the VAR/HMAR models, M-VAR and cached_attention. Every step has a timeout
+# a wall-vs-kernel-time profile, the VAR/HMAR models, M-VAR, cached_attention and kv_reuse. Every step has a timeout
 # taken from one overall budget (GPU_CHECK_BUDGET_S, default 450 s).
 #
 #   bash bench/gpu_check.sh            # run from the repository root; results under $OUT (default ./out)
@@ -118,12 +118,18 @@ step bench_models "$(budget_for 90 25)" "$PY" -m bench.bench_models --device cud
 
 # M-VAR (d16, bf16): generation with the Mamba state carried across scales vs prefix recompute, and the
 # training step, kernels vs the eager baseline (issue 5).
-step bench_mvar "$(budget_for 90 40)" "$PY" -m bench.bench_mvar --device cuda --quick \
+step bench_mvar "$(budget_for 90 100)" "$PY" -m bench.bench_mvar --device cuda --quick \
     --out "$OUT/bench/mvar_cuda.json"
 [ -f "$OUT/logs/bench_mvar.log" ] && cp "$OUT/logs/bench_mvar.log" "$OUT/bench/mvar_cuda.md"
 
-step bench_cached "$(budget_for 40 0)" "$PY" -m bench.bench_cached_attention --device cuda --dtype bf16
+step bench_cached "$(budget_for 40 60)" "$PY" -m bench.bench_cached_attention --device cuda --dtype bf16
 [ -f "$OUT/logs/bench_cached.log" ] && cp "$OUT/logs/bench_cached.log" "$OUT/bench/cached_attention_cuda.txt"
+
+# Approximate KV reuse: refresh_select + scatter_kv + subset_attention vs the PyTorch composition, and
+# MaskedDiffusionLM generation per cache strategy (--quick: gen_length 64).
+step bench_kv_reuse "$(budget_for 60 0)" "$PY" -m bench.bench_kv_reuse --device cuda --quick \
+    --out "$OUT/bench/kv_reuse_cuda.json"
+[ -f "$OUT/logs/bench_kv_reuse.log" ] && cp "$OUT/logs/bench_kv_reuse.log" "$OUT/bench/kv_reuse_cuda.txt"
 
 DEV="$("$PY" -c 'import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else "nogpu")' 2>/dev/null || echo unknown)"
 SLUG="$(echo "$DEV" | tr '[:upper:]' '[:lower:]' | sed -e 's/^nvidia //' -e 's/[^a-z0-9]\+/-/g' -e 's/^-//' -e 's/-$//')"

@@ -106,4 +106,19 @@ TORCH_LIBRARY(hierkern, m) {
   m.def("ssd_scan_bwd(Tensor grad_out, Tensor? grad_final_states, Tensor x, Tensor dt, Tensor A, Tensor B, "
         "Tensor C, Tensor? D, Tensor? z, Tensor? dt_bias, Tensor? initial_states, bool dt_softplus, "
         "int chunk_size) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+
+  // Approximate KV reuse (hierkern/ops/kv_reuse/reference.py has the conventions).
+  // refresh_select: new / cached (B, S, H, D), one dtype; per-token cosine similarity over (H, D)
+  // (float32 accumulation, NaN counted as -inf) fused with the choice of the k least similar tokens,
+  // equal similarities lowest index first. Returns (B, k) int64, ascending; 0 <= k <= S.
+  m.def("refresh_select(Tensor new, Tensor cached, int k) -> Tensor");
+  m.def("refresh_select_triton(Tensor new, Tensor cached, int k) -> Tensor");
+  // scatter_kv: in place, k_cache[b, index[b, i]] = rope(k[b, i]) and v_cache[b, index[b, i]] = v[b, i];
+  // caches (B, max_len, Hkv, D), k / v (B, n, Hkv, D), index (B, n) int64 distinct per row and in
+  // [0, max_len) (the C++ kernel checks; the Triton one relies on the Python wrapper's check).
+  // cos / sin: rotate-half tables (max_len, D / 2) indexed by the destination slot, or None.
+  m.def("scatter_kv(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor index, Tensor k, Tensor v, "
+        "Tensor? cos, Tensor? sin) -> ()");
+  m.def("scatter_kv_triton(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor index, Tensor k, Tensor v, "
+        "Tensor? cos, Tensor? sin) -> ()");
 }

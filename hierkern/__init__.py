@@ -5,9 +5,13 @@ from .ops.attention.next_scale import next_scale_attention
 from .ops.cached_attention.cached import cached_attention
 from .ops.attention.skip_causal import block_causal_attention, skip_causal_attention
 from .ops.conv.causal_conv1d import causal_conv1d
+from .ops.kv_reuse.refresh_select import refresh_select
+from .ops.kv_reuse.scatter_kv import scatter_kv
+from .ops.kv_reuse.subset_attention import subset_attention
 from .ops.scan.selective_scan import selective_scan
 from .ops.scan.ssd_scan import ssd_scan
 
 __all__ = ["KVCache", "ScaleLayout", "block_causal_attention", "cached_attention", "causal_conv1d",
-           "next_scale_attention", "selective_scan", "skip_causal_attention", "ssd_scan"]
+           "next_scale_attention", "refresh_select", "scatter_kv", "selective_scan", "skip_causal_attention",
+           "ssd_scan", "subset_attention"]
 __version__ = "0.1.0"

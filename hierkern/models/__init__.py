@@ -3,7 +3,8 @@ impl="kernels"."""
 from .acdit import ACDiT
 from .block_diffusion import BlockDiffusionLM
 from .hmar import HMAR
+from .masked_diffusion import MaskedDiffusionLM
 from .mvar import MVAR
 from .var import VAR
 
-__all__ = ["VAR", "HMAR", "MVAR", "ACDiT", "BlockDiffusionLM"]
+__all__ = ["VAR", "HMAR", "MVAR", "ACDiT", "BlockDiffusionLM", "MaskedDiffusionLM"]

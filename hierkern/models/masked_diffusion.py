@@ -1,0 +1,280 @@
+"""MaskedDiffusionLM: a LLaDA-style masked-diffusion language model (bidirectional transformer, RoPE,
+GQA, random init) with semi-autoregressive confidence-threshold generation and four K/V strategies:
+
+  "none"      every step runs the whole sequence (the exact definition).
+  "prefix"    Fast-dLLM prefix cache: a full forward refreshes every layer's K/V; the other steps run
+              only the current block and everything after it, attending the cached prefix K/V.
+  "dual"      Fast-dLLM DualCache: the other steps run only the current block; its fresh K/V are
+              scattered into the cache, whose prefix and suffix rows are reused.
+  "adaptive"  dLLM-Cache: the other steps recompute V of every token per layer, pick the `ratio`
+              least-similar tokens (cosine of new vs cached V), recompute only those rows (Q/K,
+              attention over the whole cache, projection, MLP), scatter their K/V and outputs into the
+              caches and reuse the cached attention / MLP outputs of every other row.
+
+A full refresh happens at every block start and every `interval` steps inside a block (None: block
+starts only), so interval=1 makes every strategy exact. dLLM-Cache keeps the prompt on a longer fixed
+interval; here prompt rows are candidates of the same similarity test, so they are recomputed when
+(and only when) their V drifts, and ratio=1.0 recomputes every row (exactly "none").
+
+impl="reference": the PyTorch composition research code uses (cosine + sort + gather + index writes +
+SDPA with repeated K/V heads); impl="kernels": hierkern.refresh_select, hierkern.scatter_kv (RoPE on
+write) and hierkern.subset_attention.
+"""
+import math
+import numbers
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import hierkern
+from hierkern.ops.kv_reuse import reference as kv_ref
+
+from . import _attention
+from ._blocks import PreNormBlock
+from ._next_scale import _INT_DTYPES, _check_positive_int
+
+CACHES = ("none", "prefix", "dual", "adaptive")
+_KERNEL_APIS = ("refresh_select", "scatter_kv", "subset_attention")
+
+
+class _LayerCache:
+    """One layer's K (rotated) / V (B, L, Hk, D) and, for "adaptive", its attention and MLP outputs
+    (B, L, C), the residual-stream contributions reused for rows that are not recomputed."""
+
+    def __init__(self, B, L, Hk, D, C, dtype, device, adaptive):
+        self.k = torch.empty(B, L, Hk, D, dtype=dtype, device=device)
+        self.v = torch.empty(B, L, Hk, D, dtype=dtype, device=device)
+        self.attn = torch.empty(B, L, C, dtype=dtype, device=device) if adaptive else None
+        self.mlp = torch.empty(B, L, C, dtype=dtype, device=device) if adaptive else None
+
+
+class MaskedDiffusionLM(nn.Module):
+    """LLaDA-style masked-diffusion LM with random weights.
+
+    MaskedDiffusionLM(vocab_size=256, width=128, depth=4, heads=4, kv_heads=2, mlp_ratio=4.0,
+                      rope_base=10000.0, norm_eps=1e-5, impl="kernels")
+
+    Token id vocab_size is [MASK] (the embedding has vocab_size + 1 rows; logits cover the real
+    tokens only). Every token attends to every token (no mask); RoPE on q and k at positions 0..L-1.
+    """
+
+    def __init__(self, *, vocab_size=256, width=128, depth=4, heads=4, kv_heads=2, mlp_ratio=4.0,
+                 rope_base=10000.0, norm_eps=1e-5, impl="kernels"):
+        super().__init__()
+        name = type(self).__name__
+        for arg, value in (("vocab_size", vocab_size), ("width", width), ("depth", depth), ("heads", heads),
+                           ("kv_heads", kv_heads)):
+            _check_positive_int(name, arg, value)
+        if width % heads or (width // heads) % 2 or heads % kv_heads:
+            raise ValueError(f"{name}: width ({width}) must be a multiple of heads ({heads}) with an even head_dim, "
+                             f"and heads a multiple of kv_heads ({kv_heads})")
+        if impl not in _attention.IMPLS:
+            raise ValueError(f"{name}: impl must be 'reference' or 'kernels', got {impl!r}")
+        self.vocab_size, self.mask_id = vocab_size, vocab_size
+        self.width, self.heads, self.kv_heads, self.head_dim = width, heads, kv_heads, width // heads
+        self.rope_base, self.impl = rope_base, impl
+        self.embed = nn.Embedding(vocab_size + 1, width)
+        self.blocks = nn.ModuleList(PreNormBlock(width, heads, kv_heads, mlp_ratio, norm_eps) for _ in range(depth))
+        self.norm = nn.LayerNorm(width, eps=norm_eps)
+        self.out = nn.Linear(width, vocab_size)
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=0.02)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    # ------------------------------------------------------------------------------------------
+    # Pieces shared by every strategy: one code path per row set, so the strategies differ only in
+    # which rows they recompute (and "none" equals the others when they recompute everything).
+
+    def _device(self):
+        return self.embed.weight.device
+
+    def _rope_tables(self, L):
+        inv = self.rope_base ** (-torch.arange(0, self.head_dim, 2, dtype=torch.float64, device=self._device())
+                                 / self.head_dim)
+        ang = torch.arange(L, dtype=torch.float64, device=self._device())[:, None] * inv
+        dtype = self.embed.weight.dtype
+        return ang.cos().to(dtype), ang.sin().to(dtype)  # (L, D/2) half tables, rotate-half convention
+
+    def _split_kv(self, block):
+        kv = block.attn.kv
+        n = self.kv_heads * self.head_dim
+        bias = (None, None) if kv.bias is None else (kv.bias[:n], kv.bias[n:])
+        return (kv.weight[:n], bias[0]), (kv.weight[n:], bias[1])
+
+    def _write(self, impl, cache, idx, k, v, rope):
+        """K/V rows (B, n, Hk, D) into slots idx (B, n), k rotated at its slot."""
+        if impl == "kernels":
+            hierkern.scatter_kv(cache.k, cache.v, idx, k, v, rope[0], rope[1])
+        else:
+            kv_ref.scatter_kv_reference(cache.k, cache.v, idx, k, v, *rope)
+
+    def _attend(self, impl, q, cache):
+        if impl == "kernels":
+            return hierkern.subset_attention(q, cache.k, cache.v)
+        group = self.heads // self.kv_heads
+        k = cache.k.repeat_interleave(group, dim=2).transpose(1, 2)
+        v = cache.v.repeat_interleave(group, dim=2).transpose(1, 2)
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k, v).transpose(1, 2)
+
+    def _select(self, impl, v_new, v_cached, n):
+        if impl == "kernels":
+            return hierkern.refresh_select(v_new, v_cached, n)
+        return kv_ref.refresh_select_reference(v_new, v_cached, n)
+
+    def _attention_rows(self, impl, block, xn, idx, cache, rope, v=None):
+        """Attention output (after the projection) of rows xn (B, n, C) sitting at slots idx, after
+        writing their K/V; v: their V when already computed."""
+        B, n, _ = xn.shape
+        (wk, bk), (wv, bv) = self._split_kv(block)
+        q = block.attn.q(xn).view(B, n, self.heads, self.head_dim)
+        k = F.linear(xn, wk, bk).view(B, n, self.kv_heads, self.head_dim)
+        if v is None:
+            v = F.linear(xn, wv, bv).view(B, n, self.kv_heads, self.head_dim)
+        self._write(impl, cache, idx, k, v, rope)
+        o = self._attend(impl, kv_ref.rope_rows(q, rope[0], rope[1], idx), cache)
+        return block.attn.proj(o.reshape(B, n, self.width))
+
+    def _forward_rows(self, impl, ids, a, caches, rope, store=False):
+        """Hidden states of rows [a, L) given only their ids (B, L - a) or rows [a, a + n): their K/V
+        go into `caches` and they attend every cached row. store: keep the attention / MLP outputs
+        (the "adaptive" refresh)."""
+        B, n = ids.shape
+        idx = torch.arange(a, a + n, device=ids.device).expand(B, n)
+        x = self.embed(ids)
+        for block, cache in zip(self.blocks, caches):
+            ao = self._attention_rows(impl, block, block.norm1(x), idx, cache, rope)
+            x = x + ao
+            mo = block.mlp(block.norm2(x))
+            if store:
+                cache.attn[:, a:a + n] = ao
+                cache.mlp[:, a:a + n] = mo
+            x = x + mo
+        return x
+
+    def _forward_adaptive(self, impl, ids, caches, rope, n_refresh):
+        """dLLM-Cache step over the whole sequence: V of every row, the n_refresh least-similar rows
+        recomputed, cached attention / MLP outputs for the rest."""
+        B, L = ids.shape
+        bi = torch.arange(B, device=ids.device)[:, None]
+        x = self.embed(ids)
+        for block, cache in zip(self.blocks, caches):
+            xn = block.norm1(x)
+            (_, _), (wv, bv) = self._split_kv(block)
+            v_all = F.linear(xn, wv, bv).view(B, L, self.kv_heads, self.head_dim)
+            idx = self._select(impl, v_all, cache.v, n_refresh)
+            if n_refresh:
+                cache.attn[bi, idx] = self._attention_rows(impl, block, xn[bi, idx], idx, cache, rope,
+                                                           v=v_all[bi, idx])
+            x = x + cache.attn
+            if n_refresh:
+                cache.mlp[bi, idx] = block.mlp(block.norm2(x[bi, idx]))
+            x = x + cache.mlp
+        return x
+
+    def _logits(self, h):
+        return self.out(self.norm(h))
+
+    def _new_caches(self, B, L, adaptive):
+        return [_LayerCache(B, L, self.kv_heads, self.head_dim, self.width, self.embed.weight.dtype,
+                            self._device(), adaptive) for _ in self.blocks]
+
+    def _check_ids(self, owner, name, ids, high):
+        if not isinstance(ids, torch.Tensor):
+            raise TypeError(f"{owner}: {name} must be a (batch, length) integer tensor, got {type(ids).__name__}")
+        if ids.dtype not in _INT_DTYPES:
+            raise TypeError(f"{owner}: {name} must have an integer dtype (token ids), got {ids.dtype}")
+        if ids.dim() != 2 or 0 in ids.shape:
+            raise ValueError(f"{owner}: {name} must have shape (batch, length), got {tuple(ids.shape)}")
+        if ids.device != self._device():
+            raise ValueError(f"{owner}: {name} is on {ids.device} but the model is on {self._device()}")
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= high:
+            raise ValueError(f"{owner}: {name} must hold token ids in [0, {high}), got values in [{lo}, {hi}]")
+        return ids.long()
+
+    # ------------------------------------------------------------------------------------------
+
+    def forward(self, ids, impl=None):
+        """Logits (B, L, vocab_size) of one bidirectional forward over ids (B, L) ([MASK] allowed)."""
+        owner = "MaskedDiffusionLM.forward"
+        impl = _attention.check_impl(owner, self.impl if impl is None else impl, _KERNEL_APIS)
+        ids = self._check_ids(owner, "ids", ids, self.vocab_size + 1)
+        B, L = ids.shape
+        h = self._forward_rows(impl, ids, 0, self._new_caches(B, L, False), self._rope_tables(L))
+        return self._logits(h)
+
+    @staticmethod
+    def unmask(blk, masked, logits, threshold, quota):
+        """Greedy parallel decoding of one step: per row, reveal the masked tokens whose confidence
+        (max softmax probability) exceeds threshold, at least `quota` (the most confident first, ties
+        lowest position first), at most all of them. Returns the new block ids."""
+        conf, tok = logits.float().softmax(dim=-1).max(dim=-1)
+        conf = conf.masked_fill(~masked, -1.0)
+        n_masked = masked.sum(dim=1)
+        count = torch.maximum((conf > threshold).sum(dim=1), torch.full_like(n_masked, quota)).minimum(n_masked)
+        rank = conf.argsort(dim=1, descending=True, stable=True).argsort(dim=1)
+        return torch.where(masked & (rank < count[:, None]), tok, blk)
+
+    @torch.no_grad()
+    def generate(self, prompt, gen_length, block_length, steps, threshold=0.9, cache="none", interval=None,
+                 ratio=0.25, impl=None):
+        """Generate gen_length tokens after prompt (B, P); returns (B, P + gen_length).
+
+        Semi-autoregressive: the generated part is gen_length / block_length blocks, decoded left to
+        right, each in at most steps / num_blocks steps. A step predicts every masked token of the
+        current block (greedy) and reveals those with confidence > threshold - at least
+        ceil(masked / steps left), so at least one and the block finishes in time (LLaDA's schedule
+        with Fast-dLLM's threshold parallel decoding). Every token attends the whole sequence,
+        including the masked future blocks.
+
+        cache: "none" | "prefix" | "dual" | "adaptive" (see the module docstring); interval: full refresh
+        every `interval` steps inside a block besides each block start (None: block starts only);
+        ratio: "adaptive"'s fraction of the sequence recomputed per step (ceil(ratio * L) rows).
+        """
+        owner = "MaskedDiffusionLM.generate"
+        impl = _attention.check_impl(owner, self.impl if impl is None else impl, _KERNEL_APIS)
+        prompt = self._check_ids(owner, "prompt", prompt, self.vocab_size)
+        for arg, value in (("gen_length", gen_length), ("block_length", block_length), ("steps", steps)):
+            _check_positive_int(owner, arg, value)
+        if gen_length % block_length:
+            raise ValueError(f"{owner}: gen_length ({gen_length}) must be a multiple of block_length ({block_length})")
+        num_blocks = gen_length // block_length
+        if steps % num_blocks:
+            raise ValueError(f"{owner}: steps ({steps}) must be a multiple of the number of blocks ({num_blocks})")
+        if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"{owner}: threshold must be in [0, 1], got {threshold!r}")
+        if cache not in CACHES:
+            raise ValueError(f"{owner}: cache must be one of {CACHES}, got {cache!r}")
+        if interval is not None:
+            _check_positive_int(owner, "interval", interval)
+        if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0.0 <= ratio <= 1.0:
+            raise ValueError(f"{owner}: ratio must be in [0, 1], got {ratio!r}")
+
+        B, P = prompt.shape
+        L, dev = P + gen_length, self._device()
+        ids = torch.cat((prompt, torch.full((B, gen_length), self.mask_id, dtype=torch.long, device=dev)), dim=1)
+        rope = self._rope_tables(L)
+        caches = self._new_caches(B, L, cache == "adaptive")
+        n_refresh = min(L, math.ceil(ratio * L))
+        per_block = steps // num_blocks
+        for nb in range(num_blocks):
+            s, e = P + nb * block_length, P + (nb + 1) * block_length
+            for step in range(per_block):
+                masked = ids[:, s:e] == self.mask_id
+                if not masked.any():
+                    break
+                full = cache == "none" or step % (interval or per_block) == 0
+                if full:
+                    h = self._forward_rows(impl, ids, 0, caches, rope, store=cache == "adaptive")[:, s:e]
+                elif cache == "prefix":
+                    h = self._forward_rows(impl, ids[:, s:], s, caches, rope)[:, :e - s]
+                elif cache == "dual":
+                    h = self._forward_rows(impl, ids[:, s:e], s, caches, rope)
+                else:
+                    h = self._forward_adaptive(impl, ids, caches, rope, n_refresh)[:, s:e]
+                quota = max(1, math.ceil(int(masked.sum(1).max()) / (per_block - step)))
+                ids[:, s:e] = self.unmask(ids[:, s:e], masked, self._logits(h), threshold, quota)
+        return ids
