@@ -1,0 +1,444 @@
+"""Triton kernels for the SSD scan (hierkern.ssd_scan, Mamba-2), chunked as mamba-ssm does it, with the
+matrix products on tensor cores, and their launchers.
+
+Per (batch b, head h) the sequence is cut in chunks of Q steps (Q = the launcher's tile, not the
+caller's chunk_size: chunk_size only blocks the computation, see hierkern.ssd_scan). Inside chunk c,
+with dt already biased / softplus'ed and cum_i = sum_{t <= i} dt_t A (the decay from the chunk start):
+    states_c  = sum_j exp(cum_last - cum_j) dt_j x_j B_j^T                    (p, n)
+    S_in[c+1] = exp(cum_last) S_in[c] + states_c,   S_in[0] = initial_states
+    y_i       = sum_{j <= i} (C_i . B_j) exp(cum_i - cum_j) dt_j x_j + exp(cum_i) S_in[c] C_i
+    out       = (y + D x) * silu(z)
+Kernels (forward)
+  _chunk_state_kernel  grid (chunks, b*h): states_c = (x * w)^T B on tensor cores, w = dt exp(cum_last - cum);
+                       also cum_last per chunk (the chunk's total decay, for the state passing).
+  _state_pass_kernel   grid (state blocks, b*h): the sequential recurrence over chunks, overwriting
+                       states_c with S_in[c] in place; writes final_states. No dot (exempt below).
+  _chunk_out_kernel    grid (chunks, b*h): y from C B^T (masked by the decay matrix) times dt x and from
+                       C S_in^T, both on tensor cores, then D and the z gate, in one pass.
+Backward (recomputation: the forward's chunk states are recomputed by the two forward kernels above,
+autograd saves only the inputs)
+  _dstate_local_kernel grid (chunks, b*h): chunk c's own pull on its entering state, (gy exp(cum))^T C.
+  _dstate_pass_kernel  grid (state blocks, b*h): the adjoint recurrence from the last chunk back:
+                       dS_out[c] (the gradient of the state leaving chunk c), d cum_last per chunk
+                       (partial sums per state block) and dinitial_states.
+  _chunk_bwd_kernel    grid (chunks, b*h): everything else for one chunk: dx, ddt, dz, per-head dB / dC
+                       (summed over the heads of a group by the launcher), partial dA and dD; eight dots.
+
+Padded tails: the last chunk's steps t >= seqlen load x, B, C as 0 and get dt = 0 after bias and
+softplus (softplus(bias) is not 0): decay 1 and no input, so the state passes through unchanged and
+nothing NaN or stale is read; nothing is stored there.
+
+Precision: float32 state, decays and accumulators. The dots take their operands in x's dtype (the
+float32 states and decay-weighted tiles are rounded to it, as mamba-ssm does); float32 inputs use the
+tf32x3 product (three tf32 tensor-core products, float32-level accuracy).
+"""
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+_VARYING = ["seqlen", "n_chunks"]
+
+
+@triton.jit
+def _dt_cum(DT, Bias, A, dt_off, hi, t, t_ok, stride_dtl, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """(dt after bias / softplus, 0 on the padded tail; the pre-softplus value; cum = cumsum(dt A))."""
+    v = tl.load(DT + dt_off + t * stride_dtl, mask=t_ok, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        v += tl.load(Bias + hi)
+    if SOFTPLUS:
+        dt = tl.where(v > 20.0, v, tl.log(1.0 + tl.exp(tl.minimum(v, 20.0))))
+    else:
+        dt = v
+    dt = tl.where(t_ok, dt, 0.0)
+    cum = tl.cumsum(dt * tl.load(A + hi), 0)
+    return dt, v, cum
+
+
+@triton.jit
+def _tile(P, off, rows, rows_ok, stride_r, cols, cols_ok, stride_c):
+    return tl.load(P + off + rows[:, None] * stride_r + cols[None, :] * stride_c,
+                   mask=rows_ok[:, None] & cols_ok[None, :], other=0.0)
+
+
+@triton.jit
+def _mm(a, b, DT: tl.constexpr, PREC: tl.constexpr):
+    return tl.dot(a.to(DT), b.to(DT), input_precision=PREC)
+
+
+@triton.jit(do_not_specialize=_VARYING)
+def _chunk_state_kernel(X, DT, A, Bias, Bm, States, CumLast, seqlen, n_chunks, nheads, head_per_group, p, n,
+                        stride_xb, stride_xl, stride_xh, stride_xp, stride_dtb, stride_dtl, stride_dth,
+                        stride_bb, stride_bl, stride_bg, stride_bn,
+                        HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, Q: tl.constexpr,
+                        BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
+    c, bh = tl.program_id(0), tl.program_id(1)
+    bi, hi = bh // nheads, bh % nheads
+    t = c * Q + tl.arange(0, Q)
+    t_ok = t < seqlen
+    pp, nn = tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N)
+    dt, _, cum = _dt_cum(DT, Bias, A, bi.to(tl.int64) * stride_dtb + hi * stride_dth, hi, t, t_ok, stride_dtl,
+                         HAS_BIAS, SOFTPLUS)
+    cum_last = tl.sum(dt, 0) * tl.load(A + hi)
+    w = dt * tl.exp(cum_last - cum)
+    # x loaded transposed (p, Q) from memory: a register transpose feeding the dot costs registers.
+    xt = _tile(X, bi.to(tl.int64) * stride_xb + hi * stride_xh, pp, pp < p, stride_xp, t, t_ok, stride_xl)
+    b = _tile(Bm, bi.to(tl.int64) * stride_bb + (hi // head_per_group) * stride_bg, t, t_ok, stride_bl,
+              nn, nn < n, stride_bn)
+    st = _mm(xt.to(tl.float32) * w[None, :], b, X.dtype.element_ty, PREC)
+    off = (bh.to(tl.int64) * n_chunks + c) * p * n
+    tl.store(States + off + pp[:, None] * n + nn[None, :], st, mask=(pp < p)[:, None] & (nn < n)[None, :])
+    tl.store(CumLast + bh.to(tl.int64) * n_chunks + c, cum_last)
+
+
+@triton.jit(do_not_specialize=_VARYING)
+def _state_pass_kernel(States, CumLast, Init, Final, n_chunks, pn, HAS_INIT: tl.constexpr, BLOCK: tl.constexpr):
+    blk, bh = tl.program_id(0), tl.program_id(1)
+    e = blk * BLOCK + tl.arange(0, BLOCK)
+    e_ok = e < pn
+    base = bh.to(tl.int64) * pn
+    if HAS_INIT:
+        s = tl.load(Init + base + e, mask=e_ok, other=0.0)
+    else:
+        s = tl.zeros((BLOCK,), tl.float32)
+    for c in range(n_chunks):
+        ptr = States + (bh.to(tl.int64) * n_chunks + c) * pn + e
+        st = tl.load(ptr, mask=e_ok, other=0.0)
+        tl.store(ptr, s, mask=e_ok)
+        s = tl.exp(tl.load(CumLast + bh.to(tl.int64) * n_chunks + c)) * s + st
+    tl.store(Final + base + e, s, mask=e_ok)
+
+
+@triton.jit(do_not_specialize=_VARYING)
+def _chunk_out_kernel(X, DT, A, Bias, Bm, Cm, Dp, Z, States, Out, seqlen, n_chunks, nheads, head_per_group, p, n,
+                      stride_xb, stride_xl, stride_xh, stride_xp, stride_dtb, stride_dtl, stride_dth,
+                      stride_bb, stride_bl, stride_bg, stride_bn, stride_cb, stride_cl, stride_cg, stride_cn,
+                      stride_dh, stride_dp, stride_zb, stride_zl, stride_zh, stride_zp,
+                      stride_ob, stride_ol, stride_oh, stride_op,
+                      HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
+                      Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
+    c, bh = tl.program_id(0), tl.program_id(1)
+    bi, hi = bh // nheads, bh % nheads
+    gi = hi // head_per_group
+    t = c * Q + tl.arange(0, Q)
+    t_ok = t < seqlen
+    pp, nn, jj = tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N), tl.arange(0, Q)
+    p_ok, n_ok = pp < p, nn < n
+    DTY: tl.constexpr = X.dtype.element_ty
+    dt, _, cum = _dt_cum(DT, Bias, A, bi.to(tl.int64) * stride_dtb + hi * stride_dth, hi, t, t_ok, stride_dtl,
+                         HAS_BIAS, SOFTPLUS)
+    cm = _tile(Cm, bi.to(tl.int64) * stride_cb + gi * stride_cg, t, t_ok, stride_cl, nn, n_ok, stride_cn)
+    bt = _tile(Bm, bi.to(tl.int64) * stride_bb + gi * stride_bg, nn, n_ok, stride_bn, t, t_ok, stride_bl)
+    x = _tile(X, bi.to(tl.int64) * stride_xb + hi * stride_xh, t, t_ok, stride_xl, pp, p_ok, stride_xp)
+    cb = _mm(cm, bt, DTY, PREC)                                                   # (Q, Q): C_i . B_j
+    causal = t[:, None] >= t[None, :]
+    decay = tl.exp(tl.where(causal, cum[:, None] - cum[None, :], float("-inf")))
+    y = _mm(cb * decay * dt[None, :], x, DTY, PREC)
+    # S_in^T (n, p) straight from memory (S_in is stored (p, n)).
+    s_off = (bh.to(tl.int64) * n_chunks + c) * p * n
+    s_t = _tile(States, s_off, nn, n_ok, 1, pp, p_ok, n)
+    y += _mm(cm, s_t, DTY, PREC) * tl.exp(cum)[:, None]
+    if HAS_D:
+        y += tl.load(Dp + hi * stride_dh + pp * stride_dp, mask=p_ok, other=0.0)[None, :] * x.to(tl.float32)
+    if HAS_Z:
+        zz = _tile(Z, bi.to(tl.int64) * stride_zb + hi * stride_zh, t, t_ok, stride_zl, pp, p_ok, stride_zp)
+        zz = zz.to(tl.float32)
+        y = y * zz * tl.sigmoid(zz)
+    o_ptr = Out + bi.to(tl.int64) * stride_ob + hi * stride_oh + t[:, None] * stride_ol + pp[None, :] * stride_op
+    tl.store(o_ptr, y.to(Out.dtype.element_ty), mask=t_ok[:, None] & p_ok[None, :])
+
+
+@triton.jit
+def _gated_grad(G, Z, g_off, z_off, t, t_ok, pp, p_ok, stride_gl, stride_gp, stride_zl, stride_zp,
+                HAS_Z: tl.constexpr):
+    """(grad_out * silu(z) (the gradient of y, before D and the gate), z (float32; 0 without z))."""
+    g = _tile(G, g_off, t, t_ok, stride_gl, pp, p_ok, stride_gp).to(tl.float32)
+    if HAS_Z:
+        zz = _tile(Z, z_off, t, t_ok, stride_zl, pp, p_ok, stride_zp).to(tl.float32)
+        return g * zz * tl.sigmoid(zz), zz
+    return g, g * 0.0
+
+
+@triton.jit(do_not_specialize=_VARYING)
+def _dstate_local_kernel(G, Z, DT, A, Bias, Cm, DStates, seqlen, n_chunks, nheads, head_per_group, p, n,
+                         stride_gb, stride_gl, stride_gh, stride_gp, stride_zb, stride_zl, stride_zh, stride_zp,
+                         stride_dtb, stride_dtl, stride_dth, stride_cb, stride_cl, stride_cg, stride_cn,
+                         HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_Z: tl.constexpr, Q: tl.constexpr,
+                         BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
+    c, bh = tl.program_id(0), tl.program_id(1)
+    bi, hi = bh // nheads, bh % nheads
+    t = c * Q + tl.arange(0, Q)
+    t_ok = t < seqlen
+    pp, nn = tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N)
+    p_ok, n_ok = pp < p, nn < n
+    _, _, cum = _dt_cum(DT, Bias, A, bi.to(tl.int64) * stride_dtb + hi * stride_dth, hi, t, t_ok, stride_dtl,
+                        HAS_BIAS, SOFTPLUS)
+    # gy^T (p, Q): grad_out and z loaded transposed.
+    gyt, _ = _gated_grad(G, Z, bi.to(tl.int64) * stride_gb + hi * stride_gh, bi.to(tl.int64) * stride_zb + hi * stride_zh,
+                         pp, p_ok, t, t_ok, stride_gp, stride_gl, stride_zp, stride_zl, HAS_Z)
+    cm = _tile(Cm, bi.to(tl.int64) * stride_cb + (hi // head_per_group) * stride_cg, t, t_ok, stride_cl, nn, n_ok,
+               stride_cn)
+    ds = _mm(gyt * tl.exp(cum)[None, :], cm, G.dtype.element_ty, PREC)
+    off = (bh.to(tl.int64) * n_chunks + c) * p * n
+    tl.store(DStates + off + pp[:, None] * n + nn[None, :], ds, mask=p_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit(do_not_specialize=_VARYING)
+def _dstate_pass_kernel(DStates, States, CumLast, DFinal, DInit, DCumLastPart, n_chunks, pn,
+                        HAS_DFINAL: tl.constexpr, BLOCK: tl.constexpr):
+    blk, bh = tl.program_id(0), tl.program_id(1)
+    e = blk * BLOCK + tl.arange(0, BLOCK)
+    e_ok = e < pn
+    base = bh.to(tl.int64) * pn
+    if HAS_DFINAL:
+        r = tl.load(DFinal + base + e, mask=e_ok, other=0.0)
+    else:
+        r = tl.zeros((BLOCK,), tl.float32)
+    n_blk = tl.num_programs(0)
+    for i in range(n_chunks):
+        c = n_chunks - 1 - i
+        off = (bh.to(tl.int64) * n_chunks + c) * pn + e
+        local = tl.load(DStates + off, mask=e_ok, other=0.0)
+        tl.store(DStates + off, r, mask=e_ok)
+        s_in = tl.load(States + off, mask=e_ok, other=0.0)
+        decay = tl.exp(tl.load(CumLast + bh.to(tl.int64) * n_chunks + c))
+        # S_out = decay S_in + states: d cum_last = decay <S_in, dS_out> (this block's share).
+        tl.store(DCumLastPart + (bh.to(tl.int64) * n_chunks + c) * n_blk + blk, decay * tl.sum(s_in * r, 0))
+        r = decay * r + local
+    tl.store(DInit + base + e, r, mask=e_ok)
+
+
+@triton.jit(do_not_specialize=_VARYING)
+def _chunk_bwd_kernel(G, X, DT, A, Bias, Bm, Cm, Dp, Z, States, DStates, DCumLast,
+                      DX, DDT, DBh, DCh, DZ, DAPart, DDPart, seqlen, n_chunks, nheads, head_per_group, p, n,
+                      stride_xb, stride_xl, stride_xh, stride_xp, stride_dtb, stride_dtl, stride_dth,
+                      stride_bb, stride_bl, stride_bg, stride_bn, stride_cb, stride_cl, stride_cg, stride_cn,
+                      stride_dh, stride_dp, stride_zb, stride_zl, stride_zh, stride_zp,
+                      stride_gb, stride_gl, stride_gh, stride_gp,
+                      HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
+                      Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
+    """Outputs laid out contiguous: DX / DZ (b, l, h, p), DDT (b, l, h) float32, DBh / DCh (b, l, h, n)
+    float32, DAPart (b*h, chunks), DDPart (b*h, chunks, p)."""
+    c, bh = tl.program_id(0), tl.program_id(1)
+    bi, hi = bh // nheads, bh % nheads
+    gi = hi // head_per_group
+    t = c * Q + tl.arange(0, Q)
+    t_ok = t < seqlen
+    pp, nn = tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N)
+    p_ok, n_ok = pp < p, nn < n
+    DTY: tl.constexpr = X.dtype.element_ty
+    a_h = tl.load(A + hi)
+    dt, v, cum = _dt_cum(DT, Bias, A, bi.to(tl.int64) * stride_dtb + hi * stride_dth, hi, t, t_ok, stride_dtl,
+                         HAS_BIAS, SOFTPLUS)
+    cum_last = tl.sum(dt, 0) * a_h
+    x_off = bi.to(tl.int64) * stride_xb + hi * stride_xh
+    x = _tile(X, x_off, t, t_ok, stride_xl, pp, p_ok, stride_xp)
+    xt = _tile(X, x_off, pp, p_ok, stride_xp, t, t_ok, stride_xl)
+    b_off = bi.to(tl.int64) * stride_bb + gi * stride_bg
+    c_off = bi.to(tl.int64) * stride_cb + gi * stride_cg
+    bm = _tile(Bm, b_off, t, t_ok, stride_bl, nn, n_ok, stride_bn)
+    bt = _tile(Bm, b_off, nn, n_ok, stride_bn, t, t_ok, stride_bl)
+    cm = _tile(Cm, c_off, t, t_ok, stride_cl, nn, n_ok, stride_cn)
+    s_off = (bh.to(tl.int64) * n_chunks + c) * p * n
+    s_in = _tile(States, s_off, pp, p_ok, n, nn, n_ok, 1)          # (p, n)
+    s_in_t = _tile(States, s_off, nn, n_ok, 1, pp, p_ok, n)        # (n, p)
+    ds_out = _tile(DStates, s_off, pp, p_ok, n, nn, n_ok, 1)       # (p, n)
+    ds_out_t = _tile(DStates, s_off, nn, n_ok, 1, pp, p_ok, n)     # (n, p)
+    gy, zz = _gated_grad(G, Z, bi.to(tl.int64) * stride_gb + hi * stride_gh,
+                         bi.to(tl.int64) * stride_zb + hi * stride_zh, t, t_ok, pp, p_ok, stride_gl, stride_gp,
+                         stride_zl, stride_zp, HAS_Z)
+    exp_cum = tl.exp(cum)
+    to_end = tl.exp(cum_last - cum)
+
+    causal = t[:, None] >= t[None, :]
+    decay = tl.exp(tl.where(causal, cum[:, None] - cum[None, :], float("-inf")))
+    scores = _mm(cm, bt, DTY, PREC) * decay                          # (C_i . B_j) exp(cum_i - cum_j)
+    # The recomputed y is needed for dz only; dD needs x and gy.
+    xf = x.to(tl.float32)
+    if HAS_D:
+        d_row = tl.load(Dp + hi * stride_dh + pp * stride_dp, mask=p_ok, other=0.0)
+    if HAS_Z:
+        y_off = _mm(cm, s_in_t, DTY, PREC)                           # (Q, p): C_i S_in^T
+        y = _mm(scores * dt[None, :], x, DTY, PREC) + y_off * exp_cum[:, None]
+        if HAS_D:
+            y += d_row[None, :] * xf
+        g = _tile(G, bi.to(tl.int64) * stride_gb + hi * stride_gh, t, t_ok, stride_gl, pp, p_ok, stride_gp)
+        sig = tl.sigmoid(zz)
+        dz = g.to(tl.float32) * y * sig * (1.0 + zz * (1.0 - sig))
+        tl.store(DZ + ((bi.to(tl.int64) * seqlen + t[:, None]) * nheads + hi) * p + pp[None, :],
+                 dz.to(DZ.dtype.element_ty), mask=t_ok[:, None] & p_ok[None, :])
+    else:
+        y_off = _mm(cm, s_in_t, DTY, PREC)
+    if HAS_D:
+        tl.store(DDPart + (bh.to(tl.int64) * n_chunks + c) * p + pp, tl.sum(gy * xf, 0), mask=p_ok)
+
+    gmat = _mm(gy, xt, DTY, PREC)                                    # (Q, Q): gy_i . x_j
+    # Intra-chunk: y_i = sum_j scores_ij dt_j x_j.
+    dx = _mm(tl.trans(scores), gy, DTY, PREC) * dt[:, None]
+    ddt = tl.sum(scores * gmat, 0)
+    dscores = gmat * dt[None, :]
+    dcb = dscores * decay
+    dc = _mm(dcb, bm, DTY, PREC)
+    db = _mm(tl.trans(dcb), cm, DTY, PREC)
+    m = dscores * scores
+    dcum = tl.sum(m, 1) - tl.sum(m, 0)
+    # Entering state: y_i += exp(cum_i) C_i S_in^T.
+    dc += _mm(gy * exp_cum[:, None], s_in, DTY, PREC)
+    dcum += exp_cum * tl.sum(gy * y_off, 1)
+    # Chunk state: states = sum_j exp(cum_last - cum_j) dt_j x_j B_j^T, its gradient is dS_out.
+    bds = _mm(bm, ds_out_t, DTY, PREC)                               # (Q, p): dS_out B_j
+    w = dt * to_end
+    dx += bds * w[:, None]
+    db += _mm(x, ds_out, DTY, PREC) * w[:, None]
+    term = tl.sum(xf * bds, 1)                                       # x_j . (dS_out B_j)
+    ddt += to_end * term
+    dcum -= w * term
+    d_last = tl.sum(w * term, 0) + tl.load(DCumLast + bh.to(tl.int64) * n_chunks + c)
+    dcum += tl.where(tl.arange(0, Q) == Q - 1, d_last, 0.0)
+    if HAS_D:
+        dx += d_row[None, :] * gy
+    # cum = cumsum(dt A): d(dt_t A) = sum_{i >= t} dcum_i.
+    da = tl.sum(dcum, 0) - tl.cumsum(dcum, 0) + dcum
+    ddt += da * a_h
+    tl.store(DAPart + bh.to(tl.int64) * n_chunks + c, tl.sum(da * dt, 0))
+    if SOFTPLUS:
+        ddt = ddt * tl.sigmoid(v)
+    row = (bi.to(tl.int64) * seqlen + t) * nheads + hi
+    tl.store(DDT + row, ddt, mask=t_ok)
+    tl.store(DX + row[:, None] * p + pp[None, :], dx.to(DX.dtype.element_ty), mask=t_ok[:, None] & p_ok[None, :])
+    tl.store(DBh + row[:, None] * n + nn[None, :], db, mask=t_ok[:, None] & n_ok[None, :])
+    tl.store(DCh + row[:, None] * n + nn[None, :], dc, mask=t_ok[:, None] & n_ok[None, :])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launch configurations
+# ----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Config:
+    q: int            # chunk length (the Q x Q tiles)
+    warps: int        # the chunk kernels
+    pass_block: int   # state elements per program of the two sequential passes
+    pass_warps: int
+
+
+MAX_DIM = 128  # headdim and dstate: one program holds a whole (p, n) state tile
+# GPU: Q = 64 (mamba-ssm uses 64-256); 8 warps keep the backward's Q x Q and (Q, p) float32 tiles in
+# registers. The interpreter runs one program at a time: Q = 16 makes the tests' short sequences span
+# several chunks.
+_GPU = _Config(q=64, warps=8, pass_block=256, pass_warps=4)
+_INTERP = _Config(q=16, warps=1, pass_block=64, pass_warps=1)
+
+
+def _interpreted(device):
+    return device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _block(d):
+    return max(16, triton.next_power_of_2(d))  # tl.dot needs every tile dimension >= 16
+
+
+def _prec(dtype):
+    return "tf32x3" if dtype == torch.float32 else "tf32"
+
+
+def check_dims(p, n):
+    if p > MAX_DIM or n > MAX_DIM:
+        raise NotImplementedError(f"ssd_scan: impl='triton' supports headdim and dstate up to {MAX_DIM} (one "
+                                  f"program holds a whole (headdim, dstate) state tile), got headdim={p}, "
+                                  f"dstate={n}; use impl='cpu' or impl='reference'")
+
+
+def _common(x, dt, B):
+    b, l, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    cfg = _INTERP if _interpreted(x.device) else _GPU
+    return b, l, h, p, g, n, cfg, triton.cdiv(l, cfg.q)
+
+
+def _states(x, dt, A, B, dt_bias, initial_states, dt_softplus, cfg, nc):
+    """S_in per chunk (b*h, chunks, p, n) float32 and final_states (b, h, p, n)."""
+    b, l, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    states = x.new_empty((b * h, nc, p, n), dtype=torch.float32)
+    cum_last = x.new_empty((b * h, nc), dtype=torch.float32)
+    _chunk_state_kernel[(nc, b * h)](
+        x, dt, A, x if dt_bias is None else dt_bias, B, states, cum_last, l, nc, h, h // g, p, n,
+        *x.stride(), *dt.stride(), *B.stride(),
+        HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, Q=cfg.q, BLOCK_P=_block(p), BLOCK_N=_block(n),
+        PREC=_prec(x.dtype), num_warps=cfg.warps)
+    final = x.new_empty((b, h, p, n), dtype=torch.float32)
+    init = initial_states.contiguous() if initial_states is not None else None
+    _state_pass_kernel[(triton.cdiv(p * n, cfg.pass_block), b * h)](
+        states, cum_last, final if init is None else init, final, nc, p * n,
+        HAS_INIT=init is not None, BLOCK=cfg.pass_block, num_warps=cfg.pass_warps)
+    return states, cum_last, final
+
+
+def _d_strides(D):
+    if D is None:
+        return 0, 0
+    return (D.stride(0), D.stride(1)) if D.dim() == 2 else (D.stride(0), 0)
+
+
+def ssd_scan_fwd(x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus, chunk_size):
+    b, l, h, p, g, n, cfg, nc = _common(x, dt, B)
+    check_dims(p, n)
+    states, _, final = _states(x, dt, A, B, dt_bias, initial_states, dt_softplus, cfg, nc)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    _chunk_out_kernel[(nc, b * h)](
+        x, dt, A, x if dt_bias is None else dt_bias, B, C, x if D is None else D, x if z is None else z, states,
+        out, l, nc, h, h // g, p, n, *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *_d_strides(D),
+        *(z.stride() if z is not None else (0, 0, 0, 0)), *out.stride(),
+        HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, HAS_D=D is not None, HAS_Z=z is not None,
+        Q=cfg.q, BLOCK_P=_block(p), BLOCK_N=_block(n), PREC=_prec(x.dtype), num_warps=cfg.warps)
+    return out, final
+
+
+def ssd_scan_bwd(grad_out, grad_final_states, x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus,
+                 chunk_size):
+    b, l, h, p, g, n, cfg, nc = _common(x, dt, B)
+    check_dims(p, n)
+    f32 = torch.float32
+    states, cum_last, _ = _states(x, dt, A, B, dt_bias, initial_states, dt_softplus, cfg, nc)
+    flags = dict(HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, Q=cfg.q, BLOCK_P=_block(p),
+                 BLOCK_N=_block(n), PREC=_prec(x.dtype), num_warps=cfg.warps)
+    bias = x if dt_bias is None else dt_bias
+    z_strides = z.stride() if z is not None else (0, 0, 0, 0)
+    dstates = torch.empty_like(states)
+    _dstate_local_kernel[(nc, b * h)](
+        grad_out, x if z is None else z, dt, A, bias, C, dstates, l, nc, h, h // g, p, n,
+        *grad_out.stride(), *z_strides, *dt.stride(), *C.stride(), HAS_Z=z is not None, **flags)
+    n_blk = triton.cdiv(p * n, cfg.pass_block)
+    dinit = x.new_empty((b, h, p, n), dtype=f32)
+    dcl_part = x.new_empty((b * h, nc, n_blk), dtype=f32)
+    dfinal = grad_final_states.contiguous() if grad_final_states is not None else None
+    _dstate_pass_kernel[(n_blk, b * h)](
+        dstates, states, cum_last, dinit if dfinal is None else dfinal, dinit, dcl_part, nc, p * n,
+        HAS_DFINAL=dfinal is not None, BLOCK=cfg.pass_block, num_warps=cfg.pass_warps)
+    dcl = dcl_part.sum(2)
+
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    dz = torch.empty(x.shape, dtype=x.dtype, device=x.device) if z is not None else x.new_empty((0,))
+    ddt = x.new_empty((b, l, h), dtype=f32)
+    dbh = x.new_empty((b, l, h, n), dtype=f32)
+    dch = x.new_empty((b, l, h, n), dtype=f32)
+    da_part = x.new_empty((b * h, nc), dtype=f32)
+    dd_part = x.new_empty((b * h, nc, p), dtype=f32)
+    _chunk_bwd_kernel[(nc, b * h)](
+        grad_out, x, dt, A, bias, B, C, x if D is None else D, x if z is None else z, states, dstates, dcl,
+        dx, ddt, dbh, dch, dx if z is None else dz, da_part, dd_part, l, nc, h, h // g, p, n,
+        *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *_d_strides(D), *z_strides, *grad_out.stride(),
+        HAS_D=D is not None, HAS_Z=z is not None, **flags)
+    # Sums over batch, chunks and the heads of a group, in float32, rounded once.
+    da = da_part.view(b, h, nc).sum((0, 2))
+    d_dt_bias = ddt.sum((0, 1))
+    db = dbh.view(b, l, g, h // g, n).sum(3).to(B.dtype)
+    dc = dch.view(b, l, g, h // g, n).sum(3).to(C.dtype)
+    if D is None:
+        dd = x.new_zeros((h,), dtype=f32)  # dropped by the caller, dense as the schema promises
+    else:
+        dd = dd_part.view(b, h, nc, p).sum((0, 2))
+        dd = dd.sum(1) if D.dim() == 1 else dd
+    return dx, ddt.to(dt.dtype), da, db, dc, dd, dz, d_dt_bias, dinit
