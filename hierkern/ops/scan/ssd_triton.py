@@ -15,14 +15,16 @@ Kernels (forward)
                        states_c with S_in[c] in place; writes final_states. No dot (exempt below).
   _chunk_out_kernel    grid (chunks, b*h): y from C B^T (masked by the decay matrix) times dt x and from
                        C S_in^T, both on tensor cores, then D and the z gate, in one pass.
-Backward (recomputation: the forward's chunk states are recomputed by the two forward kernels above,
-autograd saves only the inputs)
+Backward (recomputation: the forward's chunk states, and with z the gate's input y + D x, are recomputed
+by the forward kernels above; autograd saves only the inputs)
   _dstate_local_kernel grid (chunks, b*h): chunk c's own pull on its entering state, (gy exp(cum))^T C.
   _dstate_pass_kernel  grid (state blocks, b*h): the adjoint recurrence from the last chunk back:
                        dS_out[c] (the gradient of the state leaving chunk c), d cum_last per chunk
                        (partial sums per state block) and dinitial_states.
-  _chunk_bwd_kernel    grid (chunks, b*h): everything else for one chunk: dx, ddt, dz, per-head dB / dC
-                       (summed over the heads of a group by the launcher), partial dA and dD; eight dots.
+  _chunk_bwd_kernel    grid (chunks, b*h): the rest of one chunk's backward on the headdim side: dx,
+                       ddt, dz, partial dA and dD (six dots).
+  _chunk_bwd_bc_kernel grid (chunks, b*h): its dstate side: this head's dB and dC (four dots), summed
+                       over the heads of a group by the launcher.
 
 Padded tails: the last chunk's steps t >= seqlen load x, B, C as 0 and get dt = 0 after bias and
 softplus (softplus(bias) is not 0): decay 1 and no input, so the state passes through unchanged and
@@ -211,16 +213,18 @@ def _dstate_pass_kernel(DStates, States, CumLast, DFinal, DInit, DCumLastPart, n
 
 
 @triton.jit(do_not_specialize=_VARYING)
-def _chunk_bwd_kernel(G, X, DT, A, Bias, Bm, Cm, Dp, Z, States, DStates, DCumLast,
-                      DX, DDT, DBh, DCh, DZ, DAPart, DDPart, seqlen, n_chunks, nheads, head_per_group, p, n,
+def _chunk_bwd_kernel(G, X, DT, A, Bias, Bm, Cm, Dp, Z, YPre, States, DStates, DCumLast,
+                      DX, DDT, DZ, DAPart, DDPart, seqlen, n_chunks, nheads, head_per_group, p, n,
                       stride_xb, stride_xl, stride_xh, stride_xp, stride_dtb, stride_dtl, stride_dth,
                       stride_bb, stride_bl, stride_bg, stride_bn, stride_cb, stride_cl, stride_cg, stride_cn,
                       stride_dh, stride_dp, stride_zb, stride_zl, stride_zh, stride_zp,
                       stride_gb, stride_gl, stride_gh, stride_gp,
                       HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
                       Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
-    """Outputs laid out contiguous: DX / DZ (b, l, h, p), DDT (b, l, h) float32, DBh / DCh (b, l, h, n)
-    float32, DAPart (b*h, chunks), DDPart (b*h, chunks, p)."""
+    """The headdim side of one chunk's backward: dx, dz, ddt, partial dA and dD (everything but dB /
+    dC, which _chunk_bwd_bc_kernel computes: one kernel holding both spilled on sm_90). Outputs laid
+    out contiguous: DX / DZ (b, l, h, p), DDT (b, l, h) float32, DAPart (b*h, chunks), DDPart (b*h,
+    chunks, p)."""
     c, bh = tl.program_id(0), tl.program_id(1)
     bi, hi = bh // nheads, bh % nheads
     gi = hi // head_per_group
@@ -237,15 +241,10 @@ def _chunk_bwd_kernel(G, X, DT, A, Bias, Bm, Cm, Dp, Z, States, DStates, DCumLas
     x = _tile(X, x_off, t, t_ok, stride_xl, pp, p_ok, stride_xp)
     xt = _tile(X, x_off, pp, p_ok, stride_xp, t, t_ok, stride_xl)
     b_off = bi.to(tl.int64) * stride_bb + gi * stride_bg
-    c_off = bi.to(tl.int64) * stride_cb + gi * stride_cg
     bm = _tile(Bm, b_off, t, t_ok, stride_bl, nn, n_ok, stride_bn)
     bt = _tile(Bm, b_off, nn, n_ok, stride_bn, t, t_ok, stride_bl)
-    cm = _tile(Cm, c_off, t, t_ok, stride_cl, nn, n_ok, stride_cn)
+    cm = _tile(Cm, bi.to(tl.int64) * stride_cb + gi * stride_cg, t, t_ok, stride_cl, nn, n_ok, stride_cn)
     s_off = (bh.to(tl.int64) * n_chunks + c) * p * n
-    s_in = _tile(States, s_off, pp, p_ok, n, nn, n_ok, 1)          # (p, n)
-    s_in_t = _tile(States, s_off, nn, n_ok, 1, pp, p_ok, n)        # (n, p)
-    ds_out = _tile(DStates, s_off, pp, p_ok, n, nn, n_ok, 1)       # (p, n)
-    ds_out_t = _tile(DStates, s_off, nn, n_ok, 1, pp, p_ok, n)     # (n, p)
     gy, zz = _gated_grad(G, Z, bi.to(tl.int64) * stride_gb + hi * stride_gh,
                          bi.to(tl.int64) * stride_zb + hi * stride_zh, t, t_ok, pp, p_ok, stride_gl, stride_gp,
                          stride_zl, stride_zp, HAS_Z)
@@ -255,22 +254,19 @@ def _chunk_bwd_kernel(G, X, DT, A, Bias, Bm, Cm, Dp, Z, States, DStates, DCumLas
     causal = t[:, None] >= t[None, :]
     decay = tl.exp(tl.where(causal, cum[:, None] - cum[None, :], float("-inf")))
     scores = _mm(cm, bt, DTY, PREC) * decay                          # (C_i . B_j) exp(cum_i - cum_j)
-    # The recomputed y is needed for dz only; dD needs x and gy.
+    y_off = _mm(cm, _tile(States, s_off, nn, n_ok, 1, pp, p_ok, n), DTY, PREC)   # (Q, p): C_i S_in^T
     xf = x.to(tl.float32)
     if HAS_D:
         d_row = tl.load(Dp + hi * stride_dh + pp * stride_dp, mask=p_ok, other=0.0)
+    row = (bi.to(tl.int64) * seqlen + t) * nheads + hi
     if HAS_Z:
-        y_off = _mm(cm, s_in_t, DTY, PREC)                           # (Q, p): C_i S_in^T
-        y = _mm(scores * dt[None, :], x, DTY, PREC) + y_off * exp_cum[:, None]
-        if HAS_D:
-            y += d_row[None, :] * xf
+        # The gate's input y + D x, recomputed by the launcher (the forward's output kernel without z):
+        # recomputing it here too spilled on sm_90.
+        ypre = tl.load(YPre + row[:, None] * p + pp[None, :], mask=t_ok[:, None] & p_ok[None, :], other=0.0)
         g = _tile(G, bi.to(tl.int64) * stride_gb + hi * stride_gh, t, t_ok, stride_gl, pp, p_ok, stride_gp)
         sig = tl.sigmoid(zz)
-        dz = g.to(tl.float32) * y * sig * (1.0 + zz * (1.0 - sig))
-        tl.store(DZ + ((bi.to(tl.int64) * seqlen + t[:, None]) * nheads + hi) * p + pp[None, :],
-                 dz.to(DZ.dtype.element_ty), mask=t_ok[:, None] & p_ok[None, :])
-    else:
-        y_off = _mm(cm, s_in_t, DTY, PREC)
+        dz = g.to(tl.float32) * ypre.to(tl.float32) * sig * (1.0 + zz * (1.0 - sig))
+        tl.store(DZ + row[:, None] * p + pp[None, :], dz.to(DZ.dtype.element_ty), mask=t_ok[:, None] & p_ok[None, :])
     if HAS_D:
         tl.store(DDPart + (bh.to(tl.int64) * n_chunks + c) * p + pp, tl.sum(gy * xf, 0), mask=p_ok)
 
@@ -278,20 +274,14 @@ def _chunk_bwd_kernel(G, X, DT, A, Bias, Bm, Cm, Dp, Z, States, DStates, DCumLas
     # Intra-chunk: y_i = sum_j scores_ij dt_j x_j.
     dx = _mm(tl.trans(scores), gy, DTY, PREC) * dt[:, None]
     ddt = tl.sum(scores * gmat, 0)
-    dscores = gmat * dt[None, :]
-    dcb = dscores * decay
-    dc = _mm(dcb, bm, DTY, PREC)
-    db = _mm(tl.trans(dcb), cm, DTY, PREC)
-    m = dscores * scores
+    m = gmat * dt[None, :] * scores
     dcum = tl.sum(m, 1) - tl.sum(m, 0)
     # Entering state: y_i += exp(cum_i) C_i S_in^T.
-    dc += _mm(gy * exp_cum[:, None], s_in, DTY, PREC)
     dcum += exp_cum * tl.sum(gy * y_off, 1)
     # Chunk state: states = sum_j exp(cum_last - cum_j) dt_j x_j B_j^T, its gradient is dS_out.
-    bds = _mm(bm, ds_out_t, DTY, PREC)                               # (Q, p): dS_out B_j
+    bds = _mm(bm, _tile(DStates, s_off, nn, n_ok, 1, pp, p_ok, n), DTY, PREC)    # (Q, p): dS_out B_j
     w = dt * to_end
     dx += bds * w[:, None]
-    db += _mm(x, ds_out, DTY, PREC) * w[:, None]
     term = tl.sum(xf * bds, 1)                                       # x_j . (dS_out B_j)
     ddt += to_end * term
     dcum -= w * term
@@ -305,11 +295,53 @@ def _chunk_bwd_kernel(G, X, DT, A, Bias, Bm, Cm, Dp, Z, States, DStates, DCumLas
     tl.store(DAPart + bh.to(tl.int64) * n_chunks + c, tl.sum(da * dt, 0))
     if SOFTPLUS:
         ddt = ddt * tl.sigmoid(v)
-    row = (bi.to(tl.int64) * seqlen + t) * nheads + hi
     tl.store(DDT + row, ddt, mask=t_ok)
     tl.store(DX + row[:, None] * p + pp[None, :], dx.to(DX.dtype.element_ty), mask=t_ok[:, None] & p_ok[None, :])
-    tl.store(DBh + row[:, None] * n + nn[None, :], db, mask=t_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit(do_not_specialize=_VARYING)
+def _chunk_bwd_bc_kernel(G, X, DT, A, Bias, Bm, Cm, Z, States, DStates, DBh, DCh,
+                         seqlen, n_chunks, nheads, head_per_group, p, n,
+                         stride_xb, stride_xl, stride_xh, stride_xp, stride_dtb, stride_dtl, stride_dth,
+                         stride_bb, stride_bl, stride_bg, stride_bn, stride_cb, stride_cl, stride_cg, stride_cn,
+                         stride_zb, stride_zl, stride_zh, stride_zp, stride_gb, stride_gl, stride_gh, stride_gp,
+                         HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_Z: tl.constexpr, Q: tl.constexpr,
+                         BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
+    """The dstate side of one chunk's backward: this head's dB and dC, (b, l, h, n) float32 (the
+    launcher sums the heads of each group)."""
+    c, bh = tl.program_id(0), tl.program_id(1)
+    bi, hi = bh // nheads, bh % nheads
+    gi = hi // head_per_group
+    t = c * Q + tl.arange(0, Q)
+    t_ok = t < seqlen
+    pp, nn = tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N)
+    p_ok, n_ok = pp < p, nn < n
+    DTY: tl.constexpr = X.dtype.element_ty
+    dt, _, cum = _dt_cum(DT, Bias, A, bi.to(tl.int64) * stride_dtb + hi * stride_dth, hi, t, t_ok, stride_dtl,
+                         HAS_BIAS, SOFTPLUS)
+    cum_last = tl.sum(dt, 0) * tl.load(A + hi)
+    x_off = bi.to(tl.int64) * stride_xb + hi * stride_xh
+    xt = _tile(X, x_off, pp, p_ok, stride_xp, t, t_ok, stride_xl)
+    gy, _ = _gated_grad(G, Z, bi.to(tl.int64) * stride_gb + hi * stride_gh,
+                        bi.to(tl.int64) * stride_zb + hi * stride_zh, t, t_ok, pp, p_ok, stride_gl, stride_gp,
+                        stride_zl, stride_zp, HAS_Z)
+    causal = t[:, None] >= t[None, :]
+    decay = tl.exp(tl.where(causal, cum[:, None] - cum[None, :], float("-inf")))
+    # d(C_i . B_j) = (gy_i . x_j) dt_j exp(cum_i - cum_j) for j <= i.
+    dcb = _mm(gy, xt, DTY, PREC) * dt[None, :] * decay
+    s_off = (bh.to(tl.int64) * n_chunks + c) * p * n
+    b_off = bi.to(tl.int64) * stride_bb + gi * stride_bg
+    bm = _tile(Bm, b_off, t, t_ok, stride_bl, nn, n_ok, stride_bn)
+    dc = _mm(dcb, bm, DTY, PREC)
+    dc += _mm(gy * tl.exp(cum)[:, None], _tile(States, s_off, pp, p_ok, n, nn, n_ok, 1), DTY, PREC)
+    row = (bi.to(tl.int64) * seqlen + t) * nheads + hi
     tl.store(DCh + row[:, None] * n + nn[None, :], dc, mask=t_ok[:, None] & n_ok[None, :])
+    cm = _tile(Cm, bi.to(tl.int64) * stride_cb + gi * stride_cg, t, t_ok, stride_cl, nn, n_ok, stride_cn)
+    db = _mm(tl.trans(dcb), cm, DTY, PREC)
+    # x^T loaded once, transposed back for the (Q, p) @ (p, n) product with dS_out.
+    x = _tile(X, x_off, t, t_ok, stride_xl, pp, p_ok, stride_xp)
+    db += _mm(x, _tile(DStates, s_off, pp, p_ok, n, nn, n_ok, 1), DTY, PREC) * (dt * tl.exp(cum_last - cum))[:, None]
+    tl.store(DBh + row[:, None] * n + nn[None, :], db, mask=t_ok[:, None] & n_ok[None, :])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -329,6 +361,7 @@ MAX_DIM = 128  # headdim and dstate: one program holds a whole (p, n) state tile
 # several chunks.
 _GPU = _Config(q=64, warps=8, pass_block=256, pass_warps=4)
 _INTERP = _Config(q=16, warps=1, pass_block=64, pass_warps=1)
+_GPU_TILES = ((64, 64), (64, 128))  # (BLOCK_P, BLOCK_N) the static check compiles
 
 
 def _interpreted(device):
@@ -426,11 +459,23 @@ def ssd_scan_bwd(grad_out, grad_final_states, x, dt, A, B, C, D, z, dt_bias, ini
     dch = x.new_empty((b, l, h, n), dtype=f32)
     da_part = x.new_empty((b * h, nc), dtype=f32)
     dd_part = x.new_empty((b * h, nc, p), dtype=f32)
+    if z is not None:
+        ypre = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        _chunk_out_kernel[(nc, b * h)](
+            x, dt, A, bias, B, C, x if D is None else D, x, states, ypre, l, nc, h, h // g, p, n,
+            *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *_d_strides(D), 0, 0, 0, 0, *ypre.stride(),
+            HAS_D=D is not None, HAS_Z=False, **flags)
+    else:
+        ypre = x
     _chunk_bwd_kernel[(nc, b * h)](
-        grad_out, x, dt, A, bias, B, C, x if D is None else D, x if z is None else z, states, dstates, dcl,
-        dx, ddt, dbh, dch, dx if z is None else dz, da_part, dd_part, l, nc, h, h // g, p, n,
+        grad_out, x, dt, A, bias, B, C, x if D is None else D, x if z is None else z, ypre, states, dstates, dcl,
+        dx, ddt, dx if z is None else dz, da_part, dd_part, l, nc, h, h // g, p, n,
         *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *_d_strides(D), *z_strides, *grad_out.stride(),
         HAS_D=D is not None, HAS_Z=z is not None, **flags)
+    _chunk_bwd_bc_kernel[(nc, b * h)](
+        grad_out, x, dt, A, bias, B, C, x if z is None else z, states, dstates, dbh, dch, l, nc, h, h // g, p, n,
+        *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *z_strides, *grad_out.stride(),
+        HAS_Z=z is not None, **flags)
     # Sums over batch, chunks and the heads of a group, in float32, rounded once.
     da = da_part.view(b, h, nc).sum((0, 2))
     d_dt_bias = ddt.sum((0, 1))
@@ -442,3 +487,73 @@ def ssd_scan_bwd(grad_out, grad_final_states, x, dt, A, B, C, D, z, dt_bias, ini
         dd = dd_part.view(b, h, nc, p).sum((0, 2))
         dd = dd.sum(1) if D.dim() == 1 else dd
     return dx, ddt.to(dt.dtype), da, db, dc, dd, dz, d_dt_bias, dinit
+
+
+# ----------------------------------------------------------------------------------------------------
+# Ahead-of-time configurations (tests/static_gpu_check.py compiles each for sm_80 and sm_90)
+# ----------------------------------------------------------------------------------------------------
+_TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+# Pointers in x's dtype (B / C too: the common case; float32 B / C with 16-bit x are converted to x's
+# dtype for the dots, like every other operand); every other pointer is a float32 buffer or parameter.
+_X_POINTERS = {"X", "DT", "Z", "G", "Out", "DX", "DZ", "Bm", "Cm", "YPre"}
+# Unit strides of contiguous x / z / grad_out / dt / B / C and of a (nheads, headdim) D, which triton
+# specialises to 1 on a real call.
+_UNIT = {"stride_xp", "stride_zp", "stride_gp", "stride_op", "stride_dth", "stride_bn", "stride_cn", "stride_dp"}
+# The sequential passes have no matrix product (an elementwise recurrence over chunks): no tensor cores
+# to check, only compile, spills and shared memory.
+_PASS_EXEMPT = "state passing: an elementwise recurrence over chunks, no matrix product"
+
+
+def _aot_entry(name, kernel, dtype, constexprs, num_warps, uses_dot):
+    signature, divisible = {}, []
+    constexprs = dict(constexprs)
+    for param in kernel.params:
+        arg = param.name
+        if param.is_constexpr:
+            signature[arg] = "constexpr"
+        elif arg[0].isupper():
+            signature[arg] = "*" + (_TRITON_DTYPE[dtype] if arg in _X_POINTERS else "fp32")
+            divisible.append(arg)  # torch allocations
+        elif arg in _UNIT:
+            signature[arg] = "constexpr"
+            constexprs[arg] = 1
+        else:
+            signature[arg] = "i32"
+            if arg in ("p", "n") or (arg.startswith("stride_") and not arg.startswith("stride_dt")):
+                # Multiples of headdim or dstate (64 / 128 here), which triton marks 16-divisible on a
+                # real call: without that alignment fact no tile load is vectorised (and the tiles'
+                # per-element addresses spill). dt's strides are multiples of nheads, not assumed.
+                divisible.append(arg)
+    entry = {"name": name, "kernel": kernel, "signature": signature, "constexprs": constexprs,
+             "divisible_by_16": divisible, "num_warps": num_warps, "num_stages": 1, "uses_dot": uses_dot}
+    if not uses_dot:
+        entry["exempt"] = _PASS_EXEMPT
+    return entry
+
+
+def aot_configs() -> list[dict]:
+    """Every kernel the GPU launchers compile, per input dtype, at the headdim / dstate tiles of the
+    Mamba-2 layers this library serves (64: M-VAR's and mamba-ssm's default headdim; 64 and 128
+    dstate), with every optional input present (the most live registers): the format of
+    hierkern.ops.attention.triton.aot_configs. The chunk kernels' dots must lower to tensor cores
+    (float32 through tf32x3); the two passes are exempt (see _PASS_EXEMPT)."""
+    entries = []
+    cfg = _GPU
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        tag = _TRITON_DTYPE[dtype]
+        for bp, bn in _GPU_TILES:
+            dims = dict(Q=cfg.q, BLOCK_P=bp, BLOCK_N=bn, PREC=_prec(dtype), HAS_BIAS=True, SOFTPLUS=True)
+            full = dict(dims, HAS_D=True, HAS_Z=True)
+            sfx = f"{tag}_p{bp}_n{bn}"
+            entries.append(_aot_entry(f"ssd_chunk_state_{sfx}", _chunk_state_kernel, dtype, dims, cfg.warps, True))
+            entries.append(_aot_entry(f"ssd_chunk_out_{sfx}", _chunk_out_kernel, dtype, full, cfg.warps, True))
+            entries.append(_aot_entry(f"ssd_dstate_local_{sfx}", _dstate_local_kernel, dtype,
+                                      dict(dims, HAS_Z=True), cfg.warps, True))
+            entries.append(_aot_entry(f"ssd_chunk_bwd_{sfx}", _chunk_bwd_kernel, dtype, full, cfg.warps, True))
+            entries.append(_aot_entry(f"ssd_chunk_bwd_bc_{sfx}", _chunk_bwd_bc_kernel, dtype,
+                                      dict(dims, HAS_Z=True), cfg.warps, True))
+        entries.append(_aot_entry(f"ssd_state_pass_{tag}", _state_pass_kernel, dtype,
+                                  dict(HAS_INIT=True, BLOCK=cfg.pass_block), cfg.pass_warps, False))
+        entries.append(_aot_entry(f"ssd_dstate_pass_{tag}", _dstate_pass_kernel, dtype,
+                                  dict(HAS_DFINAL=True, BLOCK=cfg.pass_block), cfg.pass_warps, False))
+    return entries
