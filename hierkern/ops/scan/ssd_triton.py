@@ -21,8 +21,9 @@ by the forward kernels above; autograd saves only the inputs)
   _dstate_pass_kernel  grid (state blocks, b*h): the adjoint recurrence from the last chunk back:
                        dS_out[c] (the gradient of the state leaving chunk c), d cum_last per chunk
                        (partial sums per state block) and dinitial_states.
-  _chunk_bwd_kernel    grid (chunks, b*h): the rest of one chunk's backward on the headdim side: dx,
-                       ddt, dz, partial dA and dD (six dots).
+  _chunk_bwd_kernel    grid (chunks, b*h, headdim blocks): the rest of one chunk's backward on the
+                       headdim side: dx, dz, partial dD and the per-step sums behind ddt and dA (five
+                       dots); the launcher finishes dt's gradient (the reverse cumsum of d cum, softplus').
   _chunk_bwd_bc_kernel grid (chunks, b*h): its dstate side: this head's dB and dC (four dots), summed
                        over the heads of a group by the launcher.
 
@@ -213,71 +214,71 @@ def _dstate_pass_kernel(DStates, States, CumLast, DFinal, DInit, DCumLastPart, n
 
 
 @triton.jit(do_not_specialize=_VARYING)
-def _chunk_bwd_kernel(G, X, DT, A, Bias, Bm, Cm, Dp, Z, YPre, States, DStates, DCumLast,
-                      DX, DDT, DZ, DAPart, DDPart, seqlen, n_chunks, nheads, head_per_group, p, n,
+def _chunk_bwd_kernel(G, X, DT, A, Bias, Bm, Cm, Dp, Z, YPre, States, DStates,
+                      DX, DZ, DDTPart, DCumPart, DDPart, seqlen, n_chunks, nheads, head_per_group, p, n,
                       stride_xb, stride_xl, stride_xh, stride_xp, stride_dtb, stride_dtl, stride_dth,
                       stride_bb, stride_bl, stride_bg, stride_bn, stride_cb, stride_cl, stride_cg, stride_cn,
                       stride_dh, stride_dp, stride_zb, stride_zl, stride_zh, stride_zp,
                       stride_gb, stride_gl, stride_gh, stride_gp,
                       HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
                       Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
-    """The headdim side of one chunk's backward: dx, dz, ddt, partial dA and dD (everything but dB /
-    dC, which _chunk_bwd_bc_kernel computes: one kernel holding both spilled on sm_90). Outputs laid
-    out contiguous: DX / DZ (b, l, h, p), DDT (b, l, h) float32, DAPart (b*h, chunks), DDPart (b*h,
-    chunks, p)."""
-    c, bh = tl.program_id(0), tl.program_id(1)
+    """The headdim side of one chunk's backward, for one block of headdim columns: dx, dz, partial
+    dD, and this block's share of d dt and d cum (both sums over headdim; the launcher adds the blocks
+    and finishes dt's gradient). dB / dC are _chunk_bwd_bc_kernel's: one kernel holding both, or all
+    of headdim at once, spilled. Outputs contiguous: DX / DZ (b, l, h, p), DDTPart / DCumPart (b*h,
+    chunks, headdim blocks, Q) float32, DDPart (b*h, chunks, p)."""
+    c, bh, pb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bi, hi = bh // nheads, bh % nheads
     gi = hi // head_per_group
     t = c * Q + tl.arange(0, Q)
     t_ok = t < seqlen
-    pp, nn = tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N)
+    pp, nn = pb * BLOCK_P + tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N)
     p_ok, n_ok = pp < p, nn < n
     DTY: tl.constexpr = X.dtype.element_ty
-    a_h = tl.load(A + hi)
-    dt, v, cum = _dt_cum(DT, Bias, A, bi.to(tl.int64) * stride_dtb + hi * stride_dth, hi, t, t_ok, stride_dtl,
+    dt, _, cum = _dt_cum(DT, Bias, A, bi.to(tl.int64) * stride_dtb + hi * stride_dth, hi, t, t_ok, stride_dtl,
                          HAS_BIAS, SOFTPLUS)
-    cum_last = tl.sum(dt, 0) * a_h
+    cum_last = tl.sum(dt, 0) * tl.load(A + hi)
     x_off = bi.to(tl.int64) * stride_xb + hi * stride_xh
     x = _tile(X, x_off, t, t_ok, stride_xl, pp, p_ok, stride_xp)
-    xt = _tile(X, x_off, pp, p_ok, stride_xp, t, t_ok, stride_xl)
     b_off = bi.to(tl.int64) * stride_bb + gi * stride_bg
+    c_off = bi.to(tl.int64) * stride_cb + gi * stride_cg
     bm = _tile(Bm, b_off, t, t_ok, stride_bl, nn, n_ok, stride_bn)
-    bt = _tile(Bm, b_off, nn, n_ok, stride_bn, t, t_ok, stride_bl)
-    cm = _tile(Cm, bi.to(tl.int64) * stride_cb + gi * stride_cg, t, t_ok, stride_cl, nn, n_ok, stride_cn)
     s_off = (bh.to(tl.int64) * n_chunks + c) * p * n
-    gy, zz = _gated_grad(G, Z, bi.to(tl.int64) * stride_gb + hi * stride_gh,
-                         bi.to(tl.int64) * stride_zb + hi * stride_zh, t, t_ok, pp, p_ok, stride_gl, stride_gp,
-                         stride_zl, stride_zp, HAS_Z)
+    g_off = bi.to(tl.int64) * stride_gb + hi * stride_gh
+    z_off = bi.to(tl.int64) * stride_zb + hi * stride_zh
+    gy, zz = _gated_grad(G, Z, g_off, z_off, t, t_ok, pp, p_ok, stride_gl, stride_gp, stride_zl, stride_zp, HAS_Z)
     exp_cum = tl.exp(cum)
     to_end = tl.exp(cum_last - cum)
-
-    causal = t[:, None] >= t[None, :]
-    decay = tl.exp(tl.where(causal, cum[:, None] - cum[None, :], float("-inf")))
-    scores = _mm(cm, bt, DTY, PREC) * decay                          # (C_i . B_j) exp(cum_i - cum_j)
-    y_off = _mm(cm, _tile(States, s_off, nn, n_ok, 1, pp, p_ok, n), DTY, PREC)   # (Q, p): C_i S_in^T
     xf = x.to(tl.float32)
+    row = (bi.to(tl.int64) * seqlen + t) * nheads + hi
     if HAS_D:
         d_row = tl.load(Dp + hi * stride_dh + pp * stride_dp, mask=p_ok, other=0.0)
-    row = (bi.to(tl.int64) * seqlen + t) * nheads + hi
+        tl.store(DDPart + (bh.to(tl.int64) * n_chunks + c) * p + pp, tl.sum(gy * xf, 0), mask=p_ok)
     if HAS_Z:
         # The gate's input y + D x, recomputed by the launcher (the forward's output kernel without z):
         # recomputing it here too spilled on sm_90.
         ypre = tl.load(YPre + row[:, None] * p + pp[None, :], mask=t_ok[:, None] & p_ok[None, :], other=0.0)
-        g = _tile(G, bi.to(tl.int64) * stride_gb + hi * stride_gh, t, t_ok, stride_gl, pp, p_ok, stride_gp)
+        g = _tile(G, g_off, t, t_ok, stride_gl, pp, p_ok, stride_gp)
         sig = tl.sigmoid(zz)
         dz = g.to(tl.float32) * ypre.to(tl.float32) * sig * (1.0 + zz * (1.0 - sig))
         tl.store(DZ + row[:, None] * p + pp[None, :], dz.to(DZ.dtype.element_ty), mask=t_ok[:, None] & p_ok[None, :])
-    if HAS_D:
-        tl.store(DDPart + (bh.to(tl.int64) * n_chunks + c) * p + pp, tl.sum(gy * xf, 0), mask=p_ok)
 
-    gmat = _mm(gy, xt, DTY, PREC)                                    # (Q, Q): gy_i . x_j
-    # Intra-chunk: y_i = sum_j scores_ij dt_j x_j.
-    dx = _mm(tl.trans(scores), gy, DTY, PREC) * dt[:, None]
-    ddt = tl.sum(scores * gmat, 0)
-    m = gmat * dt[None, :] * scores
-    dcum = tl.sum(m, 1) - tl.sum(m, 0)
     # Entering state: y_i += exp(cum_i) C_i S_in^T.
-    dcum += exp_cum * tl.sum(gy * y_off, 1)
+    cm = _tile(Cm, c_off, t, t_ok, stride_cl, nn, n_ok, stride_cn)
+    y_off = _mm(cm, _tile(States, s_off, nn, n_ok, 1, pp, p_ok, n), DTY, PREC)   # (Q, p): C_i S_in^T
+    dcum = exp_cum * tl.sum(gy * y_off, 1)
+    # Intra-chunk: y_i = sum_{j <= i} scores_ij dt_j x_j, scores_ij = (C_i . B_j) exp(cum_i - cum_j).
+    # Everything Q x Q is built transposed (rows j, columns i), straight from transposed loads: a
+    # register transpose feeding mma spilled on sm_80.
+    later = t[None, :] >= t[:, None]
+    decay_t = tl.exp(tl.where(later, cum[None, :] - cum[:, None], float("-inf")))
+    scores_t = _mm(bm, _tile(Cm, c_off, nn, n_ok, stride_cn, t, t_ok, stride_cl), DTY, PREC) * decay_t
+    gy_t, _ = _gated_grad(G, Z, g_off, z_off, pp, p_ok, t, t_ok, stride_gp, stride_gl, stride_zp, stride_zl, HAS_Z)
+    gmat_t = _mm(x, gy_t, DTY, PREC)                                 # (j, i): x_j . gy_i
+    dx = _mm(scores_t, gy, DTY, PREC) * dt[:, None]
+    ddt = tl.sum(scores_t * gmat_t, 1)
+    m_t = gmat_t * scores_t * dt[:, None]
+    dcum += tl.sum(m_t, 0) - tl.sum(m_t, 1)
     # Chunk state: states = sum_j exp(cum_last - cum_j) dt_j x_j B_j^T, its gradient is dS_out.
     bds = _mm(bm, _tile(DStates, s_off, nn, n_ok, 1, pp, p_ok, n), DTY, PREC)    # (Q, p): dS_out B_j
     w = dt * to_end
@@ -285,17 +286,12 @@ def _chunk_bwd_kernel(G, X, DT, A, Bias, Bm, Cm, Dp, Z, YPre, States, DStates, D
     term = tl.sum(xf * bds, 1)                                       # x_j . (dS_out B_j)
     ddt += to_end * term
     dcum -= w * term
-    d_last = tl.sum(w * term, 0) + tl.load(DCumLast + bh.to(tl.int64) * n_chunks + c)
-    dcum += tl.where(tl.arange(0, Q) == Q - 1, d_last, 0.0)
+    dcum += tl.where(tl.arange(0, Q) == Q - 1, tl.sum(w * term, 0), 0.0)   # cum_last = cum[Q - 1]
     if HAS_D:
         dx += d_row[None, :] * gy
-    # cum = cumsum(dt A): d(dt_t A) = sum_{i >= t} dcum_i.
-    da = tl.sum(dcum, 0) - tl.cumsum(dcum, 0) + dcum
-    ddt += da * a_h
-    tl.store(DAPart + bh.to(tl.int64) * n_chunks + c, tl.sum(da * dt, 0))
-    if SOFTPLUS:
-        ddt = ddt * tl.sigmoid(v)
-    tl.store(DDT + row, ddt, mask=t_ok)
+    part = ((bh.to(tl.int64) * n_chunks + c) * tl.num_programs(2) + pb) * Q + tl.arange(0, Q)
+    tl.store(DDTPart + part, ddt)
+    tl.store(DCumPart + part, dcum)
     tl.store(DX + row[:, None] * p + pp[None, :], dx.to(DX.dtype.element_ty), mask=t_ok[:, None] & p_ok[None, :])
 
 
@@ -353,15 +349,16 @@ class _Config:
     warps: int        # the chunk kernels
     pass_block: int   # state elements per program of the two sequential passes
     pass_warps: int
+    bwd_block_p: int  # headdim columns per program of the backward's headdim-side kernel
 
 
 MAX_DIM = 128  # headdim and dstate: one program holds a whole (p, n) state tile
 # GPU: Q = 64 (mamba-ssm uses 64-256); 8 warps keep the backward's Q x Q and (Q, p) float32 tiles in
 # registers. The interpreter runs one program at a time: Q = 16 makes the tests' short sequences span
 # several chunks.
-_GPU = _Config(q=64, warps=8, pass_block=256, pass_warps=4)
-_INTERP = _Config(q=16, warps=1, pass_block=64, pass_warps=1)
-_GPU_TILES = ((64, 64), (64, 128))  # (BLOCK_P, BLOCK_N) the static check compiles
+_GPU = _Config(q=64, warps=8, pass_block=256, pass_warps=4, bwd_block_p=16)
+_INTERP = _Config(q=16, warps=1, pass_block=64, pass_warps=1, bwd_block_p=16)
+_GPU_TILES = ((64, 64), (64, 128))  # (BLOCK_P, BLOCK_N) the static check compiles: M-VAR, mamba-ssm defaults
 
 
 def _interpreted(device):
@@ -429,6 +426,27 @@ def ssd_scan_fwd(x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus, chu
     return out, final
 
 
+def _finish_ddt(ddt, dcum, dcum_last, dt, A, dt_bias, dt_softplus, q):
+    """dt's gradient from the chunk kernel's two per-step sums (b*h, chunks, Q): ddt (through dt as a
+    multiplier) and dcum (through cum = cumsum(dt A) within the chunk), plus d cum_last from the state
+    passing. Returns (ddt (b, l, h) float32 before the cast to dt's dtype, dA (h,))."""
+    b, l, h = dt.shape
+    nc = dcum.shape[1]
+    dcum = dcum.clone()
+    dcum[:, :, -1] += dcum_last
+    da = dcum.flip(-1).cumsum(-1).flip(-1)  # d(dt_t A) = sum_{i >= t} dcum_i
+    v = dt.float() + (dt_bias if dt_bias is not None else 0.0)
+    dtp = torch.nn.functional.softplus(v) if dt_softplus else v
+    # (b, l, h) -> (b*h, chunks, Q), the padded tail dt = 0 as in the kernels.
+    dtp = torch.nn.functional.pad(dtp.permute(0, 2, 1), (0, nc * q - l)).reshape(b * h, nc, q)
+    Ah = A.repeat(b)[:, None, None]
+    dA = (da * dtp).view(b, h, -1).sum((0, 2))
+    ddt = (ddt + da * Ah).reshape(b, h, nc * q)[:, :, :l].permute(0, 2, 1)
+    if dt_softplus:
+        ddt = ddt * torch.sigmoid(v)
+    return ddt, dA
+
+
 def ssd_scan_bwd(grad_out, grad_final_states, x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus,
                  chunk_size):
     b, l, h, p, g, n, cfg, nc = _common(x, dt, B)
@@ -454,10 +472,8 @@ def ssd_scan_bwd(grad_out, grad_final_states, x, dt, A, B, C, D, z, dt_bias, ini
 
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     dz = torch.empty(x.shape, dtype=x.dtype, device=x.device) if z is not None else x.new_empty((0,))
-    ddt = x.new_empty((b, l, h), dtype=f32)
     dbh = x.new_empty((b, l, h, n), dtype=f32)
     dch = x.new_empty((b, l, h, n), dtype=f32)
-    da_part = x.new_empty((b * h, nc), dtype=f32)
     dd_part = x.new_empty((b * h, nc, p), dtype=f32)
     if z is not None:
         ypre = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -467,17 +483,20 @@ def ssd_scan_bwd(grad_out, grad_final_states, x, dt, A, B, C, D, z, dt_bias, ini
             HAS_D=D is not None, HAS_Z=False, **flags)
     else:
         ypre = x
-    _chunk_bwd_kernel[(nc, b * h)](
-        grad_out, x, dt, A, bias, B, C, x if D is None else D, x if z is None else z, ypre, states, dstates, dcl,
-        dx, ddt, dx if z is None else dz, da_part, dd_part, l, nc, h, h // g, p, n,
+    n_pb = triton.cdiv(p, cfg.bwd_block_p)
+    ddt_part = x.new_empty((b * h, nc, n_pb, cfg.q), dtype=f32)
+    dcum_part = torch.empty_like(ddt_part)
+    _chunk_bwd_kernel[(nc, b * h, n_pb)](
+        grad_out, x, dt, A, bias, B, C, x if D is None else D, x if z is None else z, ypre, states, dstates,
+        dx, dx if z is None else dz, ddt_part, dcum_part, dd_part, l, nc, h, h // g, p, n,
         *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *_d_strides(D), *z_strides, *grad_out.stride(),
-        HAS_D=D is not None, HAS_Z=z is not None, **flags)
+        HAS_D=D is not None, HAS_Z=z is not None, **dict(flags, BLOCK_P=min(cfg.bwd_block_p, _block(p))))
     _chunk_bwd_bc_kernel[(nc, b * h)](
         grad_out, x, dt, A, bias, B, C, x if z is None else z, states, dstates, dbh, dch, l, nc, h, h // g, p, n,
         *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *z_strides, *grad_out.stride(),
         HAS_Z=z is not None, **flags)
+    ddt, da = _finish_ddt(ddt_part.sum(2), dcum_part.sum(2), dcl, dt, A, dt_bias, dt_softplus, cfg.q)
     # Sums over batch, chunks and the heads of a group, in float32, rounded once.
-    da = da_part.view(b, h, nc).sum((0, 2))
     d_dt_bias = ddt.sum((0, 1))
     db = dbh.view(b, l, g, h // g, n).sum(3).to(B.dtype)
     dc = dch.view(b, l, g, h // g, n).sum(3).to(C.dtype)
@@ -549,7 +568,8 @@ def aot_configs() -> list[dict]:
             entries.append(_aot_entry(f"ssd_chunk_out_{sfx}", _chunk_out_kernel, dtype, full, cfg.warps, True))
             entries.append(_aot_entry(f"ssd_dstate_local_{sfx}", _dstate_local_kernel, dtype,
                                       dict(dims, HAS_Z=True), cfg.warps, True))
-            entries.append(_aot_entry(f"ssd_chunk_bwd_{sfx}", _chunk_bwd_kernel, dtype, full, cfg.warps, True))
+            entries.append(_aot_entry(f"ssd_chunk_bwd_{sfx}", _chunk_bwd_kernel, dtype,
+                                      dict(full, BLOCK_P=min(bp, cfg.bwd_block_p)), cfg.warps, True))
             entries.append(_aot_entry(f"ssd_chunk_bwd_bc_{sfx}", _chunk_bwd_bc_kernel, dtype,
                                       dict(dims, HAS_Z=True), cfg.warps, True))
         entries.append(_aot_entry(f"ssd_state_pass_{tag}", _state_pass_kernel, dtype,
