@@ -24,16 +24,17 @@ by the forward kernels above; autograd saves only the inputs)
   _chunk_bwd_kernel    grid (chunks, b*h, headdim blocks): the rest of one chunk's backward on the
                        headdim side: dx, dz, partial dD and the per-step sums behind ddt and dA (five
                        dots); the launcher finishes dt's gradient (the reverse cumsum of d cum, softplus').
-  _chunk_bwd_bc_kernel grid (chunks, b*h): its dstate side: this head's dB and dC (four dots), summed
-                       over the heads of a group by the launcher.
+  _chunk_bwd_bc_kernel grid (chunks, b*h, dstate blocks): its dstate side: this head's dB and dC (four
+                       dots), summed over the heads of a group by the launcher.
 
 Padded tails: the last chunk's steps t >= seqlen load x, B, C as 0 and get dt = 0 after bias and
 softplus (softplus(bias) is not 0): decay 1 and no input, so the state passes through unchanged and
 nothing NaN or stale is read; nothing is stored there.
 
 Precision: float32 state, decays and accumulators. The dots take their operands in x's dtype (the
-float32 states and decay-weighted tiles are rounded to it, as mamba-ssm does); float32 inputs use the
-tf32x3 product (three tf32 tensor-core products, float32-level accuracy).
+float32 states and decay-weighted tiles are rounded to it, as mamba-ssm does); float32 inputs take
+ieee-precision products (FMA, not tensor cores: those only offer tf32 for float32 operands, whose
+error would exceed the float32 reference's several-fold; the static check exempts those entries).
 """
 import os
 from dataclasses import dataclass
@@ -303,14 +304,14 @@ def _chunk_bwd_bc_kernel(G, X, DT, A, Bias, Bm, Cm, Z, States, DStates, DBh, DCh
                          stride_zb, stride_zl, stride_zh, stride_zp, stride_gb, stride_gl, stride_gh, stride_gp,
                          HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_Z: tl.constexpr, Q: tl.constexpr,
                          BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
-    """The dstate side of one chunk's backward: this head's dB and dC, (b, l, h, n) float32 (the
-    launcher sums the heads of each group)."""
-    c, bh = tl.program_id(0), tl.program_id(1)
+    """The dstate side of one chunk's backward, for one block of dstate columns: this head's dB and dC,
+    (b, l, h, n) float32 (the launcher sums the heads of each group)."""
+    c, bh, nb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     bi, hi = bh // nheads, bh % nheads
     gi = hi // head_per_group
     t = c * Q + tl.arange(0, Q)
     t_ok = t < seqlen
-    pp, nn = tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N)
+    pp, nn = tl.arange(0, BLOCK_P), nb * BLOCK_N + tl.arange(0, BLOCK_N)
     p_ok, n_ok = pp < p, nn < n
     DTY: tl.constexpr = X.dtype.element_ty
     dt, _, cum = _dt_cum(DT, Bias, A, bi.to(tl.int64) * stride_dtb + hi * stride_dth, hi, t, t_ok, stride_dtl,
@@ -350,14 +351,17 @@ class _Config:
     pass_block: int   # state elements per program of the two sequential passes
     pass_warps: int
     bwd_block_p: int  # headdim columns per program of the backward's headdim-side kernel
+    bc_block_n: int   # dstate columns per program of its dstate side
 
 
 MAX_DIM = 128  # headdim and dstate: one program holds a whole (p, n) state tile
-# GPU: Q = 64 (mamba-ssm uses 64-256); 8 warps keep the backward's Q x Q and (Q, p) float32 tiles in
+# GPU: Q = 64 for 16-bit inputs (mamba-ssm uses 64-256); 8 warps keep the backward's Q x Q and (Q, p) float32 tiles in
 # registers. The interpreter runs one program at a time: Q = 16 makes the tests' short sequences span
 # several chunks.
-_GPU = _Config(q=64, warps=8, pass_block=256, pass_warps=4, bwd_block_p=16)
-_INTERP = _Config(q=16, warps=1, pass_block=64, pass_warps=1, bwd_block_p=16)
+_GPU = _Config(q=64, warps=8, pass_block=256, pass_warps=4, bwd_block_p=16, bc_block_n=32)
+# float32 operands take twice the registers of 16-bit ones: the backward kernels spilled at Q = 64.
+_GPU_F32 = _Config(q=32, warps=8, pass_block=256, pass_warps=4, bwd_block_p=16, bc_block_n=32)
+_INTERP = _Config(q=16, warps=1, pass_block=64, pass_warps=1, bwd_block_p=16, bc_block_n=16)
 _GPU_TILES = ((64, 64), (64, 128))  # (BLOCK_P, BLOCK_N) the static check compiles: M-VAR, mamba-ssm defaults
 
 
@@ -365,12 +369,18 @@ def _interpreted(device):
     return device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def _gpu_config(dtype):
+    return _GPU_F32 if dtype == torch.float32 else _GPU
+
+
 def _block(d):
     return max(16, triton.next_power_of_2(d))  # tl.dot needs every tile dimension >= 16
 
 
 def _prec(dtype):
-    return "tf32x3" if dtype == torch.float32 else "tf32"
+    # float32: exact FMA products. tf32 would cost float32 accuracy, and tf32x3 (three tf32 products)
+    # spilled the backward kernels at every tile tried (sm_90).
+    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def check_dims(p, n):
@@ -383,7 +393,7 @@ def check_dims(p, n):
 def _common(x, dt, B):
     b, l, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
-    cfg = _INTERP if _interpreted(x.device) else _GPU
+    cfg = _INTERP if _interpreted(x.device) else _gpu_config(x.dtype)
     return b, l, h, p, g, n, cfg, triton.cdiv(l, cfg.q)
 
 
@@ -491,10 +501,10 @@ def ssd_scan_bwd(grad_out, grad_final_states, x, dt, A, B, C, D, z, dt_bias, ini
         dx, dx if z is None else dz, ddt_part, dcum_part, dd_part, l, nc, h, h // g, p, n,
         *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *_d_strides(D), *z_strides, *grad_out.stride(),
         HAS_D=D is not None, HAS_Z=z is not None, **dict(flags, BLOCK_P=min(cfg.bwd_block_p, _block(p))))
-    _chunk_bwd_bc_kernel[(nc, b * h)](
+    _chunk_bwd_bc_kernel[(nc, b * h, triton.cdiv(n, cfg.bc_block_n))](
         grad_out, x, dt, A, bias, B, C, x if z is None else z, states, dstates, dbh, dch, l, nc, h, h // g, p, n,
         *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *z_strides, *grad_out.stride(),
-        HAS_Z=z is not None, **flags)
+        HAS_Z=z is not None, **dict(flags, BLOCK_N=min(cfg.bc_block_n, _block(n))))
     ddt, da = _finish_ddt(ddt_part.sum(2), dcum_part.sum(2), dcl, dt, A, dt_bias, dt_softplus, cfg.q)
     # Sums over batch, chunks and the heads of a group, in float32, rounded once.
     d_dt_bias = ddt.sum((0, 1))
@@ -521,6 +531,7 @@ _UNIT = {"stride_xp", "stride_zp", "stride_gp", "stride_op", "stride_dth", "stri
 # The sequential passes have no matrix product (an elementwise recurrence over chunks): no tensor cores
 # to check, only compile, spills and shared memory.
 _PASS_EXEMPT = "state passing: an elementwise recurrence over chunks, no matrix product"
+_FP32_EXEMPT = "float32: ieee-precision FMA products by design (tensor cores offer only tf32 for float32)"
 
 
 def _aot_entry(name, kernel, dtype, constexprs, num_warps, uses_dot):
@@ -546,7 +557,7 @@ def _aot_entry(name, kernel, dtype, constexprs, num_warps, uses_dot):
     entry = {"name": name, "kernel": kernel, "signature": signature, "constexprs": constexprs,
              "divisible_by_16": divisible, "num_warps": num_warps, "num_stages": 1, "uses_dot": uses_dot}
     if not uses_dot:
-        entry["exempt"] = _PASS_EXEMPT
+        entry["exempt"] = _FP32_EXEMPT if "BLOCK_P" in constexprs else _PASS_EXEMPT
     return entry
 
 
@@ -554,24 +565,26 @@ def aot_configs() -> list[dict]:
     """Every kernel the GPU launchers compile, per input dtype, at the headdim / dstate tiles of the
     Mamba-2 layers this library serves (64: M-VAR's and mamba-ssm's default headdim; 64 and 128
     dstate), with every optional input present (the most live registers): the format of
-    hierkern.ops.attention.triton.aot_configs. The chunk kernels' dots must lower to tensor cores
-    (float32 through tf32x3); the two passes are exempt (see _PASS_EXEMPT)."""
+    hierkern.ops.attention.triton.aot_configs. The chunk kernels' dots must lower to tensor cores for
+    float16 / bfloat16; float32 (ieee FMA products) and the two passes are exempt (_FP32_EXEMPT,
+    _PASS_EXEMPT)."""
     entries = []
-    cfg = _GPU
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        cfg = _gpu_config(dtype)
         tag = _TRITON_DTYPE[dtype]
         for bp, bn in _GPU_TILES:
             dims = dict(Q=cfg.q, BLOCK_P=bp, BLOCK_N=bn, PREC=_prec(dtype), HAS_BIAS=True, SOFTPLUS=True)
             full = dict(dims, HAS_D=True, HAS_Z=True)
             sfx = f"{tag}_p{bp}_n{bn}"
-            entries.append(_aot_entry(f"ssd_chunk_state_{sfx}", _chunk_state_kernel, dtype, dims, cfg.warps, True))
-            entries.append(_aot_entry(f"ssd_chunk_out_{sfx}", _chunk_out_kernel, dtype, full, cfg.warps, True))
+            tc = dtype != torch.float32  # float32: ieee products, no tensor cores (see _prec)
+            entries.append(_aot_entry(f"ssd_chunk_state_{sfx}", _chunk_state_kernel, dtype, dims, cfg.warps, tc))
+            entries.append(_aot_entry(f"ssd_chunk_out_{sfx}", _chunk_out_kernel, dtype, full, cfg.warps, tc))
             entries.append(_aot_entry(f"ssd_dstate_local_{sfx}", _dstate_local_kernel, dtype,
-                                      dict(dims, HAS_Z=True), cfg.warps, True))
+                                      dict(dims, HAS_Z=True), cfg.warps, tc))
             entries.append(_aot_entry(f"ssd_chunk_bwd_{sfx}", _chunk_bwd_kernel, dtype,
-                                      dict(full, BLOCK_P=min(bp, cfg.bwd_block_p)), cfg.warps, True))
+                                      dict(full, BLOCK_P=min(bp, cfg.bwd_block_p)), cfg.warps, tc))
             entries.append(_aot_entry(f"ssd_chunk_bwd_bc_{sfx}", _chunk_bwd_bc_kernel, dtype,
-                                      dict(dims, HAS_Z=True), cfg.warps, True))
+                                      dict(dims, HAS_Z=True, BLOCK_N=min(bn, cfg.bc_block_n)), cfg.warps, tc))
         entries.append(_aot_entry(f"ssd_state_pass_{tag}", _state_pass_kernel, dtype,
                                   dict(HAS_INIT=True, BLOCK=cfg.pass_block), cfg.pass_warps, False))
         entries.append(_aot_entry(f"ssd_dstate_pass_{tag}", _dstate_pass_kernel, dtype,
