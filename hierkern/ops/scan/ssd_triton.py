@@ -451,7 +451,7 @@ def _finish_ddt(ddt, dcum, dcum_last, dt, A, dt_bias, dt_softplus, q):
     dtp = torch.nn.functional.pad(dtp.permute(0, 2, 1), (0, nc * q - l)).reshape(b * h, nc, q)
     Ah = A.repeat(b)[:, None, None]
     dA = (da * dtp).view(b, h, -1).sum((0, 2))
-    ddt = (ddt + da * Ah).reshape(b, h, nc * q)[:, :, :l].permute(0, 2, 1)
+    ddt = (ddt + da * Ah).reshape(b, h, nc * q)[:, :, :l].permute(0, 2, 1).contiguous()
     if dt_softplus:
         ddt = ddt * torch.sigmoid(v)
     return ddt, dA
