@@ -92,8 +92,9 @@ def ssd_scan(x, dt, A, B, C, chunk_size=64, D=None, z=None, dt_bias=None, dt_sof
             and backward).
         return_final_states: also return the state after the last step.
         impl: None (the C++ kernel on CPU tensors, the Triton kernels on CUDA tensors), "reference"
-            (the chunked PyTorch form), "cpu" or "triton" (chunked SSD on tensor cores, fixed 64-step
-            chunks on the GPU whatever chunk_size; headdim and dstate up to 128). There is no CUDA C++
+            (the chunked PyTorch form), "cpu" or "triton" (chunked SSD, 16-bit inputs on tensor cores; the
+            kernels' own chunks whatever chunk_size: 64 steps on the GPU, 32 for float32; headdim and
+            dstate up to 128). There is no CUDA C++
             kernel: "cuda" raises NotImplementedError.
 
     Returns:

@@ -122,28 +122,34 @@ def _chunk_out_kernel(X, DT, A, Bias, Bm, Cm, Dp, Z, States, Out, seqlen, n_chun
                       stride_dh, stride_dp, stride_zb, stride_zl, stride_zh, stride_zp,
                       stride_ob, stride_ol, stride_oh, stride_op,
                       HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
-                      Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
+                      Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      PREC: tl.constexpr):
     c, bh = tl.program_id(0), tl.program_id(1)
     bi, hi = bh // nheads, bh % nheads
     gi = hi // head_per_group
     t = c * Q + tl.arange(0, Q)
     t_ok = t < seqlen
-    pp, nn, jj = tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N), tl.arange(0, Q)
-    p_ok, n_ok = pp < p, nn < n
+    pp = tl.arange(0, BLOCK_P)
+    p_ok = pp < p
     DTY: tl.constexpr = X.dtype.element_ty
     dt, _, cum = _dt_cum(DT, Bias, A, bi.to(tl.int64) * stride_dtb + hi * stride_dth, hi, t, t_ok, stride_dtl,
                          HAS_BIAS, SOFTPLUS)
-    cm = _tile(Cm, bi.to(tl.int64) * stride_cb + gi * stride_cg, t, t_ok, stride_cl, nn, n_ok, stride_cn)
-    bt = _tile(Bm, bi.to(tl.int64) * stride_bb + gi * stride_bg, nn, n_ok, stride_bn, t, t_ok, stride_bl)
+    # The two products over dstate, C B^T (Q, Q) and C S_in^T (Q, p; S_in^T read straight from the (p, n)
+    # state), in BLOCK_K-column steps (float32's FMA products spilled with all of dstate at once).
+    s_off = (bh.to(tl.int64) * n_chunks + c) * p * n
+    cb = tl.zeros((Q, Q), tl.float32)
+    y_off = tl.zeros((Q, BLOCK_P), tl.float32)
+    for k in tl.static_range(0, BLOCK_N, BLOCK_K):
+        nn = k + tl.arange(0, BLOCK_K)
+        n_ok = nn < n
+        cm = _tile(Cm, bi.to(tl.int64) * stride_cb + gi * stride_cg, t, t_ok, stride_cl, nn, n_ok, stride_cn)
+        bt = _tile(Bm, bi.to(tl.int64) * stride_bb + gi * stride_bg, nn, n_ok, stride_bn, t, t_ok, stride_bl)
+        cb += _mm(cm, bt, DTY, PREC)
+        y_off += _mm(cm, _tile(States, s_off, nn, n_ok, 1, pp, p_ok, n), DTY, PREC)
     x = _tile(X, bi.to(tl.int64) * stride_xb + hi * stride_xh, t, t_ok, stride_xl, pp, p_ok, stride_xp)
-    cb = _mm(cm, bt, DTY, PREC)                                                   # (Q, Q): C_i . B_j
     causal = t[:, None] >= t[None, :]
     decay = tl.exp(tl.where(causal, cum[:, None] - cum[None, :], float("-inf")))
-    y = _mm(cb * decay * dt[None, :], x, DTY, PREC)
-    # S_in^T (n, p) straight from memory (S_in is stored (p, n)).
-    s_off = (bh.to(tl.int64) * n_chunks + c) * p * n
-    s_t = _tile(States, s_off, nn, n_ok, 1, pp, p_ok, n)
-    y += _mm(cm, s_t, DTY, PREC) * tl.exp(cum)[:, None]
+    y = _mm(cb * decay * dt[None, :], x, DTY, PREC) + y_off * tl.exp(cum)[:, None]
     if HAS_D:
         y += tl.load(Dp + hi * stride_dh + pp * stride_dp, mask=p_ok, other=0.0)[None, :] * x.to(tl.float32)
     if HAS_Z:
@@ -222,7 +228,8 @@ def _chunk_bwd_kernel(G, X, DT, A, Bias, Bm, Cm, Dp, Z, YPre, States, DStates,
                       stride_dh, stride_dp, stride_zb, stride_zl, stride_zh, stride_zp,
                       stride_gb, stride_gl, stride_gh, stride_gp,
                       HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
-                      Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr):
+                      Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      PREC: tl.constexpr):
     """The headdim side of one chunk's backward, for one block of headdim columns: dx, dz, partial
     dD, and this block's share of d dt and d cum (both sums over headdim; the launcher adds the blocks
     and finishes dt's gradient). dB / dC are _chunk_bwd_bc_kernel's: one kernel holding both, or all
@@ -233,8 +240,8 @@ def _chunk_bwd_kernel(G, X, DT, A, Bias, Bm, Cm, Dp, Z, YPre, States, DStates,
     gi = hi // head_per_group
     t = c * Q + tl.arange(0, Q)
     t_ok = t < seqlen
-    pp, nn = pb * BLOCK_P + tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N)
-    p_ok, n_ok = pp < p, nn < n
+    pp = pb * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_ok = pp < p
     DTY: tl.constexpr = X.dtype.element_ty
     dt, _, cum = _dt_cum(DT, Bias, A, bi.to(tl.int64) * stride_dtb + hi * stride_dth, hi, t, t_ok, stride_dtl,
                          HAS_BIAS, SOFTPLUS)
@@ -243,7 +250,6 @@ def _chunk_bwd_kernel(G, X, DT, A, Bias, Bm, Cm, Dp, Z, YPre, States, DStates,
     x = _tile(X, x_off, t, t_ok, stride_xl, pp, p_ok, stride_xp)
     b_off = bi.to(tl.int64) * stride_bb + gi * stride_bg
     c_off = bi.to(tl.int64) * stride_cb + gi * stride_cg
-    bm = _tile(Bm, b_off, t, t_ok, stride_bl, nn, n_ok, stride_bn)
     s_off = (bh.to(tl.int64) * n_chunks + c) * p * n
     g_off = bi.to(tl.int64) * stride_gb + hi * stride_gh
     z_off = bi.to(tl.int64) * stride_zb + hi * stride_zh
@@ -264,24 +270,35 @@ def _chunk_bwd_kernel(G, X, DT, A, Bias, Bm, Cm, Dp, Z, YPre, States, DStates,
         dz = g.to(tl.float32) * ypre.to(tl.float32) * sig * (1.0 + zz * (1.0 - sig))
         tl.store(DZ + row[:, None] * p + pp[None, :], dz.to(DZ.dtype.element_ty), mask=t_ok[:, None] & p_ok[None, :])
 
+    # The three products over dstate, in BLOCK_K-column steps (float32's FMA products spilled with all
+    # of dstate at once): C S_in^T (Q, p), (B C^T) (j, i) and B dS_out^T (Q, p). Everything Q x Q is
+    # built transposed (rows j, columns i), straight from transposed loads: a register transpose
+    # feeding mma spilled on sm_80.
+    y_off = tl.zeros((Q, BLOCK_P), tl.float32)
+    bds = tl.zeros((Q, BLOCK_P), tl.float32)
+    bc_t = tl.zeros((Q, Q), tl.float32)
+    for k in tl.static_range(0, BLOCK_N, BLOCK_K):
+        nn = k + tl.arange(0, BLOCK_K)
+        n_ok = nn < n
+        bm = _tile(Bm, b_off, t, t_ok, stride_bl, nn, n_ok, stride_bn)
+        y_off += _mm(_tile(Cm, c_off, t, t_ok, stride_cl, nn, n_ok, stride_cn),
+                     _tile(States, s_off, nn, n_ok, 1, pp, p_ok, n), DTY, PREC)
+        bc_t += _mm(bm, _tile(Cm, c_off, nn, n_ok, stride_cn, t, t_ok, stride_cl), DTY, PREC)
+        bds += _mm(bm, _tile(DStates, s_off, nn, n_ok, 1, pp, p_ok, n), DTY, PREC)
     # Entering state: y_i += exp(cum_i) C_i S_in^T.
-    cm = _tile(Cm, c_off, t, t_ok, stride_cl, nn, n_ok, stride_cn)
-    y_off = _mm(cm, _tile(States, s_off, nn, n_ok, 1, pp, p_ok, n), DTY, PREC)   # (Q, p): C_i S_in^T
     dcum = exp_cum * tl.sum(gy * y_off, 1)
     # Intra-chunk: y_i = sum_{j <= i} scores_ij dt_j x_j, scores_ij = (C_i . B_j) exp(cum_i - cum_j).
-    # Everything Q x Q is built transposed (rows j, columns i), straight from transposed loads: a
-    # register transpose feeding mma spilled on sm_80.
     later = t[None, :] >= t[:, None]
     decay_t = tl.exp(tl.where(later, cum[None, :] - cum[:, None], float("-inf")))
-    scores_t = _mm(bm, _tile(Cm, c_off, nn, n_ok, stride_cn, t, t_ok, stride_cl), DTY, PREC) * decay_t
+    scores_t = bc_t * decay_t
     gy_t, _ = _gated_grad(G, Z, g_off, z_off, pp, p_ok, t, t_ok, stride_gp, stride_gl, stride_zp, stride_zl, HAS_Z)
     gmat_t = _mm(x, gy_t, DTY, PREC)                                 # (j, i): x_j . gy_i
     dx = _mm(scores_t, gy, DTY, PREC) * dt[:, None]
     ddt = tl.sum(scores_t * gmat_t, 1)
     m_t = gmat_t * scores_t * dt[:, None]
     dcum += tl.sum(m_t, 0) - tl.sum(m_t, 1)
-    # Chunk state: states = sum_j exp(cum_last - cum_j) dt_j x_j B_j^T, its gradient is dS_out.
-    bds = _mm(bm, _tile(DStates, s_off, nn, n_ok, 1, pp, p_ok, n), DTY, PREC)    # (Q, p): dS_out B_j
+    # Chunk state: states = sum_j exp(cum_last - cum_j) dt_j x_j B_j^T, its gradient is dS_out (bds =
+    # dS_out B_j per row).
     w = dt * to_end
     dx += bds * w[:, None]
     term = tl.sum(xf * bds, 1)                                       # x_j . (dS_out B_j)
@@ -352,16 +369,17 @@ class _Config:
     pass_warps: int
     bwd_block_p: int  # headdim columns per program of the backward's headdim-side kernel
     bc_block_n: int   # dstate columns per program of its dstate side
+    block_k: int      # dstate columns per step of the products over dstate (output / headdim side)
 
 
 MAX_DIM = 128  # headdim and dstate: one program holds a whole (p, n) state tile
 # GPU: Q = 64 for 16-bit inputs (mamba-ssm uses 64-256); 8 warps keep the backward's Q x Q and (Q, p) float32 tiles in
 # registers. The interpreter runs one program at a time: Q = 16 makes the tests' short sequences span
 # several chunks.
-_GPU = _Config(q=64, warps=8, pass_block=256, pass_warps=4, bwd_block_p=16, bc_block_n=32)
+_GPU = _Config(q=64, warps=8, pass_block=256, pass_warps=4, bwd_block_p=16, bc_block_n=32, block_k=128)
 # float32 operands take twice the registers of 16-bit ones: the backward kernels spilled at Q = 64.
-_GPU_F32 = _Config(q=32, warps=8, pass_block=256, pass_warps=4, bwd_block_p=16, bc_block_n=32)
-_INTERP = _Config(q=16, warps=1, pass_block=64, pass_warps=1, bwd_block_p=16, bc_block_n=16)
+_GPU_F32 = _Config(q=32, warps=8, pass_block=256, pass_warps=4, bwd_block_p=16, bc_block_n=32, block_k=32)
+_INTERP = _Config(q=16, warps=1, pass_block=64, pass_warps=1, bwd_block_p=16, bc_block_n=16, block_k=16)
 _GPU_TILES = ((64, 64), (64, 128))  # (BLOCK_P, BLOCK_N) the static check compiles: M-VAR, mamba-ssm defaults
 
 
@@ -371,6 +389,10 @@ def _interpreted(device):
 
 def _gpu_config(dtype):
     return _GPU_F32 if dtype == torch.float32 else _GPU
+
+
+def _block_k(cfg, n):
+    return min(cfg.block_k, _block(n))
 
 
 def _block(d):
@@ -432,7 +454,8 @@ def ssd_scan_fwd(x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus, chu
         out, l, nc, h, h // g, p, n, *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *_d_strides(D),
         *(z.stride() if z is not None else (0, 0, 0, 0)), *out.stride(),
         HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, HAS_D=D is not None, HAS_Z=z is not None,
-        Q=cfg.q, BLOCK_P=_block(p), BLOCK_N=_block(n), PREC=_prec(x.dtype), num_warps=cfg.warps)
+        Q=cfg.q, BLOCK_P=_block(p), BLOCK_N=_block(n), BLOCK_K=_block_k(cfg, n), PREC=_prec(x.dtype),
+        num_warps=cfg.warps)
     return out, final
 
 
@@ -490,7 +513,7 @@ def ssd_scan_bwd(grad_out, grad_final_states, x, dt, A, B, C, D, z, dt_bias, ini
         _chunk_out_kernel[(nc, b * h)](
             x, dt, A, bias, B, C, x if D is None else D, x, states, ypre, l, nc, h, h // g, p, n,
             *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *_d_strides(D), 0, 0, 0, 0, *ypre.stride(),
-            HAS_D=D is not None, HAS_Z=False, **flags)
+            HAS_D=D is not None, HAS_Z=False, BLOCK_K=_block_k(cfg, n), **flags)
     else:
         ypre = x
     n_pb = triton.cdiv(p, cfg.bwd_block_p)
@@ -500,7 +523,8 @@ def ssd_scan_bwd(grad_out, grad_final_states, x, dt, A, B, C, D, z, dt_bias, ini
         grad_out, x, dt, A, bias, B, C, x if D is None else D, x if z is None else z, ypre, states, dstates,
         dx, dx if z is None else dz, ddt_part, dcum_part, dd_part, l, nc, h, h // g, p, n,
         *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *_d_strides(D), *z_strides, *grad_out.stride(),
-        HAS_D=D is not None, HAS_Z=z is not None, **dict(flags, BLOCK_P=min(cfg.bwd_block_p, _block(p))))
+        HAS_D=D is not None, HAS_Z=z is not None, BLOCK_K=_block_k(cfg, n),
+        **dict(flags, BLOCK_P=min(cfg.bwd_block_p, _block(p))))
     _chunk_bwd_bc_kernel[(nc, b * h, triton.cdiv(n, cfg.bc_block_n))](
         grad_out, x, dt, A, bias, B, C, x if z is None else z, states, dstates, dbh, dch, l, nc, h, h // g, p, n,
         *x.stride(), *dt.stride(), *B.stride(), *C.stride(), *z_strides, *grad_out.stride(),
@@ -578,11 +602,13 @@ def aot_configs() -> list[dict]:
             sfx = f"{tag}_p{bp}_n{bn}"
             tc = dtype != torch.float32  # float32: ieee products, no tensor cores (see _prec)
             entries.append(_aot_entry(f"ssd_chunk_state_{sfx}", _chunk_state_kernel, dtype, dims, cfg.warps, tc))
-            entries.append(_aot_entry(f"ssd_chunk_out_{sfx}", _chunk_out_kernel, dtype, full, cfg.warps, tc))
+            entries.append(_aot_entry(f"ssd_chunk_out_{sfx}", _chunk_out_kernel, dtype,
+                                      dict(full, BLOCK_K=min(bn, cfg.block_k)), cfg.warps, tc))
             entries.append(_aot_entry(f"ssd_dstate_local_{sfx}", _dstate_local_kernel, dtype,
                                       dict(dims, HAS_Z=True), cfg.warps, tc))
             entries.append(_aot_entry(f"ssd_chunk_bwd_{sfx}", _chunk_bwd_kernel, dtype,
-                                      dict(full, BLOCK_P=min(bp, cfg.bwd_block_p)), cfg.warps, tc))
+                                      dict(full, BLOCK_P=min(bp, cfg.bwd_block_p), BLOCK_K=min(bn, cfg.block_k)),
+                                      cfg.warps, tc))
             entries.append(_aot_entry(f"ssd_chunk_bwd_bc_{sfx}", _chunk_bwd_bc_kernel, dtype,
                                       dict(dims, HAS_Z=True, BLOCK_N=min(bn, cfg.bc_block_n)), cfg.warps, tc))
         entries.append(_aot_entry(f"ssd_state_pass_{tag}", _state_pass_kernel, dtype,
