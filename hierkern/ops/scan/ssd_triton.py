@@ -376,7 +376,7 @@ MAX_DIM = 128  # headdim and dstate: one program holds a whole (p, n) state tile
 # GPU: Q = 64 for 16-bit inputs (mamba-ssm uses 64-256); 8 warps keep the backward's Q x Q and (Q, p) float32 tiles in
 # registers. The interpreter runs one program at a time: Q = 16 makes the tests' short sequences span
 # several chunks.
-_GPU = _Config(q=64, warps=8, pass_block=256, pass_warps=4, bwd_block_p=16, bc_block_n=32, block_k=128)
+_GPU = _Config(q=64, warps=8, pass_block=256, pass_warps=4, bwd_block_p=16, bc_block_n=32, block_k=64)
 # float32 operands take twice the registers of 16-bit ones: the backward kernels spilled at Q = 64.
 _GPU_F32 = _Config(q=32, warps=8, pass_block=256, pass_warps=4, bwd_block_p=16, bc_block_n=32, block_k=32)
 _INTERP = _Config(q=16, warps=1, pass_block=64, pass_warps=1, bwd_block_p=16, bc_block_n=16, block_k=16)
