@@ -186,7 +186,8 @@ def _dstate_local_kernel(G, Z, DT, A, Bias, Cm, DStates, seqlen, n_chunks, nhead
     _, _, cum = _dt_cum(DT, Bias, A, bi.to(tl.int64) * stride_dtb + hi * stride_dth, hi, t, t_ok, stride_dtl,
                         HAS_BIAS, SOFTPLUS)
     # gy^T (p, Q): grad_out and z loaded transposed.
-    gyt, _ = _gated_grad(G, Z, bi.to(tl.int64) * stride_gb + hi * stride_gh, bi.to(tl.int64) * stride_zb + hi * stride_zh,
+    gyt, _ = _gated_grad(G, Z, bi.to(tl.int64) * stride_gb + hi * stride_gh,
+                         bi.to(tl.int64) * stride_zb + hi * stride_zh,
                          pp, p_ok, t, t_ok, stride_gp, stride_gl, stride_zp, stride_zl, HAS_Z)
     cm = _tile(Cm, bi.to(tl.int64) * stride_cb + (hi // head_per_group) * stride_cg, t, t_ok, stride_cl, nn, n_ok,
                stride_cn)
