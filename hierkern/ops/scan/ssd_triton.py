@@ -1,5 +1,5 @@
 """Triton kernels for the SSD scan (hierkern.ssd_scan, Mamba-2), chunked as mamba-ssm does it, with the
-matrix products on tensor cores, and their launchers.
+matrix products on tensor cores (16-bit inputs), and their launchers.
 
 Per (batch b, head h) the sequence is cut in chunks of Q steps (Q = the launcher's tile, not the
 caller's chunk_size: chunk_size only blocks the computation, see hierkern.ssd_scan). Inside chunk c,
