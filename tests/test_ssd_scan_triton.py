@@ -180,3 +180,29 @@ def test_opcheck(full):
     out, fin = torch.ops.hierkern.ssd_scan_fwd_triton(*detached)
     g_fin = torch.randn_like(fin) if full else None
     torch.library.opcheck(torch.ops.hierkern.ssd_scan_bwd_triton.default, (torch.randn_like(out), g_fin) + detached)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled kernels only (needs a GPU)")
+def test_no_recompile_when_length_changes():
+    """seqlen and the chunk count are not specialised: M-VAR's scale-by-scale calls (1, 4, 9, ... new
+    tokens) reuse one compiled kernel per configuration."""
+    from hierkern.ops.scan import ssd_triton as tk
+    kernels = [tk._chunk_state_kernel, tk._state_pass_kernel, tk._chunk_out_kernel, tk._dstate_local_kernel,
+               tk._dstate_pass_kernel, tk._chunk_bwd_kernel, tk._chunk_bwd_bc_kernel]
+
+    def variants():
+        caches = [getattr(k, "device_caches", None) for k in kernels]
+        if any(c is None for c in caches):
+            pytest.skip("this triton version does not expose JITFunction.device_caches")
+        return [sum(len(entry[0]) for entry in c.values()) for c in caches]
+
+    counts = None
+    for l in (130, 37, 1, 64):
+        x, softplus = make_inputs(b=1, l=l, h=4, p=64, g=1, n=64, dtype=torch.bfloat16)
+        x = to_device(x)
+        out, fin = hierkern.ssd_scan(**x, dt_softplus=softplus, return_final_states=True, impl="triton")
+        (out.float().sum() + fin.sum()).backward()
+        now = variants()
+        if counts is None:
+            counts = now
+        assert now == counts, f"recompiled at l={l}: {now} vs {counts}"

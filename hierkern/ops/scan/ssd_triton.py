@@ -43,7 +43,12 @@ import torch
 import triton
 import triton.language as tl
 
-_VARYING = ["seqlen", "n_chunks"]
+# Never specialised: what changes with the sequence length (dt's batch stride is seqlen * nheads, whose
+# divisibility by 16 would otherwise flip between calls), so scale-by-scale calls of any length reuse one
+# compiled kernel. The other batch strides are multiples of headdim or dstate (64 / 128): left
+# specialised, their alignment is what lets the tile loads vectorise.
+_VARYING = ["seqlen", "n_chunks", "stride_dtb"]
+_PASS_VARYING = ["n_chunks"]
 
 
 @triton.jit
@@ -97,7 +102,7 @@ def _chunk_state_kernel(X, DT, A, Bias, Bm, States, CumLast, seqlen, n_chunks, n
     tl.store(CumLast + bh.to(tl.int64) * n_chunks + c, cum_last)
 
 
-@triton.jit(do_not_specialize=_VARYING)
+@triton.jit(do_not_specialize=_PASS_VARYING)
 def _state_pass_kernel(States, CumLast, Init, Final, n_chunks, pn, HAS_INIT: tl.constexpr, BLOCK: tl.constexpr):
     blk, bh = tl.program_id(0), tl.program_id(1)
     e = blk * BLOCK + tl.arange(0, BLOCK)
@@ -196,7 +201,7 @@ def _dstate_local_kernel(G, Z, DT, A, Bias, Cm, DStates, seqlen, n_chunks, nhead
     tl.store(DStates + off + pp[:, None] * n + nn[None, :], ds, mask=p_ok[:, None] & n_ok[None, :])
 
 
-@triton.jit(do_not_specialize=_VARYING)
+@triton.jit(do_not_specialize=_PASS_VARYING)
 def _dstate_pass_kernel(DStates, States, CumLast, DFinal, DInit, DCumLastPart, n_chunks, pn,
                         HAS_DFINAL: tl.constexpr, BLOCK: tl.constexpr):
     blk, bh = tl.program_id(0), tl.program_id(1)
