@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One prepared check for a lent GPU (H200, no network): build, static GPU check, the full test suite
-# on CUDA (pytest-xdist when present), then the benchmarks: next_scale report, skip_causal, causal_conv1d,
+# on CUDA (pytest-xdist when present), then the benchmarks: next_scale report, skip_causal, causal_conv1d, ssd_scan,
 # a wall-vs-kernel-time profile, the VAR/HMAR models, M-VAR, cached_attention and kv_reuse. Every step has a timeout
 # taken from one overall budget (GPU_CHECK_BUDGET_S, default 450 s).
 #
@@ -107,6 +107,12 @@ step bench_skip "$(budget_for 100 60)" "$PY" -m bench.bench_skip_causal --device
 step bench_conv "$(budget_for 40 45)" "$PY" -m bench.bench_causal_conv1d --device cuda \
     --out "$OUT/bench/causal_conv1d_cuda.json"
 [ -f "$OUT/logs/bench_conv.log" ] && cp "$OUT/logs/bench_conv.log" "$OUT/bench/causal_conv1d_cuda.txt"
+
+# ssd_scan (Triton, chunked SSD on tensor cores) vs the eager chunked and sequential references at the
+# issue's M-VAR shapes (b=8, h=32, p=64, n=64; l=680 and 2240), TFLOP/s of the Triton forward.
+step bench_ssd "$(budget_for 60 45)" "$PY" -m bench.bench_ssd_scan --device cuda --dtype bf16 --b 8 --h 32 \
+    --l 680 2240 --seq-max-l 680 --reps 20 --peer-reps 3 --out "$OUT/bench/ssd_scan_cuda.json"
+[ -f "$OUT/logs/bench_ssd.log" ] && cp "$OUT/logs/bench_ssd.log" "$OUT/bench/ssd_scan_cuda.txt"
 
 # Wall time vs kernel time per call: how much of each op's time is host overhead.
 step profile "$(budget_for 40 45)" "$PY" -m bench.profile_cuda --out "$OUT/bench/profile_cuda.md"

@@ -106,6 +106,13 @@ TORCH_LIBRARY(hierkern, m) {
   m.def("ssd_scan_bwd(Tensor grad_out, Tensor? grad_final_states, Tensor x, Tensor dt, Tensor A, Tensor B, "
         "Tensor C, Tensor? D, Tensor? z, Tensor? dt_bias, Tensor? initial_states, bool dt_softplus, "
         "int chunk_size) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The same ops for the chunked Triton kernels (hierkern/ops/scan/ssd_triton.py, registered from
+  // Python, as cached_attn_fwd_triton).
+  m.def("ssd_scan_fwd_triton(Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
+        "Tensor? dt_bias, Tensor? initial_states, bool dt_softplus, int chunk_size) -> (Tensor, Tensor)");
+  m.def("ssd_scan_bwd_triton(Tensor grad_out, Tensor? grad_final_states, Tensor x, Tensor dt, Tensor A, "
+        "Tensor B, Tensor C, Tensor? D, Tensor? z, Tensor? dt_bias, Tensor? initial_states, bool dt_softplus, "
+        "int chunk_size) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 
   // Approximate KV reuse (hierkern/ops/kv_reuse/reference.py has the conventions).
   // refresh_select: new / cached (B, S, H, D), one dtype; per-token cosine similarity over (H, D)

@@ -257,20 +257,7 @@ def test_default_impl_is_the_cpu_kernel():
     assert not any("hierkern" in op for op in log.ops)
 
 
-@pytest.mark.parametrize("impl", ["triton", "cuda"])
-def test_gpu_impls_are_refused(impl):
-    x, _ = make_inputs(l=4)
-    with pytest.raises(NotImplementedError, match=rf"ssd_scan: impl='{impl}' has no ssd_scan kernel"):
-        hierkern.ssd_scan(**x, impl=impl)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_default_impl_on_cuda_is_refused():
-    x, _ = make_inputs(l=4)
-    x = {k: v.detach().cuda() if v is not None else None for k, v in x.items()}
-    with pytest.raises(NotImplementedError, match="no GPU ssd_scan kernel"):
-        hierkern.ssd_scan(**x)
-    hierkern.ssd_scan(**x, impl="reference")
+# impl="triton" / "cuda" and the CUDA default: tests/test_ssd_scan_triton.py
 
 
 # ---------------------------------------------------------------------------------------------

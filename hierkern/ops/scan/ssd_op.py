@@ -1,5 +1,5 @@
-"""SSD scan: torch.library registration (fake kernels, autograd) of the C++ ops in csrc/ops.cpp and
-the backend dispatch behind hierkern.ssd_scan.
+"""SSD scan: torch.library registration (fake kernels, autograd, Triton kernels) of the ops in
+csrc/ops.cpp and the backend dispatch behind hierkern.ssd_scan.
 
 Autograd saves only the inputs: the backward kernel recomputes the states from initial_states (one
 checkpoint per chunk), so a scan costs no (b, l, h, p, n) activation memory.
@@ -38,20 +38,41 @@ def _setup(ctx, inputs, output):
     ctx.args = (dt_softplus, chunk_size)
 
 
-def _backward(ctx, grad_out, grad_final_states):
-    x, dt, A, B, C, D, z, dt_bias, initial_states = ctx.saved_tensors
-    dx, ddt, dA, dB, dC, dD, dz, dbias, dinit = torch.ops.hierkern.ssd_scan_bwd(
-        grad_out, grad_final_states, x, dt, A, B, C, D, z, dt_bias, initial_states, *ctx.args)
-    return (dx, ddt, dA, dB, dC, None if D is None else dD, None if z is None else dz,
-            None if dt_bias is None else dbias, None if initial_states is None else dinit, None, None)
+def _backward_with(bwd_name):
+    def backward(ctx, grad_out, grad_final_states):
+        x, dt, A, B, C, D, z, dt_bias, initial_states = ctx.saved_tensors
+        dx, ddt, dA, dB, dC, dD, dz, dbias, dinit = getattr(torch.ops.hierkern, bwd_name)(
+            grad_out, grad_final_states, x, dt, A, B, C, D, z, dt_bias, initial_states, *ctx.args)
+        return (dx, ddt, dA, dB, dC, None if D is None else dD, None if z is None else dz,
+                None if dt_bias is None else dbias, None if initial_states is None else dinit, None, None)
+    return backward
+
+
+_BACKWARD = {suffix: _backward_with(f"ssd_scan_bwd{suffix}") for suffix in ("", "_triton")}
 
 
 def _register():
     if not _backend.has_compiled_ops():
         return
-    torch.library.register_fake(f"{_LIB}::ssd_scan_fwd")(_fake_fwd)
-    torch.library.register_fake(f"{_LIB}::ssd_scan_bwd")(_fake_bwd)
-    torch.library.register_autograd(f"{_LIB}::ssd_scan_fwd", _backward, setup_context=_setup)
+    for suffix, backward in _BACKWARD.items():
+        torch.library.register_fake(f"{_LIB}::ssd_scan_fwd{suffix}")(_fake_fwd)
+        torch.library.register_fake(f"{_LIB}::ssd_scan_bwd{suffix}")(_fake_bwd)
+        torch.library.register_autograd(f"{_LIB}::ssd_scan_fwd{suffix}", backward, setup_context=_setup)
+    if _backend.has_triton():
+        # CPU tensors reach the Triton kernels only under the interpreter (tests without a GPU).
+        for key in ["cuda"] + (["cpu"] if _backend.triton_interpreted() else []):
+            torch.library.register_kernel(f"{_LIB}::ssd_scan_fwd_triton", key, _triton_fwd)
+            torch.library.register_kernel(f"{_LIB}::ssd_scan_bwd_triton", key, _triton_bwd)
+
+
+def _triton_fwd(*args):
+    from . import ssd_triton  # imported on first use: importing triton costs about a second
+    return ssd_triton.ssd_scan_fwd(*args)
+
+
+def _triton_bwd(*args):
+    from . import ssd_triton
+    return ssd_triton.ssd_scan_bwd(*args)
 
 
 _register()
@@ -63,5 +84,6 @@ def ssd_scan_op(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, initial_
     if backend == "reference":
         return ssd_reference.ssd_scan_chunked(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus,
                                               initial_states)
-    return call_op(torch.ops.hierkern.ssd_scan_fwd, _setup, _backward, x, dt, A, B, C, D, z, dt_bias,
-                   initial_states, dt_softplus, chunk_size)
+    suffix = "_triton" if backend == "triton" else ""
+    return call_op(getattr(torch.ops.hierkern, f"ssd_scan_fwd{suffix}"), _setup, _BACKWARD[suffix], x, dt, A, B,
+                   C, D, z, dt_bias, initial_states, dt_softplus, chunk_size)

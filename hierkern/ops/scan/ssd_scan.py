@@ -6,7 +6,6 @@ from ... import _backend, _validate
 from .ssd_op import ssd_scan_op
 
 _NAME = "ssd_scan"
-# No GPU kernels for this op yet; those impls are refused, never replaced by the reference.
 
 
 def _check_param(name, t, shapes, state_dtype):
@@ -92,9 +91,11 @@ def ssd_scan(x, dt, A, B, C, chunk_size=64, D=None, z=None, dt_bias=None, dt_sof
             pieces, each from the previous piece's final states, equals scanning it whole (forward
             and backward).
         return_final_states: also return the state after the last step.
-        impl: None (C++ kernel on CPU tensors), "reference" (the chunked PyTorch form) or "cpu".
-            There is no GPU kernel yet: "triton", "cuda" and None on CUDA tensors raise
-            NotImplementedError.
+        impl: None (the C++ kernel on CPU tensors, the Triton kernels on CUDA tensors), "reference"
+            (the chunked PyTorch form), "cpu" or "triton" (chunked SSD, 16-bit inputs on tensor cores; the
+            kernels' own chunks whatever chunk_size: 64 steps on the GPU, 32 for float32; headdim and
+            dstate up to 128). There is no CUDA C++
+            kernel: "cuda" raises NotImplementedError.
 
     Returns:
         out (batch, seqlen, nheads, headdim) in x's dtype, or (out, final_states) with final_states
@@ -104,7 +105,10 @@ def ssd_scan(x, dt, A, B, C, chunk_size=64, D=None, z=None, dt_bias=None, dt_sof
     for name, flag in (("dt_softplus", dt_softplus), ("return_final_states", return_final_states)):
         if not isinstance(flag, bool):
             raise TypeError(f"{_NAME}: {name} must be a bool, got {type(flag).__name__}")
-    _backend.refuse_gpu(_NAME, impl, x.device, "ssd_scan", "the chunked PyTorch reference")
+    # No CUDA C++ kernel (cuda_op=None): impl="cuda" raises NotImplementedError, None on CUDA picks Triton.
     backend = _backend.select(_NAME, impl, x.device, dtype=x.dtype)
+    if backend == "triton":
+        from .ssd_triton import check_dims
+        check_dims(x.shape[3], B.shape[3])
     out, final = ssd_scan_op(x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, initial_states, backend)
     return (out, final) if return_final_states else out
