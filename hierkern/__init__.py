@@ -1,6 +1,7 @@
 """hierkern: kernels for hierarchical generative models."""
 from .kv_cache import KVCache
 from .layouts import ScaleLayout
+from .ops.axial.axial import axial_attention
 from .ops.attention.next_scale import next_scale_attention
 from .ops.cached_attention.cached import cached_attention
 from .ops.attention.skip_causal import block_causal_attention, skip_causal_attention
@@ -8,6 +9,6 @@ from .ops.conv.causal_conv1d import causal_conv1d
 from .ops.scan.selective_scan import selective_scan
 from .ops.scan.ssd_scan import ssd_scan
 
-__all__ = ["KVCache", "ScaleLayout", "block_causal_attention", "cached_attention", "causal_conv1d",
-           "next_scale_attention", "selective_scan", "skip_causal_attention", "ssd_scan"]
+__all__ = ["KVCache", "ScaleLayout", "axial_attention", "block_causal_attention", "cached_attention",
+           "causal_conv1d", "next_scale_attention", "selective_scan", "skip_causal_attention", "ssd_scan"]
 __version__ = "0.1.0"

@@ -1,0 +1,369 @@
+"""Triton kernels for axial attention (hierkern.axial_attention).
+
+Tensors are (B, H, W, heads, D) with any strides. A "line" is one column (axis 1) or row (axis 2);
+line l = (b, o) with o the index along the other spatial axis, position p runs along the axis. The
+launcher passes each tensor's strides as (batch, axis, other, head, dim), so a column is read at the H
+stride directly: nothing is permuted or copied.
+
+Packing short lines: a program owns BLOCK_M query rows, split into segments of `seg` = min(S, BLOCK_M)
+positions; row r belongs to line pid_l * pack + r // seg (pack = BLOCK_M // seg lines) at position
+pid_m * seg + r % seg. Key tiles use the same layout, so a program of 16-pixel rows runs four of them in
+one 64 x 64 tile (one tl.dot per product) and masks the cross-line pairs; a line of S >= BLOCK_M is one
+line per program with the usual flash loop over key tiles. seg, S and the line counts are runtime
+values (no recompile per image size).
+
+Kernels
+  _fwd_kernel   grid (position blocks, line packs, heads): online softmax in base 2, writes out and
+                the float32 lse (B, H, W, heads).
+  _bwd_dq_kernel  same grid: Delta = rowsum(dO * O) for its rows (stored for the next kernel) and dq.
+  _bwd_dkdv_kernel  grid (key blocks, line packs, kv heads): loops over the GQA group's query heads and
+                the query blocks that see its keys; owns its dk / dv (no atomics).
+fp32 inputs use exact ieee dots (not tf32), as the other attention kernels; their AOT entries have
+uses_dot=False. 16-bit entries must show mma (sm_80) / wgmma (sm_90).
+"""
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+_LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
+_NEG: tl.constexpr = tl.constexpr(-1.0e30)  # finite: idle rows keep a finite max and never produce NaN
+_VARYING = ["S", "seg", "n_lines", "n_other"]
+
+
+@triton.jit
+def _rows(pid_m, pid_l, seg, S, n_lines, n_other, BLOCK: tl.constexpr):
+    """Line-packed row layout: (batch, other index, position, valid) of BLOCK tile rows."""
+    r = tl.arange(0, BLOCK)
+    ll = r // seg
+    pos = pid_m * seg + r % seg
+    line = pid_l * (BLOCK // seg) + ll
+    ok = (ll < BLOCK // seg) & (line < n_lines) & (pos < S)
+    b = (line // n_other).to(tl.int64)
+    o = (line % n_other).to(tl.int64)
+    return ll, pos, b, o, ok
+
+
+@triton.jit
+def _offsets(b, o, pos, sb, sa, so):
+    return b * sb + o * so + pos.to(tl.int64) * sa
+
+
+@triton.jit
+def _tile(Ptr, base, d, ok, d_ok, sd):
+    return tl.load(Ptr + base[:, None] + d[None, :] * sd, mask=ok[:, None] & d_ok[None, :], other=0.0)
+
+
+@triton.jit(do_not_specialize=_VARYING)
+def _fwd_kernel(Q, K, V, O, Lse, scale, S, seg, n_lines, n_other, group,
+                stride_qb, stride_qa, stride_qo, stride_qh, stride_qd,
+                stride_kb, stride_ka, stride_ko, stride_kh, stride_kd,
+                stride_vb, stride_va, stride_vo, stride_vh, stride_vd,
+                stride_ob, stride_oa, stride_oo, stride_oh, stride_od,
+                stride_lb, stride_la, stride_lo, stride_lh,
+                CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr,
+                DOT_PRECISION: tl.constexpr):
+    pid_m, pid_l, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    hk = h // group
+    ll, pos, b, o, ok = _rows(pid_m, pid_l, seg, S, n_lines, n_other, BLOCK)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    q = _tile(Q + h * stride_qh, _offsets(b, o, pos, stride_qb, stride_qa, stride_qo), d, ok, d_ok, stride_qd)
+    qk_scale = scale * _LOG2E
+    m_i = tl.zeros((BLOCK,), tl.float32) + _NEG
+    l_i = tl.zeros((BLOCK,), tl.float32)
+    acc = tl.zeros((BLOCK, BLOCK_D), tl.float32)
+    c = tl.arange(0, BLOCK)
+    kll = c // seg
+    hi = S
+    if CAUSAL:
+        hi = tl.minimum(S, (pid_m + 1) * seg)
+    kline = pid_l * (BLOCK // seg) + kll
+    kline_ok = (kll < BLOCK // seg) & (kline < n_lines)
+    kb = (kline // n_other).to(tl.int64)
+    ko = (kline % n_other).to(tl.int64)
+    for start in range(0, hi, seg):
+        kpos = start + c % seg
+        k_ok = kline_ok & (kpos < S)
+        k = _tile(K + hk * stride_kh, _offsets(kb, ko, kpos, stride_kb, stride_ka, stride_ko), d, k_ok, d_ok,
+                  stride_kd)
+        v = _tile(V + hk * stride_vh, _offsets(kb, ko, kpos, stride_vb, stride_va, stride_vo), d, k_ok, d_ok,
+                  stride_vd)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        keep = (ll[:, None] == kll[None, :]) & k_ok[None, :]
+        if CAUSAL:
+            keep = keep & (kpos[None, :] <= pos[:, None])
+        s = tl.where(keep, s, _NEG)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.where(keep, tl.math.exp2(s - m_new[:, None]), 0.0)
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    o_base = _offsets(b, o, pos, stride_ob, stride_oa, stride_oo) + h * stride_oh
+    tl.store(O + o_base[:, None] + d[None, :] * stride_od, out.to(O.dtype.element_ty),
+             mask=ok[:, None] & d_ok[None, :])
+    lse = (m_i + tl.math.log2(l_safe)) * _LN2
+    tl.store(Lse + _offsets(b, o, pos, stride_lb, stride_la, stride_lo) + h * stride_lh, lse, mask=ok)
+
+
+@triton.jit(do_not_specialize=_VARYING)
+def _bwd_dq_kernel(Q, K, V, O, DO, Lse, Delta, DQ, scale, S, seg, n_lines, n_other, group,
+                   stride_qb, stride_qa, stride_qo, stride_qh, stride_qd,
+                   stride_kb, stride_ka, stride_ko, stride_kh, stride_kd,
+                   stride_vb, stride_va, stride_vo, stride_vh, stride_vd,
+                   stride_ob, stride_oa, stride_oo, stride_oh, stride_od,
+                   stride_gb, stride_ga, stride_go, stride_gh, stride_gd,
+                   stride_lb, stride_la, stride_lo, stride_lh,
+                   stride_dqb, stride_dqa, stride_dqo, stride_dqh, stride_dqd,
+                   CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr):
+    pid_m, pid_l, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    hk = h // group
+    ll, pos, b, o, ok = _rows(pid_m, pid_l, seg, S, n_lines, n_other, BLOCK)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    q = _tile(Q + h * stride_qh, _offsets(b, o, pos, stride_qb, stride_qa, stride_qo), d, ok, d_ok, stride_qd)
+    do = _tile(DO + h * stride_gh, _offsets(b, o, pos, stride_gb, stride_ga, stride_go), d, ok, d_ok, stride_gd)
+    out = _tile(O + h * stride_oh, _offsets(b, o, pos, stride_ob, stride_oa, stride_oo), d, ok, d_ok, stride_od)
+    # Lse and Delta share the (B, H, W, heads) float32 layout.
+    l_off = _offsets(b, o, pos, stride_lb, stride_la, stride_lo) + h * stride_lh
+    delta = tl.sum(do.to(tl.float32) * out.to(tl.float32), 1)
+    tl.store(Delta + l_off, delta, mask=ok)
+    lse2 = tl.load(Lse + l_off, mask=ok, other=0.0) * _LOG2E
+    qk_scale = scale * _LOG2E
+    dq = tl.zeros((BLOCK, BLOCK_D), tl.float32)
+    c = tl.arange(0, BLOCK)
+    kll = c // seg
+    hi = S
+    if CAUSAL:
+        hi = tl.minimum(S, (pid_m + 1) * seg)
+    kline = pid_l * (BLOCK // seg) + kll
+    kline_ok = (kll < BLOCK // seg) & (kline < n_lines)
+    kb = (kline // n_other).to(tl.int64)
+    ko = (kline % n_other).to(tl.int64)
+    for start in range(0, hi, seg):
+        kpos = start + c % seg
+        k_ok = kline_ok & (kpos < S)
+        k = _tile(K + hk * stride_kh, _offsets(kb, ko, kpos, stride_kb, stride_ka, stride_ko), d, k_ok, d_ok,
+                  stride_kd)
+        v = _tile(V + hk * stride_vh, _offsets(kb, ko, kpos, stride_vb, stride_va, stride_vo), d, k_ok, d_ok,
+                  stride_vd)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        keep = (ll[:, None] == kll[None, :]) & k_ok[None, :] & ok[:, None]
+        if CAUSAL:
+            keep = keep & (kpos[None, :] <= pos[:, None])
+        p = tl.where(keep, tl.math.exp2(s - lse2[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    dq_base = _offsets(b, o, pos, stride_dqb, stride_dqa, stride_dqo) + h * stride_dqh
+    tl.store(DQ + dq_base[:, None] + d[None, :] * stride_dqd, (dq * scale).to(DQ.dtype.element_ty),
+             mask=ok[:, None] & d_ok[None, :])
+
+
+@triton.jit(do_not_specialize=_VARYING)
+def _bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, scale, S, seg, n_lines, n_other, group,
+                     stride_qb, stride_qa, stride_qo, stride_qh, stride_qd,
+                     stride_kb, stride_ka, stride_ko, stride_kh, stride_kd,
+                     stride_vb, stride_va, stride_vo, stride_vh, stride_vd,
+                     stride_gb, stride_ga, stride_go, stride_gh, stride_gd,
+                     stride_lb, stride_la, stride_lo, stride_lh,
+                     stride_dkb, stride_dka, stride_dko, stride_dkh, stride_dkd,
+                     stride_dvb, stride_dva, stride_dvo, stride_dvh, stride_dvd,
+                     CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr):
+    pid_n, pid_l, hk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    kll, kpos, kb, ko, k_ok = _rows(pid_n, pid_l, seg, S, n_lines, n_other, BLOCK)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    k = _tile(K + hk * stride_kh, _offsets(kb, ko, kpos, stride_kb, stride_ka, stride_ko), d, k_ok, d_ok, stride_kd)
+    v = _tile(V + hk * stride_vh, _offsets(kb, ko, kpos, stride_vb, stride_va, stride_vo), d, k_ok, d_ok, stride_vd)
+    qk_scale = scale * _LOG2E
+    dk = tl.zeros((BLOCK, BLOCK_D), tl.float32)
+    dv = tl.zeros((BLOCK, BLOCK_D), tl.float32)
+    r = tl.arange(0, BLOCK)
+    ll = r // seg
+    line = pid_l * (BLOCK // seg) + ll
+    line_ok = (ll < BLOCK // seg) & (line < n_lines)
+    b = (line // n_other).to(tl.int64)
+    o = (line % n_other).to(tl.int64)
+    lo = 0
+    if CAUSAL:
+        lo = pid_n * seg  # earlier query positions see none of these keys
+    for g in range(0, group):
+        h = hk * group + g
+        for start in range(lo, S, seg):
+            pos = start + r % seg
+            ok = line_ok & (pos < S)
+            q = _tile(Q + h * stride_qh, _offsets(b, o, pos, stride_qb, stride_qa, stride_qo), d, ok, d_ok,
+                      stride_qd)
+            do = _tile(DO + h * stride_gh, _offsets(b, o, pos, stride_gb, stride_ga, stride_go), d, ok, d_ok,
+                       stride_gd)
+            l_off = _offsets(b, o, pos, stride_lb, stride_la, stride_lo) + h * stride_lh
+            lse2 = tl.load(Lse + l_off, mask=ok, other=0.0) * _LOG2E
+            delta = tl.load(Delta + l_off, mask=ok, other=0.0)
+            # Transposed tiles (keys x queries), so dv and dk accumulate without transposing the results.
+            st = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+            keep = (kll[:, None] == ll[None, :]) & k_ok[:, None] & ok[None, :]
+            if CAUSAL:
+                keep = keep & (kpos[:, None] <= pos[None, :])
+            pt = tl.where(keep, tl.math.exp2(st - lse2[None, :]), 0.0)
+            dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION)
+            dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+            dst = pt * (dpt - delta[None, :])
+            dk += tl.dot(dst.to(q.dtype), q, input_precision=DOT_PRECISION)
+    dk_base = _offsets(kb, ko, kpos, stride_dkb, stride_dka, stride_dko) + hk * stride_dkh
+    tl.store(DK + dk_base[:, None] + d[None, :] * stride_dkd, (dk * scale).to(DK.dtype.element_ty),
+             mask=k_ok[:, None] & d_ok[None, :])
+    dv_base = _offsets(kb, ko, kpos, stride_dvb, stride_dva, stride_dvo) + hk * stride_dvh
+    tl.store(DV + dv_base[:, None] + d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty),
+             mask=k_ok[:, None] & d_ok[None, :])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launch configurations
+# ----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Config:
+    block: int
+    num_warps: int
+    num_stages: int
+
+
+# GPU tiles by BLOCK_D (sm_80 and sm_90 alike; tests/static_gpu_check.py compiles each). 64 rows is the
+# wgmma minimum and covers a 64-pixel line in one tile; longer lines loop over 64-key tiles.
+_GPU = {"fwd": {16: _Config(64, 4, 2), 32: _Config(64, 4, 2), 64: _Config(64, 4, 2), 128: _Config(64, 8, 2),
+                256: _Config(64, 8, 1)},
+        "dq": {16: _Config(64, 4, 2), 32: _Config(64, 4, 2), 64: _Config(64, 4, 2), 128: _Config(64, 8, 2),
+               256: _Config(64, 8, 1)},
+        "dkdv": {16: _Config(64, 4, 2), 32: _Config(64, 4, 2), 64: _Config(64, 4, 2), 128: _Config(64, 8, 2),
+                 256: _Config(64, 8, 1)}}
+# The interpreter runs one program at a time on CPU tensors: 16-row tiles keep the tests fast and make
+# their short lines pack several per program and their longer lines span several tiles.
+_INTERP = _Config(16, 1, 1)
+
+
+def _interpreted(device):
+    return device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _config(kind, block_d, device):
+    return _INTERP if _interpreted(device) else _GPU[kind][block_d]
+
+
+def _dot_precision(dtype):
+    return "ieee" if dtype == torch.float32 else "tf32"  # ignored for 16-bit inputs
+
+
+def _strides5(t, axis):
+    """(batch, axis, other, head, dim) strides of a (B, H, W, heads, D) tensor."""
+    return t.stride(0), t.stride(axis), t.stride(3 - axis), t.stride(3), t.stride(4)
+
+
+def _strides4(t, axis):
+    return t.stride(0), t.stride(axis), t.stride(3 - axis), t.stride(3)
+
+
+def _geometry(q, k, axis, block):
+    S, n_other = q.shape[axis], q.shape[3 - axis]
+    seg = min(S, block)
+    pack = block // seg
+    n_lines = q.shape[0] * n_other
+    return S, seg, n_lines, n_other, (triton.cdiv(S, seg), triton.cdiv(n_lines, pack)), q.shape[3] // k.shape[3]
+
+
+def axial_attn_fwd(q, k, v, axis, causal, scale):
+    D = q.shape[4]
+    block_d = max(16, triton.next_power_of_2(D))
+    cfg = _config("fwd", block_d, q.device)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous = channel-last
+    lse = torch.empty(q.shape[:4], dtype=torch.float32, device=q.device)
+    S, seg, n_lines, n_other, grid, group = _geometry(q, k, axis, cfg.block)
+    _fwd_kernel[grid + (q.shape[3],)](
+        q, k, v, out, lse, scale, S, seg, n_lines, n_other, group,
+        *_strides5(q, axis), *_strides5(k, axis), *_strides5(v, axis), *_strides5(out, axis), *_strides4(lse, axis),
+        CAUSAL=causal, HEAD_DIM=D, BLOCK_D=block_d, BLOCK=cfg.block, DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out, lse
+
+
+def axial_attn_bwd(grad_out, q, k, v, out, lse, axis, causal, scale):
+    D = q.shape[4]
+    block_d = max(16, triton.next_power_of_2(D))
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    delta = torch.empty(q.shape[:4], dtype=torch.float32, device=q.device)  # lse's layout; dq kernel fills it
+    lse_strides = _strides4(lse, axis)
+    assert lse.stride() == delta.stride(), "axial_attn_bwd: lse must be contiguous (B, H, W, heads)"
+    cfg = _config("dq", block_d, q.device)
+    S, seg, n_lines, n_other, grid, group = _geometry(q, k, axis, cfg.block)
+    _bwd_dq_kernel[grid + (q.shape[3],)](
+        q, k, v, out, grad_out, lse, delta, dq, scale, S, seg, n_lines, n_other, group,
+        *_strides5(q, axis), *_strides5(k, axis), *_strides5(v, axis), *_strides5(out, axis),
+        *_strides5(grad_out, axis), *lse_strides, *_strides5(dq, axis),
+        CAUSAL=causal, HEAD_DIM=D, BLOCK_D=block_d, BLOCK=cfg.block, DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    cfg = _config("dkdv", block_d, q.device)
+    S, seg, n_lines, n_other, grid, group = _geometry(q, k, axis, cfg.block)
+    _bwd_dkdv_kernel[grid + (k.shape[3],)](
+        q, k, v, grad_out, lse, delta, dk, dv, scale, S, seg, n_lines, n_other, group,
+        *_strides5(q, axis), *_strides5(k, axis), *_strides5(v, axis), *_strides5(grad_out, axis), *lse_strides,
+        *_strides5(dk, axis), *_strides5(dv, axis),
+        CAUSAL=causal, HEAD_DIM=D, BLOCK_D=block_d, BLOCK=cfg.block, DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------------------
+# Ahead-of-time configurations (tests/static_gpu_check.py compiles each for sm_80 and sm_90)
+# ----------------------------------------------------------------------------------------------------
+_TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+_F32_POINTERS = {"Lse", "Delta"}
+_INTS = {"S", "seg", "n_lines", "n_other", "group"}
+
+
+def _aot_entry(name, kernel, dtype, constexprs, cfg, uses_dot):
+    signature, divisible = {}, []
+    constexprs = dict(constexprs, BLOCK=cfg.block)
+    for param in kernel.params:
+        arg = param.name
+        if param.is_constexpr:
+            signature[arg] = "constexpr"
+        elif arg[0].isupper():
+            signature[arg] = "*fp32" if arg in _F32_POINTERS else "*" + _TRITON_DTYPE[dtype]
+            divisible.append(arg)  # torch allocations
+        elif arg == "scale":
+            signature[arg] = "fp32"
+        elif arg.startswith("stride_") and arg[-1] == "d":
+            signature[arg] = "constexpr"  # head_dim is the unit stride of channel-last tensors
+            constexprs[arg] = 1
+        else:
+            signature[arg] = "i32"  # sizes and the other strides: nothing assumed (any H, W, heads)
+    return {"name": name, "kernel": kernel, "signature": signature, "constexprs": constexprs,
+            "divisible_by_16": divisible, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
+            "uses_dot": uses_dot}
+
+
+def aot_configs() -> list[dict]:
+    """Every (dtype, head_dim bucket, kernel) configuration the GPU launchers pick, causal (the masked
+    path, a superset of the unmasked one), in the format of hierkern.ops.attention.triton.aot_configs.
+    uses_dot is False for fp32 only (exact ieee dots by design)."""
+    entries = []
+    kernels = (("fwd", _fwd_kernel), ("dq", _bwd_dq_kernel), ("dkdv", _bwd_dkdv_kernel))
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for head_dim in (16, 64, 128):
+            block_d = max(16, triton.next_power_of_2(head_dim))
+            for kind, kernel in kernels:
+                flags = {"CAUSAL": True, "HEAD_DIM": head_dim, "BLOCK_D": block_d,
+                         "DOT_PRECISION": _dot_precision(dtype)}
+                entries.append(_aot_entry(f"axial_{kind}_{_TRITON_DTYPE[dtype]}_d{head_dim}", kernel, dtype,
+                                          flags, _GPU[kind][block_d], uses_dot=dtype != torch.float32))
+    return entries
