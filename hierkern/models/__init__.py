@@ -1,8 +1,9 @@
 """Reference models that call hierkern's ops, each with impl="reference" (eager baseline) or
 impl="kernels"."""
 from .acdit import ACDiT
+from .axial_transformer import AxialTransformer
 from .block_diffusion import BlockDiffusionLM
 from .hmar import HMAR
 from .var import VAR
 
-__all__ = ["VAR", "HMAR", "ACDiT", "BlockDiffusionLM"]
+__all__ = ["VAR", "HMAR", "ACDiT", "AxialTransformer", "BlockDiffusionLM"]
