@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared check for a lent GPU (H200, no network): build, static GPU check, the full test suite
 # on CUDA (pytest-xdist when present), then the benchmarks: next_scale report, skip_causal, causal_conv1d,
-# a wall-vs-kernel-time profile, the VAR/HMAR models and cached_attention. Every step has a timeout
+# a wall-vs-kernel-time profile, the VAR/HMAR models, axial attention and cached_attention. Every step has a timeout
 # taken from one overall budget (GPU_CHECK_BUDGET_S, default 450 s).
 #
 #   bash bench/gpu_check.sh            # run from the repository root; results under $OUT (default ./out)
@@ -115,6 +115,11 @@ step profile "$(budget_for 40 45)" "$PY" -m bench.profile_cuda --out "$OUT/bench
 step bench_models "$(budget_for 90 25)" "$PY" -m bench.bench_models --device cuda --quick \
     --out "$OUT/bench/models_cuda.json"
 [ -f "$OUT/logs/bench_models.log" ] && cp "$OUT/logs/bench_models.log" "$OUT/bench/models_cuda.md"
+
+# Axial attention (Triton): column / row attention vs permute + SDPA, AxialTransformer sampling cached vs naive.
+step bench_axial "$(budget_for 30 40)" "$PY" -m bench.bench_axial --device cuda --reps 10 \
+    --out "$OUT/bench/axial_cuda.json"
+[ -f "$OUT/logs/bench_axial.log" ] && cp "$OUT/logs/bench_axial.log" "$OUT/bench/axial_cuda.txt"
 
 step bench_cached "$(budget_for 40 0)" "$PY" -m bench.bench_cached_attention --device cuda --dtype bf16
 [ -f "$OUT/logs/bench_cached.log" ] && cp "$OUT/logs/bench_cached.log" "$OUT/bench/cached_attention_cuda.txt"

@@ -16,6 +16,7 @@
 #include <limits>
 #include <vector>
 
+#include "cpu/attn_pack.h"
 #include "cpu/cpu_math.h"
 
 namespace hierkern::cpu {
@@ -69,17 +70,17 @@ void fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, i
   const T* vp = v.const_data_ptr<T>();
   T* op = out.mutable_data_ptr<T>();
   float* lp = lse.mutable_data_ptr<float>();
-  const int64_t S = g.S, D = g.D, n_tasks = g.B * g.n_other * g.Hk;
+  const int64_t S = g.S, D = g.D, n_tasks = g.B * g.n_other * g.Hk, n_kpanels = (S + kPanel - 1) / kPanel;
 
   at::parallel_for(0, n_tasks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> kbuf(S * D), vbuf(S * D), qbuf(kBlockQ * D), sbuf(kBlockQ * kBlockK),
-        acc(kBlockQ * D), m(kBlockQ), l(kBlockQ);
+    std::vector<float> kpanels(n_kpanels * D * kPanel), vbuf(S * D), qbuf(kBlockQ * D),
+        sbuf(kBlockQ * kBlockK), acc(kBlockQ * D), m(kBlockQ), l(kBlockQ);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t hk = task % g.Hk, line = task / g.Hk, o = line % g.n_other, b = line / g.n_other;
-      int64_t ldk, ldv;
+      int64_t ldv;
       // Packed (copied even for float): a column's positions are a whole image row apart and would
       // alias in the L1 sets; the copy is read once per query tile of every head of the group.
-      const float* kt = load_tile(kp + kv.at(b, o, hk), S, D, kv.s_axis, kv.s_d, kbuf.data(), &ldk, true);
+      pack_kt_panels(kp + kv.at(b, o, hk), S, D, kv.s_axis, kv.s_d, kpanels.data(), false);
       const float* vt = load_tile(vp + vv.at(b, o, hk), S, D, vv.s_axis, vv.s_d, vbuf.data(), &ldv, true);
       for (int64_t h = hk * g.group; h < (hk + 1) * g.group; ++h) {
         for (int64_t r0 = 0; r0 < S; r0 += kBlockQ) {
@@ -93,7 +94,9 @@ void fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, i
           for (int64_t c0 = 0; c0 < kend; c0 += kBlockK) {
             const int64_t nc = std::min(kBlockK, kend - c0);
             float* s = sbuf.data();
-            gemm_rm(false, true, nr, nc, D, scale, qt, ldq, kt + c0 * ldk, ldk, 0.f, s, kBlockK);
+            // Key tiles start on a panel boundary (kBlockK % kPanel == 0); padded keys are zero.
+            gemm_panels(nr, (nc + kPanel - 1) / kPanel, D, scale, qt, ldq, kpanels.data() + c0 * D, D * kPanel, s,
+                        kBlockK, /*accumulate=*/false);
             if (causal && c0 + nc - 1 > r0)  // some key of the tile lies after some row
               for (int64_t i = 0; i < nr; ++i)
                 for (int64_t j = std::max<int64_t>(0, r0 + i + 1 - c0); j < nc; ++j) s[i * kBlockK + j] = kNegInf;
@@ -142,17 +145,19 @@ void bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k
   T* dqp = dq.mutable_data_ptr<T>();
   T* dkp = dk.mutable_data_ptr<T>();
   T* dvp = dv.mutable_data_ptr<T>();
-  const int64_t S = g.S, D = g.D, n_tasks = g.B * g.n_other * g.Hk;
+  const int64_t S = g.S, D = g.D, n_tasks = g.B * g.n_other * g.Hk, n_kpanels = (S + kPanel - 1) / kPanel;
 
   at::parallel_for(0, n_tasks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> kbuf(S * D), vbuf(S * D), dka(S * D), dva(S * D), qbuf(kBlockQ * D), gbuf(kBlockQ * D),
-        obuf(kBlockQ * D), dqa(kBlockQ * D), pbuf(kBlockQ * kBlockK), dsbuf(kBlockQ * kBlockK), delta(kBlockQ),
-        lrow(kBlockQ);
+    std::vector<float> kbuf(S * D), kpanels(n_kpanels * D * kPanel), vpanels(n_kpanels * D * kPanel), dka(S * D),
+        dva(S * D), qbuf(kBlockQ * D), gbuf(kBlockQ * D), obuf(kBlockQ * D), dqa(kBlockQ * D),
+        pbuf(kBlockQ * kBlockK), dsbuf(kBlockQ * kBlockK), delta(kBlockQ), lrow(kBlockQ);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t hk = task % g.Hk, line = task / g.Hk, o = line % g.n_other, b = line / g.n_other;
-      int64_t ldk, ldv;
+      int64_t ldk;
+      // K row-major for dS K, K^T and V^T panels for the two score-shaped products Q K^T and dO V^T.
       const float* kt = load_tile(kp + kv.at(b, o, hk), S, D, kv.s_axis, kv.s_d, kbuf.data(), &ldk, true);
-      const float* vt = load_tile(vp + vv.at(b, o, hk), S, D, vv.s_axis, vv.s_d, vbuf.data(), &ldv, true);
+      pack_kt_panels(kp + kv.at(b, o, hk), S, D, kv.s_axis, kv.s_d, kpanels.data(), false);
+      pack_kt_panels(vp + vv.at(b, o, hk), S, D, vv.s_axis, vv.s_d, vpanels.data(), false);
       std::fill(dka.begin(), dka.end(), 0.f);
       std::fill(dva.begin(), dva.end(), 0.f);
       for (int64_t h = hk * g.group; h < (hk + 1) * g.group; ++h) {
@@ -176,13 +181,15 @@ void bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k
             const int64_t nc = std::min(kBlockK, kend - c0);
             float* p = pbuf.data();
             float* ds = dsbuf.data();
-            gemm_rm(false, true, nr, nc, D, scale, qt, ldq, kt + c0 * ldk, ldk, 0.f, p, kBlockK);
+            gemm_panels(nr, (nc + kPanel - 1) / kPanel, D, scale, qt, ldq, kpanels.data() + c0 * D, D * kPanel, p,
+                        kBlockK, /*accumulate=*/false);
             if (causal && c0 + nc - 1 > r0)
               for (int64_t i = 0; i < nr; ++i)
                 for (int64_t j = std::max<int64_t>(0, r0 + i + 1 - c0); j < nc; ++j) p[i * kBlockK + j] = kNegInf;
             for (int64_t i = 0; i < nr; ++i) exp_sub(p + i * kBlockK, nc, lrow[i]);
             gemm_acc_narrow(true, nc, D, nr, 1.f, p, kBlockK, gt, ldg, dva.data() + c0 * D, D);
-            gemm_rm(false, true, nr, nc, D, 1.f, gt, ldg, vt + c0 * ldv, ldv, 0.f, ds, kBlockK);
+            gemm_panels(nr, (nc + kPanel - 1) / kPanel, D, 1.f, gt, ldg, vpanels.data() + c0 * D, D * kPanel, ds,
+                        kBlockK, /*accumulate=*/false);
             for (int64_t i = 0; i < nr; ++i) {
               float* dsi = ds + i * kBlockK;
               const float* pi = p + i * kBlockK;

@@ -7,7 +7,7 @@ from .op import axial_attention_op
 
 _NAME = "axial_attention"
 _DOC = "(batch, H, W, heads, head_dim)"
-MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
+MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128  # the GPU tiles are sized (and spill-checked) up to 128
 
 
 def _check(q, k, v, axis, causal):
@@ -55,7 +55,7 @@ def axial_attention(q, k, v, axis, causal=False, scale=None, impl=None):
     Returns:
         out (batch, H, W, heads, head_dim), contiguous (channel-last), q's dtype. Differentiable in q, k, v.
     Dtypes: float32, bfloat16, float16 (accumulation in float32); float64 with impl="reference".
-    head_dim: a multiple of 8 in [16, 256].
+    head_dim: a multiple of 8 in [16, 128].
     """
     _check(q, k, v, axis, causal)
     scale = _validate.resolve_scale(_NAME, scale, q.shape[4])

@@ -5,23 +5,22 @@ line l = (b, o) with o the index along the other spatial axis, position p runs a
 launcher passes each tensor's strides as (batch, axis, other, head, dim), so a column is read at the H
 stride directly: nothing is permuted or copied.
 
-Packing short lines: a program owns BLOCK_M query rows, split into segments of `seg` = min(S, BLOCK_M)
-positions; row r belongs to line pid_l * pack + r // seg (pack = BLOCK_M // seg lines) at position
-pid_m * seg + r % seg. Key tiles use the same layout, so a program of 16-pixel rows runs four of them in
-one 64 x 64 tile (one tl.dot per product) and masks the cross-line pairs; a line of S >= BLOCK_M is one
-line per program with the usual flash loop over key tiles. seg, S and the line counts are runtime
+Packing short lines: a program owns BLOCK query rows of one (batch, head), split into segments of
+`seg` = min(S, BLOCK) positions; row r belongs to line pid_l * pack + r // seg (pack = BLOCK // seg lines
+of that batch element) at position pid_m * seg + r % seg. Key tiles use the same layout, so a program
+of 16-pixel rows runs four of them in one 64 x 64 tile (one tl.dot per product) and masks the
+cross-line pairs; a line of S >= BLOCK is one line per program with the usual flash loop over key tiles. seg, S and the line counts are runtime
 values (no recompile per image size).
 
 Kernels
-  _fwd_kernel   grid (position blocks, line packs, heads): online softmax in base 2, writes out and
+  _fwd_kernel   grid (position blocks, line packs, batch * heads): online softmax in base 2, writes out and
                 the float32 lse (B, H, W, heads).
   _bwd_dq_kernel  same grid: Delta = rowsum(dO * O) for its rows (stored for the next kernel) and dq.
-  _bwd_dkdv_kernel  grid (key blocks, line packs, kv heads): loops over the GQA group's query heads and
+  _bwd_dkdv_kernel  grid (key blocks, line packs, batch * kv heads): loops over the GQA group's query heads and
                 the query blocks that see its keys; owns its dk / dv (no atomics).
 fp32 inputs use exact ieee dots (not tf32), as the other attention kernels; their AOT entries have
 uses_dot=False. 16-bit entries must show mma (sm_80) / wgmma (sm_90).
 """
-import math
 import os
 from dataclasses import dataclass
 
@@ -32,34 +31,30 @@ import triton.language as tl
 _LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 _LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 _NEG: tl.constexpr = tl.constexpr(-1.0e30)  # finite: idle rows keep a finite max and never produce NaN
-_VARYING = ["S", "seg", "n_lines", "n_other"]
+_VARYING = ["S", "seg", "n_other", "n_heads"]
 
 
 @triton.jit
-def _rows(pid_m, pid_l, seg, S, n_lines, n_other, BLOCK: tl.constexpr):
-    """Line-packed row layout: (batch, other index, position, valid) of BLOCK tile rows."""
+def _rows(pid_m, pid_l, seg, S, n_other, BLOCK: tl.constexpr):
+    """Line-packed row layout of BLOCK tile rows: (line slot, position, line index o, valid)."""
     r = tl.arange(0, BLOCK)
     ll = r // seg
     pos = pid_m * seg + r % seg
-    line = pid_l * (BLOCK // seg) + ll
-    ok = (ll < BLOCK // seg) & (line < n_lines) & (pos < S)
-    b = (line // n_other).to(tl.int64)
-    o = (line % n_other).to(tl.int64)
-    return ll, pos, b, o, ok
+    o = pid_l * (BLOCK // seg) + ll
+    ok = (ll < BLOCK // seg) & (o < n_other) & (pos < S)
+    return ll, pos, o, ok
 
 
 @triton.jit
-def _offsets(b, o, pos, sb, sa, so):
-    return b * sb + o * so + pos.to(tl.int64) * sa
-
-
-@triton.jit
-def _tile(Ptr, base, d, ok, d_ok, sd):
-    return tl.load(Ptr + base[:, None] + d[None, :] * sd, mask=ok[:, None] & d_ok[None, :], other=0.0)
+def _tile(Ptr, o, pos, so, sa, d, ok, d_ok, sd):
+    # 32-bit offsets inside one batch element (the launcher checks its span < 2**31): the program's
+    # batch offset is a 64-bit scalar folded into Ptr, so no 64-bit per-row vectors are kept live.
+    return tl.load(Ptr + (o * so + pos * sa)[:, None] + d[None, :] * sd, mask=ok[:, None] & d_ok[None, :],
+                   other=0.0)
 
 
 @triton.jit(do_not_specialize=_VARYING)
-def _fwd_kernel(Q, K, V, O, Lse, scale, S, seg, n_lines, n_other, group,
+def _fwd_kernel(Q, K, V, O, Lse, scale, S, seg, n_other, n_heads, group,
                 stride_qb, stride_qa, stride_qo, stride_qh, stride_qd,
                 stride_kb, stride_ka, stride_ko, stride_kh, stride_kd,
                 stride_vb, stride_va, stride_vo, stride_vh, stride_vd,
@@ -67,32 +62,30 @@ def _fwd_kernel(Q, K, V, O, Lse, scale, S, seg, n_lines, n_other, group,
                 stride_lb, stride_la, stride_lo, stride_lh,
                 CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr,
                 DOT_PRECISION: tl.constexpr):
-    pid_m, pid_l, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_m, pid_l, pid_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b = (pid_bh // n_heads).to(tl.int64)
+    h = pid_bh % n_heads
     hk = h // group
-    ll, pos, b, o, ok = _rows(pid_m, pid_l, seg, S, n_lines, n_other, BLOCK)
+    Q += b * stride_qb + h * stride_qh
+    K += b * stride_kb + hk * stride_kh
+    V += b * stride_vb + hk * stride_vh
+    ll, pos, o, ok = _rows(pid_m, pid_l, seg, S, n_other, BLOCK)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
-    q = _tile(Q + h * stride_qh, _offsets(b, o, pos, stride_qb, stride_qa, stride_qo), d, ok, d_ok, stride_qd)
+    q = _tile(Q, o, pos, stride_qo, stride_qa, d, ok, d_ok, stride_qd)
     qk_scale = scale * _LOG2E
     m_i = tl.zeros((BLOCK,), tl.float32) + _NEG
     l_i = tl.zeros((BLOCK,), tl.float32)
     acc = tl.zeros((BLOCK, BLOCK_D), tl.float32)
-    c = tl.arange(0, BLOCK)
-    kll = c // seg
     hi = S
     if CAUSAL:
         hi = tl.minimum(S, (pid_m + 1) * seg)
-    kline = pid_l * (BLOCK // seg) + kll
-    kline_ok = (kll < BLOCK // seg) & (kline < n_lines)
-    kb = (kline // n_other).to(tl.int64)
-    ko = (kline % n_other).to(tl.int64)
     for start in range(0, hi, seg):
-        kpos = start + c % seg
-        k_ok = kline_ok & (kpos < S)
-        k = _tile(K + hk * stride_kh, _offsets(kb, ko, kpos, stride_kb, stride_ka, stride_ko), d, k_ok, d_ok,
-                  stride_kd)
-        v = _tile(V + hk * stride_vh, _offsets(kb, ko, kpos, stride_vb, stride_va, stride_vo), d, k_ok, d_ok,
-                  stride_vd)
+        kll, kpos, ko, k_ok = _rows(0, pid_l, seg, S, n_other, BLOCK)
+        kpos += start
+        k_ok = k_ok & (kpos < S)
+        k = _tile(K, ko, kpos, stride_ko, stride_ka, d, k_ok, d_ok, stride_kd)
+        v = _tile(V, ko, kpos, stride_vo, stride_va, d, k_ok, d_ok, stride_vd)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         keep = (ll[:, None] == kll[None, :]) & k_ok[None, :]
         if CAUSAL:
@@ -106,15 +99,15 @@ def _fwd_kernel(Q, K, V, O, Lse, scale, S, seg, n_lines, n_other, group,
         m_i = m_new
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_safe[:, None]
-    o_base = _offsets(b, o, pos, stride_ob, stride_oa, stride_oo) + h * stride_oh
-    tl.store(O + o_base[:, None] + d[None, :] * stride_od, out.to(O.dtype.element_ty),
-             mask=ok[:, None] & d_ok[None, :])
-    lse = (m_i + tl.math.log2(l_safe)) * _LN2
-    tl.store(Lse + _offsets(b, o, pos, stride_lb, stride_la, stride_lo) + h * stride_lh, lse, mask=ok)
+    O += b * stride_ob + h * stride_oh
+    tl.store(O + (o * stride_oo + pos * stride_oa)[:, None] + d[None, :] * stride_od,
+             out.to(O.dtype.element_ty), mask=ok[:, None] & d_ok[None, :])
+    Lse += b * stride_lb + h * stride_lh
+    tl.store(Lse + o * stride_lo + pos * stride_la, (m_i + tl.math.log2(l_safe)) * _LN2, mask=ok)
 
 
 @triton.jit(do_not_specialize=_VARYING)
-def _bwd_dq_kernel(Q, K, V, O, DO, Lse, Delta, DQ, scale, S, seg, n_lines, n_other, group,
+def _bwd_dq_kernel(Q, K, V, O, DO, Lse, Delta, DQ, scale, S, seg, n_other, n_heads, group,
                    stride_qb, stride_qa, stride_qo, stride_qh, stride_qd,
                    stride_kb, stride_ka, stride_ko, stride_kh, stride_kd,
                    stride_vb, stride_va, stride_vo, stride_vh, stride_vd,
@@ -124,37 +117,35 @@ def _bwd_dq_kernel(Q, K, V, O, DO, Lse, Delta, DQ, scale, S, seg, n_lines, n_oth
                    stride_dqb, stride_dqa, stride_dqo, stride_dqh, stride_dqd,
                    CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr,
                    DOT_PRECISION: tl.constexpr):
-    pid_m, pid_l, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_m, pid_l, pid_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b = (pid_bh // n_heads).to(tl.int64)
+    h = pid_bh % n_heads
     hk = h // group
-    ll, pos, b, o, ok = _rows(pid_m, pid_l, seg, S, n_lines, n_other, BLOCK)
+    K += b * stride_kb + hk * stride_kh
+    V += b * stride_vb + hk * stride_vh
+    ll, pos, o, ok = _rows(pid_m, pid_l, seg, S, n_other, BLOCK)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
-    q = _tile(Q + h * stride_qh, _offsets(b, o, pos, stride_qb, stride_qa, stride_qo), d, ok, d_ok, stride_qd)
-    do = _tile(DO + h * stride_gh, _offsets(b, o, pos, stride_gb, stride_ga, stride_go), d, ok, d_ok, stride_gd)
-    out = _tile(O + h * stride_oh, _offsets(b, o, pos, stride_ob, stride_oa, stride_oo), d, ok, d_ok, stride_od)
+    q = _tile(Q + b * stride_qb + h * stride_qh, o, pos, stride_qo, stride_qa, d, ok, d_ok, stride_qd)
+    do = _tile(DO + b * stride_gb + h * stride_gh, o, pos, stride_go, stride_ga, d, ok, d_ok, stride_gd)
+    out = _tile(O + b * stride_ob + h * stride_oh, o, pos, stride_oo, stride_oa, d, ok, d_ok, stride_od)
     # Lse and Delta share the (B, H, W, heads) float32 layout.
-    l_off = _offsets(b, o, pos, stride_lb, stride_la, stride_lo) + h * stride_lh
+    l_off = b * stride_lb + h * stride_lh
+    l_rows = o * stride_lo + pos * stride_la
     delta = tl.sum(do.to(tl.float32) * out.to(tl.float32), 1)
-    tl.store(Delta + l_off, delta, mask=ok)
-    lse2 = tl.load(Lse + l_off, mask=ok, other=0.0) * _LOG2E
+    tl.store(Delta + l_off + l_rows, delta, mask=ok)
+    lse2 = tl.load(Lse + l_off + l_rows, mask=ok, other=0.0) * _LOG2E
     qk_scale = scale * _LOG2E
     dq = tl.zeros((BLOCK, BLOCK_D), tl.float32)
-    c = tl.arange(0, BLOCK)
-    kll = c // seg
     hi = S
     if CAUSAL:
         hi = tl.minimum(S, (pid_m + 1) * seg)
-    kline = pid_l * (BLOCK // seg) + kll
-    kline_ok = (kll < BLOCK // seg) & (kline < n_lines)
-    kb = (kline // n_other).to(tl.int64)
-    ko = (kline % n_other).to(tl.int64)
     for start in range(0, hi, seg):
-        kpos = start + c % seg
-        k_ok = kline_ok & (kpos < S)
-        k = _tile(K + hk * stride_kh, _offsets(kb, ko, kpos, stride_kb, stride_ka, stride_ko), d, k_ok, d_ok,
-                  stride_kd)
-        v = _tile(V + hk * stride_vh, _offsets(kb, ko, kpos, stride_vb, stride_va, stride_vo), d, k_ok, d_ok,
-                  stride_vd)
+        kll, kpos, ko, k_ok = _rows(0, pid_l, seg, S, n_other, BLOCK)
+        kpos += start
+        k_ok = k_ok & (kpos < S)
+        k = _tile(K, ko, kpos, stride_ko, stride_ka, d, k_ok, d_ok, stride_kd)
+        v = _tile(V, ko, kpos, stride_vo, stride_va, d, k_ok, d_ok, stride_vd)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         keep = (ll[:, None] == kll[None, :]) & k_ok[None, :] & ok[:, None]
         if CAUSAL:
@@ -163,13 +154,13 @@ def _bwd_dq_kernel(Q, K, V, O, DO, Lse, Delta, DQ, scale, S, seg, n_lines, n_oth
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
-    dq_base = _offsets(b, o, pos, stride_dqb, stride_dqa, stride_dqo) + h * stride_dqh
-    tl.store(DQ + dq_base[:, None] + d[None, :] * stride_dqd, (dq * scale).to(DQ.dtype.element_ty),
-             mask=ok[:, None] & d_ok[None, :])
+    DQ += b * stride_dqb + h * stride_dqh
+    tl.store(DQ + (o * stride_dqo + pos * stride_dqa)[:, None] + d[None, :] * stride_dqd,
+             (dq * scale).to(DQ.dtype.element_ty), mask=ok[:, None] & d_ok[None, :])
 
 
 @triton.jit(do_not_specialize=_VARYING)
-def _bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, scale, S, seg, n_lines, n_other, group,
+def _bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, scale, S, seg, n_other, n_heads, group,
                      stride_qb, stride_qa, stride_qo, stride_qh, stride_qd,
                      stride_kb, stride_ka, stride_ko, stride_kh, stride_kd,
                      stride_vb, stride_va, stride_vo, stride_vh, stride_vd,
@@ -179,36 +170,35 @@ def _bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, scale, S, seg, n_lines, n_
                      stride_dvb, stride_dva, stride_dvo, stride_dvh, stride_dvd,
                      CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr,
                      DOT_PRECISION: tl.constexpr):
-    pid_n, pid_l, hk = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    kll, kpos, kb, ko, k_ok = _rows(pid_n, pid_l, seg, S, n_lines, n_other, BLOCK)
+    # n_heads is the number of kv heads here: one program per (key block, line pack, batch, kv head).
+    pid_n, pid_l, pid_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b = (pid_bh // n_heads).to(tl.int64)
+    hk = pid_bh % n_heads
+    kll, kpos, ko, k_ok = _rows(pid_n, pid_l, seg, S, n_other, BLOCK)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
-    k = _tile(K + hk * stride_kh, _offsets(kb, ko, kpos, stride_kb, stride_ka, stride_ko), d, k_ok, d_ok, stride_kd)
-    v = _tile(V + hk * stride_vh, _offsets(kb, ko, kpos, stride_vb, stride_va, stride_vo), d, k_ok, d_ok, stride_vd)
+    k = _tile(K + b * stride_kb + hk * stride_kh, ko, kpos, stride_ko, stride_ka, d, k_ok, d_ok, stride_kd)
+    v = _tile(V + b * stride_vb + hk * stride_vh, ko, kpos, stride_vo, stride_va, d, k_ok, d_ok, stride_vd)
     qk_scale = scale * _LOG2E
     dk = tl.zeros((BLOCK, BLOCK_D), tl.float32)
     dv = tl.zeros((BLOCK, BLOCK_D), tl.float32)
-    r = tl.arange(0, BLOCK)
-    ll = r // seg
-    line = pid_l * (BLOCK // seg) + ll
-    line_ok = (ll < BLOCK // seg) & (line < n_lines)
-    b = (line // n_other).to(tl.int64)
-    o = (line % n_other).to(tl.int64)
     lo = 0
     if CAUSAL:
         lo = pid_n * seg  # earlier query positions see none of these keys
     for g in range(0, group):
         h = hk * group + g
+        Qh = Q + b * stride_qb + h * stride_qh
+        DOh = DO + b * stride_gb + h * stride_gh
+        l_off = b * stride_lb + h * stride_lh
         for start in range(lo, S, seg):
-            pos = start + r % seg
-            ok = line_ok & (pos < S)
-            q = _tile(Q + h * stride_qh, _offsets(b, o, pos, stride_qb, stride_qa, stride_qo), d, ok, d_ok,
-                      stride_qd)
-            do = _tile(DO + h * stride_gh, _offsets(b, o, pos, stride_gb, stride_ga, stride_go), d, ok, d_ok,
-                       stride_gd)
-            l_off = _offsets(b, o, pos, stride_lb, stride_la, stride_lo) + h * stride_lh
-            lse2 = tl.load(Lse + l_off, mask=ok, other=0.0) * _LOG2E
-            delta = tl.load(Delta + l_off, mask=ok, other=0.0)
+            ll, pos, o, ok = _rows(0, pid_l, seg, S, n_other, BLOCK)
+            pos += start
+            ok = ok & (pos < S)
+            q = _tile(Qh, o, pos, stride_qo, stride_qa, d, ok, d_ok, stride_qd)
+            do = _tile(DOh, o, pos, stride_go, stride_ga, d, ok, d_ok, stride_gd)
+            l_rows = o * stride_lo + pos * stride_la
+            lse2 = tl.load(Lse + l_off + l_rows, mask=ok, other=0.0) * _LOG2E
+            delta = tl.load(Delta + l_off + l_rows, mask=ok, other=0.0)
             # Transposed tiles (keys x queries), so dv and dk accumulate without transposing the results.
             st = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
             keep = (kll[:, None] == ll[None, :]) & k_ok[:, None] & ok[None, :]
@@ -219,12 +209,12 @@ def _bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, scale, S, seg, n_lines, n_
             dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
             dst = pt * (dpt - delta[None, :])
             dk += tl.dot(dst.to(q.dtype), q, input_precision=DOT_PRECISION)
-    dk_base = _offsets(kb, ko, kpos, stride_dkb, stride_dka, stride_dko) + hk * stride_dkh
-    tl.store(DK + dk_base[:, None] + d[None, :] * stride_dkd, (dk * scale).to(DK.dtype.element_ty),
-             mask=k_ok[:, None] & d_ok[None, :])
-    dv_base = _offsets(kb, ko, kpos, stride_dvb, stride_dva, stride_dvo) + hk * stride_dvh
-    tl.store(DV + dv_base[:, None] + d[None, :] * stride_dvd, dv.to(DV.dtype.element_ty),
-             mask=k_ok[:, None] & d_ok[None, :])
+    DK += b * stride_dkb + hk * stride_dkh
+    tl.store(DK + (ko * stride_dko + kpos * stride_dka)[:, None] + d[None, :] * stride_dkd,
+             (dk * scale).to(DK.dtype.element_ty), mask=k_ok[:, None] & d_ok[None, :])
+    DV += b * stride_dvb + hk * stride_dvh
+    tl.store(DV + (ko * stride_dvo + kpos * stride_dva)[:, None] + d[None, :] * stride_dvd,
+             dv.to(DV.dtype.element_ty), mask=k_ok[:, None] & d_ok[None, :])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -239,12 +229,13 @@ class _Config:
 
 # GPU tiles by BLOCK_D (sm_80 and sm_90 alike; tests/static_gpu_check.py compiles each). 64 rows is the
 # wgmma minimum and covers a 64-pixel line in one tile; longer lines loop over 64-key tiles.
-_GPU = {"fwd": {16: _Config(64, 4, 2), 32: _Config(64, 4, 2), 64: _Config(64, 4, 2), 128: _Config(64, 8, 2),
-                256: _Config(64, 8, 1)},
-        "dq": {16: _Config(64, 4, 2), 32: _Config(64, 4, 2), 64: _Config(64, 4, 2), 128: _Config(64, 8, 2),
-               256: _Config(64, 8, 1)},
-        "dkdv": {16: _Config(64, 4, 2), 32: _Config(64, 4, 2), 64: _Config(64, 4, 2), 128: _Config(64, 8, 2),
-                 256: _Config(64, 8, 1)}}
+# One pipeline stage: a line of S positions is only S / 64 key tiles (one or two at the benchmark sizes),
+# too short for a software pipeline to pay, and the second stage's registers made ptxas spill on sm_80
+# (4 warps at D=64: 72 B, 8 warps: 24 B in the forward, 136 B in dkdv).
+_GPU = {"fwd": {16: _Config(64, 4, 1), 32: _Config(64, 4, 1), 64: _Config(64, 8, 1), 128: _Config(64, 8, 1)},
+        "dq": {16: _Config(64, 4, 1), 32: _Config(64, 8, 1), 64: _Config(64, 8, 1), 128: _Config(64, 8, 1)},
+        # dkdv keeps dk, dv, k, v and four score-shaped tiles live: 4 warps spilled from D=32 on sm_80.
+        "dkdv": {16: _Config(64, 8, 1), 32: _Config(64, 8, 1), 64: _Config(64, 8, 1), 128: _Config(64, 8, 1)}}
 # The interpreter runs one program at a time on CPU tensors: 16-row tiles keep the tests fast and make
 # their short lines pack several per program and their longer lines span several tiles.
 _INTERP = _Config(16, 1, 1)
@@ -271,23 +262,33 @@ def _strides4(t, axis):
     return t.stride(0), t.stride(axis), t.stride(3 - axis), t.stride(3)
 
 
-def _geometry(q, k, axis, block):
+def _check_span(t, name):
+    """The kernels index inside one batch element with 32-bit offsets."""
+    span = sum((n - 1) * abs(st) for n, st in zip(t.shape[1:], t.stride()[1:])) + 1
+    if span >= 2 ** 31:
+        raise ValueError(f"axial_attention (triton): one batch element of {name} spans {span} elements; the "
+                         f"Triton kernels index it with 32-bit offsets (< 2**31); split the image or use impl='cpu'")
+
+
+def _geometry(q, axis, block):
+    """(S, seg, n_other, grid of (position blocks, line packs))."""
     S, n_other = q.shape[axis], q.shape[3 - axis]
     seg = min(S, block)
-    pack = block // seg
-    n_lines = q.shape[0] * n_other
-    return S, seg, n_lines, n_other, (triton.cdiv(S, seg), triton.cdiv(n_lines, pack)), q.shape[3] // k.shape[3]
+    return S, seg, n_other, (triton.cdiv(S, seg), triton.cdiv(n_other, block // seg))
 
 
 def axial_attn_fwd(q, k, v, axis, causal, scale):
-    D = q.shape[4]
+    B, D = q.shape[0], q.shape[4]
     block_d = max(16, triton.next_power_of_2(D))
     cfg = _config("fwd", block_d, q.device)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous = channel-last
     lse = torch.empty(q.shape[:4], dtype=torch.float32, device=q.device)
-    S, seg, n_lines, n_other, grid, group = _geometry(q, k, axis, cfg.block)
-    _fwd_kernel[grid + (q.shape[3],)](
-        q, k, v, out, lse, scale, S, seg, n_lines, n_other, group,
+    for t, name in ((q, "q"), (k, "k"), (v, "v")):
+        _check_span(t, name)
+    S, seg, n_other, grid = _geometry(q, axis, cfg.block)
+    heads, group = q.shape[3], q.shape[3] // k.shape[3]
+    _fwd_kernel[grid + (B * heads,)](
+        q, k, v, out, lse, scale, S, seg, n_other, heads, group,
         *_strides5(q, axis), *_strides5(k, axis), *_strides5(v, axis), *_strides5(out, axis), *_strides4(lse, axis),
         CAUSAL=causal, HEAD_DIM=D, BLOCK_D=block_d, BLOCK=cfg.block, DOT_PRECISION=_dot_precision(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -295,26 +296,31 @@ def axial_attn_fwd(q, k, v, axis, causal, scale):
 
 
 def axial_attn_bwd(grad_out, q, k, v, out, lse, axis, causal, scale):
-    D = q.shape[4]
+    B, D = q.shape[0], q.shape[4]
     block_d = max(16, triton.next_power_of_2(D))
+    for t, name in ((q, "q"), (k, "k"), (v, "v"), (grad_out, "grad_out"), (out, "out")):
+        _check_span(t, name)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     delta = torch.empty(q.shape[:4], dtype=torch.float32, device=q.device)  # lse's layout; dq kernel fills it
+    if lse.stride() != delta.stride():
+        raise ValueError("axial_attention (triton): lse must be contiguous (B, H, W, heads), as the forward returns it")
     lse_strides = _strides4(lse, axis)
-    assert lse.stride() == delta.stride(), "axial_attn_bwd: lse must be contiguous (B, H, W, heads)"
+    heads, kv_heads = q.shape[3], k.shape[3]
+    group = heads // kv_heads
     cfg = _config("dq", block_d, q.device)
-    S, seg, n_lines, n_other, grid, group = _geometry(q, k, axis, cfg.block)
-    _bwd_dq_kernel[grid + (q.shape[3],)](
-        q, k, v, out, grad_out, lse, delta, dq, scale, S, seg, n_lines, n_other, group,
+    S, seg, n_other, grid = _geometry(q, axis, cfg.block)
+    _bwd_dq_kernel[grid + (B * heads,)](
+        q, k, v, out, grad_out, lse, delta, dq, scale, S, seg, n_other, heads, group,
         *_strides5(q, axis), *_strides5(k, axis), *_strides5(v, axis), *_strides5(out, axis),
         *_strides5(grad_out, axis), *lse_strides, *_strides5(dq, axis),
         CAUSAL=causal, HEAD_DIM=D, BLOCK_D=block_d, BLOCK=cfg.block, DOT_PRECISION=_dot_precision(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     cfg = _config("dkdv", block_d, q.device)
-    S, seg, n_lines, n_other, grid, group = _geometry(q, k, axis, cfg.block)
-    _bwd_dkdv_kernel[grid + (k.shape[3],)](
-        q, k, v, grad_out, lse, delta, dk, dv, scale, S, seg, n_lines, n_other, group,
+    S, seg, n_other, grid = _geometry(q, axis, cfg.block)
+    _bwd_dkdv_kernel[grid + (B * kv_heads,)](
+        q, k, v, grad_out, lse, delta, dk, dv, scale, S, seg, n_other, kv_heads, group,
         *_strides5(q, axis), *_strides5(k, axis), *_strides5(v, axis), *_strides5(grad_out, axis), *lse_strides,
         *_strides5(dk, axis), *_strides5(dv, axis),
         CAUSAL=causal, HEAD_DIM=D, BLOCK_D=block_d, BLOCK=cfg.block, DOT_PRECISION=_dot_precision(q.dtype),
@@ -327,7 +333,7 @@ def axial_attn_bwd(grad_out, q, k, v, out, lse, axis, causal, scale):
 # ----------------------------------------------------------------------------------------------------
 _TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 _F32_POINTERS = {"Lse", "Delta"}
-_INTS = {"S", "seg", "n_lines", "n_other", "group"}
+_INTS = {"S", "seg", "n_other", "n_heads", "group"}
 
 
 def _aot_entry(name, kernel, dtype, constexprs, cfg, uses_dot):
@@ -337,7 +343,7 @@ def _aot_entry(name, kernel, dtype, constexprs, cfg, uses_dot):
         arg = param.name
         if param.is_constexpr:
             signature[arg] = "constexpr"
-        elif arg[0].isupper():
+        elif arg[0].isupper() and arg not in _INTS:
             signature[arg] = "*fp32" if arg in _F32_POINTERS else "*" + _TRITON_DTYPE[dtype]
             divisible.append(arg)  # torch allocations
         elif arg == "scale":
@@ -346,7 +352,11 @@ def _aot_entry(name, kernel, dtype, constexprs, cfg, uses_dot):
             signature[arg] = "constexpr"  # head_dim is the unit stride of channel-last tensors
             constexprs[arg] = 1
         else:
-            signature[arg] = "i32"  # sizes and the other strides: nothing assumed (any H, W, heads)
+            signature[arg] = "i32"  # sizes: nothing assumed (any H, W, heads)
+            if arg.startswith("stride_"):
+                # Strides of channel-last tensors are multiples of head_dim (16 | head_dim on these
+                # entries): triton specialises them so on a real call, and vectorises the row loads.
+                divisible.append(arg)
     return {"name": name, "kernel": kernel, "signature": signature, "constexprs": constexprs,
             "divisible_by_16": divisible, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
             "uses_dot": uses_dot}
@@ -359,7 +369,7 @@ def aot_configs() -> list[dict]:
     entries = []
     kernels = (("fwd", _fwd_kernel), ("dq", _bwd_dq_kernel), ("dkdv", _bwd_dkdv_kernel))
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
-        for head_dim in (16, 64, 128):
+        for head_dim in (16, 32, 64, 128):  # one per BLOCK_D bucket the launchers use
             block_d = max(16, triton.next_power_of_2(head_dim))
             for kind, kernel in kernels:
                 flags = {"CAUSAL": True, "HEAD_DIM": head_dim, "BLOCK_D": block_d,
