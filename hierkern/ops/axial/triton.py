@@ -234,8 +234,14 @@ class _Config:
 # (4 warps at D=64: 72 B, 8 warps: 24 B in the forward, 136 B in dkdv).
 _GPU = {"fwd": {16: _Config(64, 4, 1), 32: _Config(64, 4, 1), 64: _Config(64, 8, 1), 128: _Config(64, 8, 1)},
         "dq": {16: _Config(64, 4, 1), 32: _Config(64, 8, 1), 64: _Config(64, 8, 1), 128: _Config(64, 8, 1)},
-        # dkdv keeps dk, dv, k, v and four score-shaped tiles live: 4 warps spilled from D=32 on sm_80.
-        "dkdv": {16: _Config(64, 8, 1), 32: _Config(64, 8, 1), 64: _Config(64, 8, 1), 128: _Config(64, 8, 1)}}
+        # dkdv keeps dk, dv, k, v and four score-shaped tiles live: at 64 rows it spilled from D=64 on
+        # sm_80 (40 B) and at D=128 on sm_90 (128 B), so those use 32-row tiles (mma, not wgmma: see
+        # _WGMMA_EXEMPT).
+        "dkdv": {16: _Config(64, 8, 1), 32: _Config(64, 8, 1), 64: _Config(32, 4, 1), 128: _Config(32, 4, 1)}}
+_WGMMA_EXEMPT = "32-row dkdv tile: a 64-row one spills (wgmma needs 64 rows); mma.sync on sm_90 instead"
+# float32 runs exact ieee FMA dots (no tensor cores), whose operands all sit in registers: 64-row tiles
+# spilled in every kernel from D=32, 32-row ones from D=64 (up to 6 KiB at D=128), so smaller tiles.
+_GPU_FP32 = {16: _Config(32, 4, 1), 32: _Config(32, 4, 1), 64: _Config(16, 4, 1), 128: _Config(16, 4, 1)}
 # The interpreter runs one program at a time on CPU tensors: 16-row tiles keep the tests fast and make
 # their short lines pack several per program and their longer lines span several tiles.
 _INTERP = _Config(16, 1, 1)
@@ -245,8 +251,10 @@ def _interpreted(device):
     return device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _config(kind, block_d, device):
-    return _INTERP if _interpreted(device) else _GPU[kind][block_d]
+def _config(kind, block_d, dtype, device):
+    if _interpreted(device):
+        return _INTERP
+    return _GPU_FP32[block_d] if dtype == torch.float32 else _GPU[kind][block_d]
 
 
 def _dot_precision(dtype):
@@ -280,7 +288,7 @@ def _geometry(q, axis, block):
 def axial_attn_fwd(q, k, v, axis, causal, scale):
     B, D = q.shape[0], q.shape[4]
     block_d = max(16, triton.next_power_of_2(D))
-    cfg = _config("fwd", block_d, q.device)
+    cfg = _config("fwd", block_d, q.dtype, q.device)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous = channel-last
     lse = torch.empty(q.shape[:4], dtype=torch.float32, device=q.device)
     for t, name in ((q, "q"), (k, "k"), (v, "v")):
@@ -309,7 +317,7 @@ def axial_attn_bwd(grad_out, q, k, v, out, lse, axis, causal, scale):
     lse_strides = _strides4(lse, axis)
     heads, kv_heads = q.shape[3], k.shape[3]
     group = heads // kv_heads
-    cfg = _config("dq", block_d, q.device)
+    cfg = _config("dq", block_d, q.dtype, q.device)
     S, seg, n_other, grid = _geometry(q, axis, cfg.block)
     _bwd_dq_kernel[grid + (B * heads,)](
         q, k, v, out, grad_out, lse, delta, dq, scale, S, seg, n_other, heads, group,
@@ -317,7 +325,7 @@ def axial_attn_bwd(grad_out, q, k, v, out, lse, axis, causal, scale):
         *_strides5(grad_out, axis), *lse_strides, *_strides5(dq, axis),
         CAUSAL=causal, HEAD_DIM=D, BLOCK_D=block_d, BLOCK=cfg.block, DOT_PRECISION=_dot_precision(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    cfg = _config("dkdv", block_d, q.device)
+    cfg = _config("dkdv", block_d, q.dtype, q.device)
     S, seg, n_other, grid = _geometry(q, axis, cfg.block)
     _bwd_dkdv_kernel[grid + (B * kv_heads,)](
         q, k, v, grad_out, lse, delta, dk, dv, scale, S, seg, n_other, kv_heads, group,
@@ -336,7 +344,7 @@ _F32_POINTERS = {"Lse", "Delta"}
 _INTS = {"S", "seg", "n_other", "n_heads", "group"}
 
 
-def _aot_entry(name, kernel, dtype, constexprs, cfg, uses_dot):
+def _aot_entry(name, kernel, dtype, constexprs, cfg, uses_dot, wgmma_exempt=None):
     signature, divisible = {}, []
     constexprs = dict(constexprs, BLOCK=cfg.block)
     for param in kernel.params:
@@ -359,7 +367,7 @@ def _aot_entry(name, kernel, dtype, constexprs, cfg, uses_dot):
                 divisible.append(arg)
     return {"name": name, "kernel": kernel, "signature": signature, "constexprs": constexprs,
             "divisible_by_16": divisible, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
-            "uses_dot": uses_dot}
+            "uses_dot": uses_dot, **({"wgmma_exempt": wgmma_exempt} if wgmma_exempt else {})}
 
 
 def aot_configs() -> list[dict]:
@@ -374,6 +382,8 @@ def aot_configs() -> list[dict]:
             for kind, kernel in kernels:
                 flags = {"CAUSAL": True, "HEAD_DIM": head_dim, "BLOCK_D": block_d,
                          "DOT_PRECISION": _dot_precision(dtype)}
+                cfg = _GPU_FP32[block_d] if dtype == torch.float32 else _GPU[kind][block_d]
+                exempt = _WGMMA_EXEMPT if dtype != torch.float32 and cfg.block < 64 else None
                 entries.append(_aot_entry(f"axial_{kind}_{_TRITON_DTYPE[dtype]}_d{head_dim}", kernel, dtype,
-                                          flags, _GPU[kind][block_d], uses_dot=dtype != torch.float32))
+                                          flags, cfg, uses_dot=dtype != torch.float32, wgmma_exempt=exempt))
     return entries
