@@ -240,8 +240,9 @@ _GPU = {"fwd": {16: _Config(64, 4, 1), 32: _Config(64, 4, 1), 64: _Config(64, 8,
         "dkdv": {16: _Config(64, 8, 1), 32: _Config(64, 8, 1), 64: _Config(32, 4, 1), 128: _Config(32, 4, 1)}}
 _WGMMA_EXEMPT = "32-row dkdv tile: a 64-row one spills (wgmma needs 64 rows); mma.sync on sm_90 instead"
 # float32 runs exact ieee FMA dots (no tensor cores), whose operands all sit in registers: 64-row tiles
-# spilled in every kernel from D=32, 32-row ones from D=64 (up to 6 KiB at D=128), so smaller tiles.
-_GPU_FP32 = {16: _Config(32, 4, 1), 32: _Config(32, 4, 1), 64: _Config(16, 4, 1), 128: _Config(16, 4, 1)}
+# spilled in every kernel from D=32, 32-row ones from D=64 (up to 6 KiB at D=128), 16 rows x 4 warps in dq
+# at D=128 (272 B): so smaller tiles, 8 warps at D=128.
+_GPU_FP32 = {16: _Config(32, 4, 1), 32: _Config(32, 4, 1), 64: _Config(16, 4, 1), 128: _Config(16, 8, 1)}
 # The interpreter runs one program at a time on CPU tensors: 16-row tiles keep the tests fast and make
 # their short lines pack several per program and their longer lines span several tiles.
 _INTERP = _Config(16, 1, 1)
