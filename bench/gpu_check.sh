@@ -92,7 +92,8 @@ step tests "$(budget_for 150 180)" env OMP_NUM_THREADS="${GPU_CHECK_TEST_THREADS
 # The tests whose C++ op raises (TORCH_CHECK) crashed their xdist workers on the H200 (2026-11-30) while
 # the same call raised cleanly in a fresh process there; run them once more in one plain process.
 step cpp_errors "$(budget_for 40 150)" "$PY" -m pytest -q -p no:cacheprovider -p no:xdist -k "cpp_op_validates" \
-    tests/test_errors.py tests/test_cached_attention_errors.py tests/test_skip_causal.py
+    tests/test_errors.py tests/test_cached_attention_errors.py tests/test_skip_causal.py \
+    tests/test_axial_attention_errors.py
 
 # The report stops starting new configs 35 s before its timeout, so it always writes its outputs.
 BT="$(budget_for 600 130)"

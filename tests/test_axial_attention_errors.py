@@ -96,7 +96,7 @@ def test_impls():
         hierkern.axial_attention(q, k, v, 1, scale="x")
 
 
-def test_op_checks():
+def test_cpp_op_validates_its_arguments():
     """Direct torch.ops callers get the C++ checks."""
     q, k, v = qkv()
     with pytest.raises(RuntimeError, match="axis must be 1"):
