@@ -105,3 +105,14 @@ def test_cpp_op_validates_its_arguments():
         torch.ops.hierkern.axial_attn_fwd(*qkv(heads=3, kv_heads=2), 1, False, 1.0)
     with pytest.raises(RuntimeError, match="must be 5-D"):
         torch.ops.hierkern.axial_attn_fwd(q[0], k[0], v[0], 1, False, 1.0)
+
+
+def test_triton_refuses_spans_beyond_32_bit_offsets():
+    """The Triton kernels index one batch element with 32-bit offsets: a larger span raises (meta
+    tensors: no memory)."""
+    pytest.importorskip("triton")
+    from hierkern.ops.axial import triton as tk
+    big = torch.empty_strided((1, 3, 2, 1, 16), (1, 2 ** 30, 16, 16, 1), device="meta")
+    with pytest.raises(ValueError, match="32-bit offsets"):
+        tk._check_span(big, "q")
+    tk._check_span(torch.empty(1, 3, 2, 1, 16, device="meta"), "q")
