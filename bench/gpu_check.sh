@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared check for a lent GPU (H200, no network): build, static GPU check, the full test suite
 # on CUDA (pytest-xdist when present), then the benchmarks: next_scale report, skip_causal, causal_conv1d, ssd_scan,
-# a wall-vs-kernel-time profile, the VAR/HMAR models, M-VAR, cached_attention and kv_reuse. Every step has a timeout
+# a wall-vs-kernel-time profile, the VAR/HMAR models, M-VAR, axial attention, cached_attention and kv_reuse. Every step has a timeout
 # taken from one overall budget (GPU_CHECK_BUDGET_S, default 450 s).
 #
 #   bash bench/gpu_check.sh            # run from the repository root; results under $OUT (default ./out)
@@ -92,7 +92,8 @@ step tests "$(budget_for 150 180)" env OMP_NUM_THREADS="${GPU_CHECK_TEST_THREADS
 # The tests whose C++ op raises (TORCH_CHECK) crashed their xdist workers on the H200 (2026-11-30) while
 # the same call raised cleanly in a fresh process there; run them once more in one plain process.
 step cpp_errors "$(budget_for 40 150)" "$PY" -m pytest -q -p no:cacheprovider -p no:xdist -k "cpp_op_validates" \
-    tests/test_errors.py tests/test_cached_attention_errors.py tests/test_skip_causal.py
+    tests/test_errors.py tests/test_cached_attention_errors.py tests/test_skip_causal.py \
+    tests/test_axial_attention_errors.py
 
 # The report stops starting new configs 35 s before its timeout, so it always writes its outputs.
 BT="$(budget_for 600 130)"
@@ -127,6 +128,11 @@ step bench_models "$(budget_for 90 25)" "$PY" -m bench.bench_models --device cud
 step bench_mvar "$(budget_for 90 100)" "$PY" -m bench.bench_mvar --device cuda --quick \
     --out "$OUT/bench/mvar_cuda.json"
 [ -f "$OUT/logs/bench_mvar.log" ] && cp "$OUT/logs/bench_mvar.log" "$OUT/bench/mvar_cuda.md"
+
+# Axial attention (Triton): column / row attention vs permute + SDPA, AxialTransformer sampling cached vs naive.
+step bench_axial "$(budget_for 30 40)" "$PY" -m bench.bench_axial --device cuda --reps 10 \
+    --out "$OUT/bench/axial_cuda.json"
+[ -f "$OUT/logs/bench_axial.log" ] && cp "$OUT/logs/bench_axial.log" "$OUT/bench/axial_cuda.txt"
 
 step bench_cached "$(budget_for 40 60)" "$PY" -m bench.bench_cached_attention --device cuda --dtype bf16
 [ -f "$OUT/logs/bench_cached.log" ] && cp "$OUT/logs/bench_cached.log" "$OUT/bench/cached_attention_cuda.txt"

@@ -128,4 +128,20 @@ TORCH_LIBRARY(hierkern, m) {
         "Tensor? cos, Tensor? sin) -> ()");
   m.def("scatter_kv_triton(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor index, Tensor k, Tensor v, "
         "Tensor? cos, Tensor? sin) -> ()");
+
+  // Axial attention on channel-last (B, H, W, heads, D) tensors: attention along H inside each column
+  // (axis = 1) or along W inside each row (axis = 2), causal along the axis when `causal`. k / v
+  // (B, H, W, kv_heads, D) with heads % kv_heads == 0 (GQA: q head i reads kv head i / (heads /
+  // kv_heads)); q, k, v share a dtype and may have any strides (kernels index by strides: no permute
+  // or contiguous copies). Returns out (contiguous, i.e. channel-last (B, H, W, heads, D), q's dtype)
+  // and the float32 log-sum-exp (B, H, W, heads). The backward recomputes the probabilities from lse
+  // and returns (dq, dk, dv), contiguous, in the inputs' dtype.
+  m.def("axial_attn_fwd(Tensor q, Tensor k, Tensor v, int axis, bool causal, float scale) -> (Tensor, Tensor)");
+  m.def("axial_attn_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, int axis, "
+        "bool causal, float scale) -> (Tensor, Tensor, Tensor)");
+  // The same ops for the Triton kernels (registered from Python, as cached_attn_fwd_triton).
+  m.def("axial_attn_fwd_triton(Tensor q, Tensor k, Tensor v, int axis, bool causal, float scale) "
+        "-> (Tensor, Tensor)");
+  m.def("axial_attn_bwd_triton(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+        "int axis, bool causal, float scale) -> (Tensor, Tensor, Tensor)");
 }

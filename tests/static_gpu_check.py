@@ -35,7 +35,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Opt-in shared memory per block (bytes): A100 (sm_80) 163 KiB, H100/H200 (sm_90) 227 KiB.
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 TRITON_MODULES = ("hierkern.ops.attention.triton", "hierkern.ops.cached_attention.triton",
-                  "hierkern.ops.conv.triton", "hierkern.ops.kv_reuse.triton", "hierkern.ops.scan.ssd_triton")
+                  "hierkern.ops.conv.triton", "hierkern.ops.kv_reuse.triton", "hierkern.ops.scan.ssd_triton",
+                  "hierkern.ops.axial.triton")
 TENSOR_CORE_PTX = {80: "mma.sync", 90: "wgmma.mma_async"}
 
 
