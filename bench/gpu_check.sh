@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One prepared check for a lent GPU (H200, no network): build, static GPU check, the full test suite
 # on CUDA (pytest-xdist when present), then the benchmarks: next_scale report, skip_causal, causal_conv1d,
-# a wall-vs-kernel-time profile, the VAR/HMAR models and cached_attention. Every step has a timeout
+# a wall-vs-kernel-time profile, the VAR/HMAR models, selective_scan (CUDA, issue shapes) and
+# cached_attention; the selective_scan CUDA tests run in their own step after the suite. Every step has a timeout
 # taken from one overall budget (GPU_CHECK_BUDGET_S, default 450 s).
 #
 #   bash bench/gpu_check.sh            # run from the repository root; results under $OUT (default ./out)
@@ -94,6 +95,11 @@ step tests "$(budget_for 150 180)" env OMP_NUM_THREADS="${GPU_CHECK_TEST_THREADS
 step cpp_errors "$(budget_for 40 150)" "$PY" -m pytest -q -p no:cacheprovider -p no:xdist -k "cpp_op_validates" \
     tests/test_errors.py tests/test_cached_attention_errors.py tests/test_skip_causal.py
 
+# selective_scan's CUDA kernels vs the float64 reference, on the compiled route and (when cupy is installed
+# on the device; it has no network, so it may not be) the NVRTC route; the NVRTC compile test too.
+step scan_cuda_tests "$(budget_for 90 160)" "$PY" -m pytest -q -p no:cacheprovider -p no:xdist -x \
+    tests/test_selective_scan_cuda.py tests/test_selective_scan_nvrtc.py -rs
+
 # The report stops starting new configs 35 s before its timeout, so it always writes its outputs.
 BT="$(budget_for 600 130)"
 step bench "$BT" "$PY" -m bench.report --device cuda --out "$OUT/bench" --time-limit $((BT - 35)) \
@@ -115,6 +121,12 @@ step profile "$(budget_for 40 45)" "$PY" -m bench.profile_cuda --out "$OUT/bench
 step bench_models "$(budget_for 90 25)" "$PY" -m bench.bench_models --device cuda --quick \
     --out "$OUT/bench/models_cuda.json"
 [ -f "$OUT/logs/bench_models.log" ] && cp "$OUT/logs/bench_models.log" "$OUT/bench/models_cuda.md"
+
+# selective_scan CUDA forward at the issue shapes (b=8, d=2048, n=16, l=680 / 2240): vs the eager reference
+# and the mamba-style chunked scan, with achieved HBM bandwidth as a fraction of the H200's 4.8 TB/s.
+step bench_scan "$(budget_for 60 40)" "$PY" -m bench.bench_selective_scan --device cuda --issue-shapes --dtype bf16 \
+    --ops fwd fwd+bwd --reps 10 --peer-reps 1 --out "$OUT/bench/selective_scan_cuda.json"
+[ -f "$OUT/logs/bench_scan.log" ] && cp "$OUT/logs/bench_scan.log" "$OUT/bench/selective_scan_cuda.txt"
 
 step bench_cached "$(budget_for 40 0)" "$PY" -m bench.bench_cached_attention --device cuda --dtype bf16
 [ -f "$OUT/logs/bench_cached.log" ] && cp "$OUT/logs/bench_cached.log" "$OUT/bench/cached_attention_cuda.txt"
