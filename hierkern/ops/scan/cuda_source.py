@@ -58,7 +58,7 @@ def entry(kind: str, dtype: torch.dtype) -> str:
 
 def nvrtc_options(dtype: torch.dtype) -> tuple[str, ...]:
     """One dtype's entry points per module (HK_SS_DTYPE); fast math as setup.py's nvcc flags."""
-    return ("-std=c++17", "--use_fast_math", f"-DHK_SS_DTYPE={DTYPE_CODES[dtype][0]}")
+    return ("--use_fast_math", f"-DHK_SS_DTYPE={DTYPE_CODES[dtype][0]}")  # NVRTC defaults to C++17
 
 
 def threads_for(seqlen: int) -> int:
