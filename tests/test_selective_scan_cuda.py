@@ -2,16 +2,25 @@
 forward and backward, on both routes that run them: compiled into hierkern._C ("compiled": the
 hierkern.selective_scan(impl="cuda") path with autograd) and NVRTC through cupy ("nvrtc": the
 functions of hierkern.ops.scan.cuda_nvrtc called directly, since with a CUDA build of _C they are not
-what the dispatcher runs). Needs a GPU; the NVRTC route also needs cupy. Outputs are poisoned (NaN)
-before every kernel call."""
+what the dispatcher runs). Needs a GPU; the NVRTC route needs cupy, or else runs as "nvrtc-driver":
+the same Python launcher with the header compiled by libnvrtc through ctypes and launched through
+cuda-python's driver API. Outputs are poisoned (NaN) before every kernel call."""
 import pytest
 import torch
 
 import hierkern
 from hierkern import _backend
-from hierkern.ops.scan import cuda_nvrtc
+from hierkern.ops.scan import cuda_nvrtc, cuda_source
 from hierkern.testing import assert_close_rel, poisoned_outputs
 from test_selective_scan import ARGS, _OpLog, cast_leaves, make_inputs
+
+def _has_driver_bindings():
+    try:
+        from cuda.bindings import driver  # noqa: F401
+    except ImportError:
+        return False
+    return cuda_source.find_libnvrtc() is not None
+
 
 ROUTES = []
 if torch.cuda.is_available() and _backend.has_compiled_ops():
@@ -19,6 +28,41 @@ if torch.cuda.is_available() and _backend.has_compiled_ops():
         ROUTES.append("compiled")
     if cuda_nvrtc.has_cupy():
         ROUTES.append("nvrtc")
+    elif _has_driver_bindings():
+        # No cupy (the lent GPU has no network): the NVRTC route's Python launcher, with the header
+        # compiled by libnvrtc (ctypes) and launched through the CUDA driver API (cuda-python).
+        ROUTES.append("nvrtc-driver")
+
+_DRIVER_MODULES = {}
+
+
+def _driver_launch(kind, p, u, threads):
+    import ctypes
+
+    from cuda.bindings import driver
+
+    def ok(res):
+        err, *rest = res if isinstance(res, tuple) else (res,)
+        assert err == driver.CUresult.CUDA_SUCCESS, f"CUDA driver call failed: {err}"
+        return rest[0] if rest else None
+
+    major, minor = torch.cuda.get_device_capability(u.device)
+    key = (u.device.index, major, minor, u.dtype)
+    if key not in _DRIVER_MODULES:
+        cubin, _ = cuda_source.nvrtc_compile(f"sm_{major}{minor}", u.dtype)
+        _DRIVER_MODULES[key] = ok(driver.cuModuleLoadData(cubin))
+    fn = ok(driver.cuModuleGetFunction(_DRIVER_MODULES[key], cuda_source.entry(kind, u.dtype).encode()))
+    args = (ctypes.c_void_p * 1)(ctypes.addressof(p))
+    stream = driver.CUstream(torch.cuda.current_stream(u.device).cuda_stream)
+    ok(driver.cuLaunchKernel(fn, p.batch * p.dim, 1, 1, threads, 1, 1, 0, stream, ctypes.addressof(args), 0))
+
+
+@pytest.fixture(autouse=True)
+def _nvrtc_driver_launcher(request, monkeypatch):
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is not None and callspec.params.get("route") == "nvrtc-driver":
+        monkeypatch.setattr(cuda_nvrtc, "_launcher", _driver_launch)
+    yield
 
 pytestmark = pytest.mark.skipif(not ROUTES, reason="needs a GPU and the CUDA selective_scan kernels "
                                 "(hierkern._C built with CUDA, or cupy for the NVRTC route)")
@@ -31,7 +75,7 @@ def to_cuda(x):
 
 def run_route(route, x, softplus, g, g_last):
     """out, last_state and the gradients of <out, g> + <last, g_last> w.r.t. the present leaves."""
-    if route == "compiled":
+    if route == "compiled":  # the other routes call the NVRTC launcher's functions directly
         out, last = hierkern.selective_scan(**x, delta_softplus=softplus, return_last_state=True, impl="cuda")
         leaves = [x[k] for k in ARGS if x[k] is not None]
         loss = (out.to(g.dtype) * g).sum() + (last * g_last).sum()
@@ -158,7 +202,7 @@ def test_continuation(route, kind):
             outs.append(o)
         return torch.cat(outs, -1), state
 
-    if route == "nvrtc":  # the NVRTC route is not the dispatcher's here: compare its whole-sequence run
+    if route != "compiled":  # the NVRTC route is not the dispatcher's here: compare its whole-sequence run
         args = [None if x[k] is None else x[k].detach() for k in ARGS]
         whole = cuda_nvrtc.selective_scan_fwd(*args, softplus)
         parts = piecewise(cast_leaves(x, torch.float64))

@@ -47,7 +47,7 @@ def _function(kind, dtype, device):
     return mod.get_function(src.entry(kind, dtype))
 
 
-def _launch(kind, p, u, threads):
+def _cupy_launch(kind, p, u, threads):
     cupy = _cupy()
     fn = _function(kind, u.dtype, u.device)
     args = (ctypes.c_void_p * 1)(ctypes.addressof(p))
@@ -55,6 +55,20 @@ def _launch(kind, p, u, threads):
     with cupy.cuda.Device(u.device.index):
         cupy.cuda.driver.launchKernel(fn.ptr, p.batch * p.dim, 1, 1, threads, 1, 1, 0, stream,
                                       ctypes.addressof(args), 0)
+
+
+# (kind, ScanParams, u, threads) -> None. Tests on a GPU without cupy swap in a CUDA-driver-API launcher
+# (tests/test_selective_scan_cuda.py) to exercise everything else here: params, buffers, reductions.
+_launcher = _cupy_launch
+
+
+def _launch(kind, p, u, threads):
+    _launcher(kind, p, u, threads)
+
+
+def _require():
+    if _launcher is _cupy_launch:
+        _cupy()
 
 
 def _ptr(t):
@@ -108,7 +122,7 @@ def _params(u, delta, A, B, C, D, z, delta_bias, init, softplus):
 
 def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus):
     """hierkern::selective_scan_fwd through NVRTC: (out, last_state)."""
-    _cupy()
+    _require()
     p = _params(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus)
     out = torch.empty(u.shape, dtype=u.dtype, device=u.device)
     last = torch.empty(p.batch, p.dim, p.dstate, dtype=torch.float32, device=u.device)
@@ -120,7 +134,7 @@ def selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, initial_state, delta
 def selective_scan_bwd(grad_out, grad_last_state, u, delta, A, B, C, D, z, delta_bias, initial_state,
                        delta_softplus):
     """hierkern::selective_scan_bwd through NVRTC: (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinit)."""
-    _cupy()
+    _require()
     p = _params(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus)
     b, d, l, n = p.batch, p.dim, p.seqlen, p.dstate
     threads = src.threads_for(l)
