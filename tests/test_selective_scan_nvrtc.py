@@ -72,3 +72,29 @@ def test_without_cupy_the_error_says_what_to_install():
     with pytest.raises(RuntimeError, match=r"built with CUDA.*hierkern\[cupy\]"):
         cuda_nvrtc.selective_scan_fwd(u, u, torch.zeros(2, 4), torch.zeros(2, 4), torch.zeros(2, 4), None, None,
                                       None, None, False)
+
+
+@pytest.mark.parametrize("kind", ["fixed", "var", "grouped"])
+@pytest.mark.parametrize("strided", [False, True])
+def test_bc_fields_address_the_right_elements(kind, strided):
+    """The B / C fields the NVRTC launcher packs (csrc/cuda/selective_scan.cu's set_bc does the same)
+    locate element (batch b, channel c, state k, step t) at b*s_b + (c / (d / groups))*s_g + k*s_n +
+    t*s_l, for every layout and stride pattern."""
+    b, d, n, l, g = 2, 6, 3, 5, 3
+    if kind == "fixed":
+        X = torch.randn(n, d).t() if strided else torch.randn(d, n)
+    elif kind == "var":
+        X = torch.randn(b, l, n).transpose(1, 2) if strided else torch.randn(b, n, l)
+    else:
+        X = torch.randn(b, g, l, n).transpose(2, 3) if strided else torch.randn(b, g, n, l)
+    p = cuda_source.ScanParams()
+    cuda_nvrtc._bc(p, "B", X, d)
+    assert p.B_var == (kind != "fixed") and p.B_f32 == 1
+    flat = X.as_strided((X.untyped_storage().nbytes() // 4,), (1,), 0)
+    for bi in range(b):
+        for c in range(d):
+            for k in range(n):
+                for t in range(l):
+                    off = X.storage_offset() + bi * p.sB_b + (c // (d // p.B_groups)) * p.sB_g + k * p.sB_n + t * p.sB_l
+                    want = X[c, k] if kind == "fixed" else X[bi, k, t] if kind == "var" else X[bi, c // (d // g), k, t]
+                    assert flat[off] == want
