@@ -98,3 +98,19 @@ def test_bc_fields_address_the_right_elements(kind, strided):
                     off = X.storage_offset() + bi * p.sB_b + (c // (d // p.B_groups)) * p.sB_g + k * p.sB_n + t * p.sB_l
                     want = X[c, k] if kind == "fixed" else X[bi, k, t] if kind == "var" else X[bi, c // (d // g), k, t]
                     assert flat[off] == want
+
+
+def test_backend_selection_on_cuda_devices():
+    """No GPU is needed to resolve a backend for a device: selective_scan (CUDA C++ only, compiled or
+    through NVRTC) gets 'cuda' for impl=None; ops with Triton kernels still get 'triton'."""
+    from hierkern import _backend
+    cuda = torch.device("cuda")
+    if not _backend.has_compiled_ops():
+        pytest.skip("hierkern._C is not built")
+    assert _backend.has_kernel("selective_scan_fwd", "CUDA")  # compiled, or the NVRTC registration
+    assert _backend.select("selective_scan", None, cuda, cuda_op="selective_scan_fwd", triton=False) == "cuda"
+    assert _backend.select("selective_scan", "cuda", cuda, cuda_op="selective_scan_fwd", triton=False) == "cuda"
+    with pytest.raises(NotImplementedError, match="selective_scan: impl='triton' has no Triton kernel"):
+        _backend.select("selective_scan", "triton", cuda, cuda_op="selective_scan_fwd", triton=False)
+    if _backend.has_triton():
+        assert _backend.select("next_scale_attention", None, cuda, cuda_op="interval_attn_fwd") == "triton"
