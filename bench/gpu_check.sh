@@ -97,7 +97,7 @@ step cpp_errors "$(budget_for 40 150)" "$PY" -m pytest -q -p no:cacheprovider -p
 
 # selective_scan's CUDA kernels vs the float64 reference, on the compiled route and (when cupy is installed
 # on the device; it has no network, so it may not be) the NVRTC route; the NVRTC compile test too.
-step scan_cuda_tests "$(budget_for 90 160)" "$PY" -m pytest -q -p no:cacheprovider -p no:xdist -x \
+step scan_cuda_tests "$(budget_for 90 160)" "$PY" -m pytest -q -p no:cacheprovider -p no:xdist \
     tests/test_selective_scan_cuda.py tests/test_selective_scan_nvrtc.py -rs
 
 # The report stops starting new configs 35 s before its timeout, so it always writes its outputs.
