@@ -25,13 +25,14 @@ as a fraction of --peak-tbps (default 4.8, the H200's HBM3e); the target is >= 0
 import argparse
 import json
 import os
+import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 
 import hierkern
-from bench.common import median_seconds
+from bench.common import median_seconds, sync
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -64,6 +65,21 @@ def bytes_moved(b, d, n, l, dtype):
     C read once (b, n, l each), the float32 last state written."""
     elt = torch.empty((), dtype=dtype).element_size()
     return (4 * b * d * l + 2 * b * n * l) * elt + 4 * b * d * n
+
+
+def time_peer(fn, dev, reps, warmup=True):
+    """Median seconds; without warm-up for the eager peers at large shapes, whose calls take minutes on
+    CPU and have nothing to warm (no compilation, no autotuning)."""
+    if warmup:
+        return median_seconds(fn, dev, reps)
+    times = []
+    for _ in range(reps):
+        sync(dev)
+        t0 = time.perf_counter()
+        fn()
+        sync(dev)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def bench_shape(args, l):
@@ -104,7 +120,8 @@ def bench_shape(args, l):
             if p == "mamba-style" and op == "fwd+bwd" and not args.mamba_bwd or p in args.skip_peers:
                 ms[p] = nan
             else:
-                ms[p] = median_seconds(make(p), dev, args.reps if p == "hierkern" else args.peer_reps) * 1e3
+                ms[p] = time_peer(make(p), dev, args.reps if p == "hierkern" else args.peer_reps,
+                                  warmup=p == "hierkern" or args.peer_warmup) * 1e3
         row = {"op": op, "l": l, **{f"{p}_ms": ms[p] for p in peers},
                "ratio_reference": ms["reference"] / ms["hierkern"],
                "ratio_mamba_style": ms["mamba-style"] / ms["hierkern"]}
@@ -132,6 +149,8 @@ def main():
     ap.add_argument("--ops", nargs="+", default=["fwd", "fwd+bwd"], choices=("fwd", "fwd+bwd"))
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--peer-reps", type=int, default=2, help="timed calls of the eager peers")
+    ap.add_argument("--no-peer-warmup", dest="peer_warmup", action="store_false",
+                    help="time the eager peers without a warm-up call (minutes per call at the issue shapes)")
     ap.add_argument("--skip-peers", nargs="*", default=[], choices=("reference", "mamba-style"))
     ap.add_argument("--mamba-bwd", action="store_true", help="also time the mamba-style scan's backward")
     ap.add_argument("--peak-tbps", type=float, default=4.8, help="HBM peak for the bandwidth fraction (H200)")
@@ -152,7 +171,8 @@ def main():
         meta = {"device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
                 "b": args.b, "d": args.d, "n": args.n, "l": args.l, "dtype": args.dtype,
                 "threads": torch.get_num_threads(), "torch": torch.__version__, "reps": args.reps,
-                "peer_reps": args.peer_reps, "date": time.strftime("%Y-%m-%d")}
+                "peer_reps": args.peer_reps, "peer_warmup": args.peer_warmup,
+                "skipped_peers": args.skip_peers, "date": time.strftime("%Y-%m-%d")}
         if args.device == "cuda":
             meta["peak_tbps"] = args.peak_tbps
         with open(args.out, "w") as f:
