@@ -111,10 +111,16 @@ setup(
     version="0.1.0",
     description="Kernels for hierarchical generative models (next-scale, block-diffusion, axial, scans)",
     packages=find_packages(include=["hierkern", "hierkern.*"]),
+    # The selective-scan CUDA header, for the NVRTC path (hierkern/_csrc is a symlink into csrc/cuda in
+    # a checkout; setuptools copies the file it points to).
+    package_data={"hierkern": ["_csrc/*.cuh"]},
     ext_modules=get_extensions(),
     cmdclass=_cmdclass(),
     python_requires=">=3.10",
     install_requires=["torch>=2.6", "numpy"],
     extras_require={"triton": ["triton>=3.2"],
+                    # NVRTC-compiled CUDA kernels without building hierkern._C with CUDA (CUDA 12 driver+;
+                    # use cupy-cuda13x instead on a CUDA 13 stack).
+                    "cupy": ["cupy-cuda12x>=13"],
                     "test": ["pytest", "pytest-benchmark", "matplotlib"]},
 )

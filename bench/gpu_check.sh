@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One prepared check for a lent GPU (H200, no network): build, static GPU check, the full test suite
 # on CUDA (pytest-xdist when present), then the benchmarks: next_scale report, skip_causal, causal_conv1d, ssd_scan,
-# a wall-vs-kernel-time profile, the VAR/HMAR models, M-VAR, axial attention, cached_attention and kv_reuse. Every step has a timeout
+# a wall-vs-kernel-time profile, the VAR/HMAR models, M-VAR, axial attention, selective_scan (CUDA, issue shapes),
+# cached_attention and kv_reuse; the selective_scan CUDA tests run in their own step after the suite. Every step has a timeout
 # taken from one overall budget (GPU_CHECK_BUDGET_S, default 450 s).
 #
 #   bash bench/gpu_check.sh            # run from the repository root; results under $OUT (default ./out)
@@ -95,6 +96,11 @@ step cpp_errors "$(budget_for 40 150)" "$PY" -m pytest -q -p no:cacheprovider -p
     tests/test_errors.py tests/test_cached_attention_errors.py tests/test_skip_causal.py \
     tests/test_axial_attention_errors.py
 
+# selective_scan's CUDA kernels vs the float64 reference, on the compiled route and (when cupy is installed
+# on the device; it has no network, so it may not be) the NVRTC route; the NVRTC compile test too.
+step scan_cuda_tests "$(budget_for 90 160)" "$PY" -m pytest -q -p no:cacheprovider -p no:xdist \
+    tests/test_selective_scan_cuda.py tests/test_selective_scan_nvrtc.py -rs
+
 # The report stops starting new configs 35 s before its timeout, so it always writes its outputs.
 BT="$(budget_for 600 130)"
 step bench "$BT" "$PY" -m bench.report --device cuda --out "$OUT/bench" --time-limit $((BT - 35)) \
@@ -133,6 +139,12 @@ step bench_mvar "$(budget_for 90 100)" "$PY" -m bench.bench_mvar --device cuda -
 step bench_axial "$(budget_for 30 40)" "$PY" -m bench.bench_axial --device cuda --reps 10 \
     --out "$OUT/bench/axial_cuda.json"
 [ -f "$OUT/logs/bench_axial.log" ] && cp "$OUT/logs/bench_axial.log" "$OUT/bench/axial_cuda.txt"
+
+# selective_scan CUDA forward at the issue shapes (b=8, d=2048, n=16, l=680 / 2240): vs the eager reference
+# and the mamba-style chunked scan, with achieved HBM bandwidth as a fraction of the H200's 4.8 TB/s.
+step bench_scan "$(budget_for 60 40)" "$PY" -m bench.bench_selective_scan --device cuda --issue-shapes --dtype bf16 \
+    --ops fwd fwd+bwd --reps 10 --peer-reps 1 --out "$OUT/bench/selective_scan_cuda.json"
+[ -f "$OUT/logs/bench_scan.log" ] && cp "$OUT/logs/bench_scan.log" "$OUT/bench/selective_scan_cuda.txt"
 
 step bench_cached "$(budget_for 40 60)" "$PY" -m bench.bench_cached_attention --device cuda --dtype bf16
 [ -f "$OUT/logs/bench_cached.log" ] && cp "$OUT/logs/bench_cached.log" "$OUT/bench/cached_attention_cuda.txt"

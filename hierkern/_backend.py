@@ -33,11 +33,12 @@ def has_kernel(op: str, dispatch_key: str) -> bool:
     return has_compiled_ops() and torch._C._dispatch_has_kernel_for_dispatch_key(f"hierkern::{op}", dispatch_key)
 
 
-def select(opname: str, impl, device: torch.device, cuda_op: str | None = None, dtype=None) -> str:
+def select(opname: str, impl, device: torch.device, cuda_op: str | None = None, dtype=None,
+           triton: bool = True) -> str:
     """Resolve `impl` for tensors on `device`; raise a clear error for an unusable explicit choice.
     With `dtype`, float64 inputs are refused by every backend but the reference (kernels run float32
-    arithmetic at most)."""
-    backend = _resolve(opname, impl, device, cuda_op)
+    arithmetic at most). triton=False: the op has no Triton kernel (its GPU backend is CUDA C++ only)."""
+    backend = _resolve(opname, impl, device, cuda_op, triton)
     if dtype == torch.float64 and backend != "reference":
         raise TypeError(f"{opname}: float64 is supported by impl='reference' only (backend {backend!r})")
     return backend
@@ -54,13 +55,13 @@ def refuse_gpu(opname: str, impl, device: torch.device, kernel: str, reference: 
                                   f"run {reference} on CUDA")
 
 
-def _resolve(opname: str, impl, device: torch.device, cuda_op: str | None) -> str:
+def _resolve(opname: str, impl, device: torch.device, cuda_op: str | None, triton: bool = True) -> str:
     if impl not in IMPLS:
         raise ValueError(f"{opname}: impl must be one of {IMPLS}, got {impl!r}")
     on_cuda = device.type == "cuda"
     if impl is None:
         if on_cuda:
-            if has_triton():
+            if triton and has_triton():
                 return "triton"
             if cuda_op is not None and has_kernel(cuda_op, "CUDA"):
                 return "cuda"
@@ -78,6 +79,9 @@ def _resolve(opname: str, impl, device: torch.device, cuda_op: str | None) -> st
                                f"failed to import: {_C_ERROR}")
         return impl
     if impl == "triton":
+        if not triton:
+            raise NotImplementedError(f"{opname}: impl='triton' has no Triton kernel for this op; use "
+                                      f"impl='cuda' (CUDA tensors), impl='cpu' or impl='reference'")
         if not has_triton():
             raise RuntimeError(f"{opname}: impl='triton' needs the triton package (pip install triton)")
         if not on_cuda and not (device.type == "cpu" and triton_interpreted()):
@@ -88,6 +92,6 @@ def _resolve(opname: str, impl, device: torch.device, cuda_op: str | None) -> st
     if not on_cuda:
         raise ValueError(f"{opname}: impl='cuda' needs CUDA tensors, got tensors on {device}")
     if cuda_op is None or not has_kernel(cuda_op, "CUDA"):
-        raise NotImplementedError(f"{opname}: there is no CUDA C++ kernel for this op in this build "
-                                  f"(hierkern ships Triton kernels for it: use impl='triton' or impl=None)")
+        alt = "use impl='triton' or impl=None" if triton else "use impl='reference'"
+        raise NotImplementedError(f"{opname}: there is no CUDA C++ kernel for this op in this build ({alt})")
     return impl

@@ -7,7 +7,7 @@ scan costs no (b, d, l, n) activation memory.
 import torch
 
 from ... import _backend
-from . import reference
+from . import cuda_nvrtc, reference
 
 _LIB = "hierkern"
 
@@ -49,6 +49,7 @@ def _register():
     torch.library.register_fake(f"{_LIB}::selective_scan_fwd")(_fake_fwd)
     torch.library.register_fake(f"{_LIB}::selective_scan_bwd")(_fake_bwd)
     torch.library.register_autograd(f"{_LIB}::selective_scan_fwd", _backward, setup_context=_setup)
+    cuda_nvrtc.register_if_unbuilt()
 
 
 _register()

@@ -6,7 +6,6 @@ from ... import _backend, _validate
 from .op import selective_scan_op
 
 _NAME = "selective_scan"
-# The GPU scan kernels are not written yet; they are refused, never replaced by the reference.
 
 
 def _check_bc(name, X, b, d, n, l, dtype):
@@ -102,8 +101,11 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         initial_state: (batch, dim, dstate) float32 or None: the state before the first step.
             Scanning a sequence in pieces, each starting from the previous piece's last state, equals
             scanning it whole (forward and backward).
-        impl: None (C++ kernel on CPU tensors), "reference" or "cpu". There is no GPU kernel yet:
-            "triton", "cuda" and None on CUDA tensors raise NotImplementedError.
+        impl: None (the C++ kernel on CPU tensors, the CUDA kernel on CUDA tensors), "reference",
+            "cpu" or "cuda". "cuda" runs the kernel compiled into hierkern._C, or, in a build without
+            CUDA, the same kernel compiled at first use by NVRTC through cupy (pip install
+            'hierkern[cupy]'); with neither it raises saying so. There is no Triton kernel:
+            impl="triton" raises NotImplementedError.
 
     Returns:
         out (batch, dim, seqlen) in u's dtype, or (out, last_state) with last_state (batch, dim, dstate)
@@ -113,7 +115,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     for name, flag in (("delta_softplus", delta_softplus), ("return_last_state", return_last_state)):
         if not isinstance(flag, bool):
             raise TypeError(f"{_NAME}: {name} must be a bool, got {type(flag).__name__}")
-    _backend.refuse_gpu(_NAME, impl, u.device, "selective-scan", "the sequential PyTorch reference")
-    backend = _backend.select(_NAME, impl, u.device, dtype=u.dtype)
+    # The GPU backend is CUDA C++ only (compiled into hierkern._C, or NVRTC through cupy: cuda_nvrtc.py).
+    backend = _backend.select(_NAME, impl, u.device, cuda_op="selective_scan_fwd", dtype=u.dtype, triton=False)
     out, last = selective_scan_op(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, backend)
     return (out, last) if return_last_state else out

@@ -1,0 +1,1 @@
+../../csrc/cuda/selective_scan_kernels.cuh
