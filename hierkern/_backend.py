@@ -44,17 +44,6 @@ def select(opname: str, impl, device: torch.device, cuda_op: str | None = None, 
     return backend
 
 
-def refuse_gpu(opname: str, impl, device: torch.device, kernel: str, reference: str):
-    """For ops with no GPU kernel yet: NotImplementedError for impl='triton' / 'cuda' and for impl=None
-    on CUDA tensors, rather than a silent fallback to the reference."""
-    if impl in ("triton", "cuda"):
-        raise NotImplementedError(f"{opname}: impl={impl!r} has no {kernel} kernel yet (only the C++ CPU "
-                                  f"kernel exists); use impl='cpu' on CPU tensors or impl='reference'")
-    if impl is None and device.type == "cuda":
-        raise NotImplementedError(f"{opname}: there is no GPU {kernel} kernel yet; pass impl='reference' to "
-                                  f"run {reference} on CUDA")
-
-
 def _resolve(opname: str, impl, device: torch.device, cuda_op: str | None, triton: bool = True) -> str:
     if impl not in IMPLS:
         raise ValueError(f"{opname}: impl must be one of {IMPLS}, got {impl!r}")
