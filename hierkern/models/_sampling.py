@@ -39,46 +39,49 @@ def filter_logits(logits, top_k, top_p):
 _CHUNK_LOGITS = 1 << 22
 
 
-def _sample_top_k(logits, top_k, top_p, generator):
-    """(ids, conf) of (R, V) float32 rows, working on the top_k candidates only (topk's sorted values
-    replace filter_logits' full-vocabulary sort and multinomial's pass over V); None when a row has
-    ties at the k-th value (filter_logits keeps all of them, topk only some)."""
-    vals, idx = logits.topk(top_k, dim=-1)
-    if bool(((logits >= vals[:, -1:]).sum(dim=-1) > top_k).any()):
-        return None
-    probs = vals.softmax(dim=-1)
-    if 0.0 < top_p < 1.0:
-        # filter_logits' rule on the descending candidates: drop a token once the mass before it
-        # reaches top_p (the first token always stays)
-        before = probs.cumsum(dim=-1) - probs
-        probs = vals.masked_fill(before >= top_p, float("-inf")).softmax(dim=-1)
+def _draw(probs, u):
+    """Inverse-CDF draw: per row, the first index whose cumulative probability exceeds u * total
+    (u (R, 1) uniform in [0, 1)); a zero-probability index is never returned."""
     cdf = probs.cumsum(dim=-1)
-    u = torch.rand((probs.shape[0], 1), generator=generator, device=probs.device, dtype=probs.dtype)
     pick = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
-    # the kept candidates are a prefix, so rounding past the end falls back on the last kept one
-    pick = torch.minimum(pick, (probs > 0).sum(dim=-1, keepdim=True) - 1)
-    return idx.gather(1, pick).squeeze(1), probs.gather(1, pick).squeeze(1)
+    # rounding can push u * total onto the total: fall back on the row's last nonzero index
+    index = torch.arange(probs.shape[-1], device=probs.device)
+    last = torch.where(probs > 0, index, -1).amax(dim=-1, keepdim=True)
+    return torch.minimum(pick, last)
 
 
-def _sample_rows(logits, top_k, top_p, generator):
-    if 0 < top_k < logits.shape[-1]:
-        drawn = _sample_top_k(logits, top_k, top_p, generator)
-        if drawn is not None:
-            return drawn
+def _sample_rows(logits, top_k, top_p, u):
+    """(ids, conf) of (R, V) float32 rows. With top_k, the work is done on topk's sorted candidates
+    (no full-vocabulary sort) unless a row has ties at the k-th value, which filter_logits keeps."""
+    V = logits.shape[-1]
+    if 0 < top_k < V:
+        vals, idx = logits.topk(top_k, dim=-1)
+        if not bool(((logits >= vals[:, -1:]).sum(dim=-1) > top_k).any()):
+            probs = vals.softmax(dim=-1)
+            if 0.0 < top_p < 1.0:
+                # filter_logits' rule on the descending candidates: drop a token once the mass before
+                # it reaches top_p (the first token always stays)
+                before = probs.cumsum(dim=-1) - probs
+                probs = vals.masked_fill(before >= top_p, float("-inf")).softmax(dim=-1)
+            pick = _draw(probs, u)
+            return idx.gather(1, pick).squeeze(1), probs.gather(1, pick).squeeze(1)
     probs = filter_logits(logits, top_k, top_p).softmax(dim=-1)
-    pick = torch.multinomial(probs, 1, generator=generator)
+    pick = _draw(probs, u)
     return pick.squeeze(1), probs.gather(1, pick).squeeze(1)
 
 
 def sample(logits, top_k, top_p, generator):
     """(B, n, V) logits -> (ids (B, n) int64, probability of each sampled id (B, n) float32), from
-    softmax(filter_logits(logits)). The draws depend on the generator only (a seed fixes them)."""
+    softmax(filter_logits(logits)). One uniform number per row, drawn up front: the generator's
+    stream does not depend on the logits, so two runs whose logits differ by rounding (a cached and a
+    recomputed generation) stay in step."""
     V = logits.shape[-1]
     flat = logits.reshape(-1, V)
+    u = torch.rand((flat.shape[0], 1), generator=generator, device=logits.device)
     ids = torch.empty(flat.shape[0], dtype=torch.long, device=logits.device)
     conf = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
     rows = max(1, _CHUNK_LOGITS // V)
     for start in range(0, flat.shape[0], rows):
         ids[start:start + rows], conf[start:start + rows] = _sample_rows(flat[start:start + rows].float(), top_k,
-                                                                         top_p, generator)
+                                                                         top_p, u[start:start + rows])
     return ids.view(logits.shape[:-1]), conf.view(logits.shape[:-1])
