@@ -63,6 +63,10 @@ def _sample_rows(logits, top_k, top_p, u):
                 # it reaches top_p (the first token always stays)
                 before = probs.cumsum(dim=-1) - probs
                 probs = vals.masked_fill(before >= top_p, float("-inf")).softmax(dim=-1)
+            # draw in vocabulary order, as the full path does: in value order two candidates whose
+            # logits differ by rounding swap places between runs and move every token after them
+            idx, order = idx.sort(dim=-1)
+            probs = probs.gather(1, order)
             pick = _draw(probs, u)
             return idx.gather(1, pick).squeeze(1), probs.gather(1, pick).squeeze(1)
     probs = filter_logits(logits, top_k, top_p).softmax(dim=-1)
