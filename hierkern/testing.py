@@ -6,7 +6,6 @@ Tolerance rule (DESIGN.md §5): a kernel's error against the float64 reference m
 floor relative to the magnitude of the result. There is no global atol.
 """
 import contextlib
-import os
 
 import torch
 

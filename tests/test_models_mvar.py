@@ -11,6 +11,7 @@ import hierkern
 from hierkern.models import MVAR
 from hierkern.models._mamba2 import Mamba2Mixer
 from hierkern.testing import assert_close_rel
+from next_scale_model_helpers import logits_and_grads, tokens_labels
 
 _missing = [n for n in ("next_scale_attention", "ssd_scan", "causal_conv1d") if not hasattr(hierkern, n)]
 needs_kernels = pytest.mark.skipif(bool(_missing), reason="impl='kernels' needs hierkern."
@@ -43,19 +44,6 @@ def randomize(model, seed=0):
 
 def make(impl="reference", seed=0, **kw):
     return randomize(MVAR(**{**TINY, **kw}, impl=impl), seed).eval()
-
-
-def tokens_labels(model, batch=2, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randint(0, model.vocab_size, (batch, model.layout.L), generator=g),
-            torch.randint(0, model.num_classes, (batch,), generator=g))
-
-
-def logits_and_grads(model, tokens, labels, weight, **kw):
-    model.zero_grad()
-    logits = model(tokens, labels, **kw)
-    (logits * weight.to(logits.dtype)).sum().backward()
-    return logits.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
 
 
 @needs_kernels

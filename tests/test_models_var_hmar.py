@@ -9,6 +9,7 @@ import torch
 import hierkern
 from hierkern.models import HMAR, VAR
 from hierkern.testing import assert_close_rel
+from next_scale_model_helpers import logits_and_grads, tokens_labels
 
 KERNEL_APIS = ("KVCache", "cached_attention")
 _missing = [n for n in KERNEL_APIS if not hasattr(hierkern, n)]
@@ -45,19 +46,6 @@ def randomize(model, seed=0):
 
 def make(cls, impl="reference", seed=0, **kw):
     return randomize(cls(**{**TINY, **kw}, impl=impl), seed).eval()
-
-
-def tokens_labels(model, batch=2, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randint(0, model.vocab_size, (batch, model.layout.L), generator=g),
-            torch.randint(0, model.num_classes, (batch,), generator=g))
-
-
-def logits_and_grads(model, tokens, labels, weight, **kw):
-    model.zero_grad()
-    logits = model(tokens, labels, **kw)
-    (logits * weight.to(logits.dtype)).sum().backward()
-    return logits.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
 
 
 @needs_kernels

@@ -21,6 +21,7 @@ from hierkern.layouts import VAR_256, ScaleLayout
 
 from . import _attention
 from ._blocks import AdaLNBlock, AdaLNHead, trunc_normal_init_
+from ._sampling import sample
 
 # VAR's own 256px token schedule (L = 680): at depth 4 a training step and a generation take about a
 # second each on a 2-core CPU, and attention is as large a share of the work as in the real model.
@@ -248,6 +249,34 @@ class NextScaleTransformer(nn.Module):
         last (cfg_ramp=True), or is `cfg` at every scale."""
         last = self.layout.num_scales - 1
         return cfg * scale / last if cfg_ramp and last > 0 else cfg
+
+    def sample_scales(self, labels, cfg, top_k, top_p, generator, cfg_ramp, scale_logits):
+        """The generation loop of VAR and M-VAR: scale by scale, scale_logits(si, x, cond, block_cond)
+        gives the (2B, n, V) logits of scale si from its 2B-row input x; they are guided and sampled,
+        and the sampled ids build the next scale's input. Returns the per-scale (B, pn*pn) ids."""
+        off, n_scales = self.layout.offsets, self.layout.num_scales
+        cond, block_cond = self.cfg_condition(labels)
+        x = self.start_input(cond) + self.level_pos(0, off[1])
+        out = []
+        for si in range(n_scales):
+            logits = scale_logits(si, x, cond, block_cond)
+            ids, _ = sample(self.guide(logits, self.cfg_ratio(cfg, si, cfg_ramp)), top_k, top_p, generator)
+            out.append(ids)
+            if si + 1 < n_scales:
+                x = self.next_scale_input(ids, si + 1).repeat(2, 1, 1) + self.level_pos(off[si + 1], off[si + 2])
+        return out
+
+    def prefix_recompute(self, impl):
+        """A scale_logits for sample_scales that reruns the whole prefix at every scale (no KV cache,
+        no carried state: VAR without cache, M-VAR's own code)."""
+        inputs = []
+
+        def scale_logits(si, x, cond, block_cond):
+            inputs.append(x)
+            prefix = ScaleLayout.from_sizes(self.layout.sizes[:si + 1])
+            logits = self.sequence_logits(torch.cat(inputs, dim=1), cond, block_cond, prefix, impl)
+            return logits[:, self.layout.offsets[si]:]
+        return scale_logits
 
     @staticmethod
     def guide(logits, ratio):

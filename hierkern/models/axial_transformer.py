@@ -18,8 +18,6 @@ impl="reference": permute + F.scaled_dot_product_attention for row and column at
 caches in sampling. impl="kernels": hierkern.axial_attention (strided, no permute copies) and
 hierkern.KVCache + hierkern.cached_attention.
 """
-import math
-import numbers
 
 import torch
 import torch.nn as nn

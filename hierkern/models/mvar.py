@@ -3,12 +3,10 @@ information across scales, generated scale by scale with the Mamba state carried
 import torch
 import torch.nn as nn
 
-from hierkern.layouts import ScaleLayout
-
 from . import _attention
 from ._mamba2 import Mamba2Mixer
 from ._next_scale import NextScaleTransformer, _check_positive_int
-from ._sampling import check_sampling_args, sample
+from ._sampling import check_sampling_args
 
 _KERNEL_APIS = ("next_scale_attention", "ssd_scan", "causal_conv1d")
 
@@ -124,21 +122,12 @@ class MVAR(NextScaleTransformer):
         check_sampling_args(owner, cfg, top_k, top_p, generator)
         if not isinstance(state_carry, bool):
             raise TypeError(f"{owner}: state_carry must be a bool, got {type(state_carry).__name__}")
-        off, sizes = self.layout.offsets, self.layout.sizes
-        cond, block_cond = self.cfg_condition(labels)
-        x = self.start_input(cond) + self.level_pos(0, off[1])
-        states, inputs, out = [None] * self.depth, [], []
-        for si in range(self.layout.num_scales):
-            if state_carry:
-                logits = self.sequence_logits(x, cond, block_cond, _attention.single_scale_layout(sizes[si]),
-                                              impl, states)
-            else:
-                inputs.append(x)
-                prefix = ScaleLayout.from_sizes(sizes[:si + 1])
-                logits = self.sequence_logits(torch.cat(inputs, dim=1), cond, block_cond, prefix, impl)
-                logits = logits[:, off[si]:]
-            ids, _ = sample(self.guide(logits, self.cfg_ratio(cfg, si, cfg_ramp)), top_k, top_p, generator)
-            out.append(ids)
-            if si + 1 < self.layout.num_scales:
-                x = self.next_scale_input(ids, si + 1).repeat(2, 1, 1) + self.level_pos(off[si + 1], off[si + 2])
-        return out
+        if state_carry:
+            states = [None] * self.depth
+
+            def scale_logits(si, x, cond, block_cond):
+                layout = _attention.single_scale_layout(self.layout.sizes[si])
+                return self.sequence_logits(x, cond, block_cond, layout, impl, states)
+        else:
+            scale_logits = self.prefix_recompute(impl)
+        return self.sample_scales(labels, cfg, top_k, top_p, generator, cfg_ramp, scale_logits)

@@ -2,11 +2,9 @@
 every token of scales <= i) and scale-by-scale generation over a per-layer KV cache."""
 import torch
 
-from hierkern.layouts import ScaleLayout
-
 from . import _attention
 from ._next_scale import NextScaleTransformer
-from ._sampling import check_sampling_args, sample
+from ._sampling import check_sampling_args
 
 
 class VAR(NextScaleTransformer):
@@ -48,7 +46,7 @@ class VAR(NextScaleTransformer):
 
         The batch is doubled (rows of `labels`, then null-class rows); at scale i the guided logits are
         (1 + r) * cond - r * uncond with r = cfg * i / (num_scales - 1) when cfg_ramp (VAR's linear
-        ramp) or r = cfg. Tokens are drawn with torch.multinomial(generator=generator) after top_k /
+        ramp) or r = cfg. Tokens are drawn with the generator (one uniform per token) after top_k /
         top_p filtering (0 disables either; top_k=1 is greedy). The generator must be on the model's
         device.
 
@@ -61,27 +59,15 @@ class VAR(NextScaleTransformer):
         impl = self._resolve_impl(owner, impl)
         labels = self._check_labels(owner, labels)
         check_sampling_args(owner, cfg, top_k, top_p, generator)
-        rows = 2 * labels.shape[0]
-        off, sizes = self.layout.offsets, self.layout.sizes
-        cond, block_cond = self.cfg_condition(labels)
-        x = self.start_input(cond) + self.level_pos(0, off[1])
         if use_cache:
-            head_dim = self.width // self.heads
-            caches = [_attention.make_kv_cache(impl, rows, self.layout.L, self.heads, head_dim,
-                                               x.dtype, x.device) for _ in self.blocks]
+            caches = []
+
+            def scale_logits(si, x, cond, block_cond):
+                if not caches:
+                    caches.extend(_attention.make_kv_cache(impl, x.shape[0], self.layout.L, self.heads,
+                                                           self.width // self.heads, x.dtype, x.device)
+                                  for _ in self.blocks)
+                return self.head(self.run_blocks(x, block_cond, lambda i: caches[i].attend), cond)
         else:
-            inputs = []
-        out = []
-        for si in range(self.layout.num_scales):
-            if use_cache:
-                logits = self.head(self.run_blocks(x, block_cond, lambda i: caches[i].attend), cond)
-            else:
-                inputs.append(x)
-                prefix = ScaleLayout.from_sizes(sizes[:si + 1])
-                logits = self.sequence_logits(torch.cat(inputs, dim=1), cond, block_cond, prefix, impl)
-                logits = logits[:, off[si]:]
-            ids, _ = sample(self.guide(logits, self.cfg_ratio(cfg, si, cfg_ramp)), top_k, top_p, generator)
-            out.append(ids)
-            if si + 1 < self.layout.num_scales:
-                x = self.next_scale_input(ids, si + 1).repeat(2, 1, 1) + self.level_pos(off[si + 1], off[si + 2])
-        return out
+            scale_logits = self.prefix_recompute(impl)
+        return self.sample_scales(labels, cfg, top_k, top_p, generator, cfg_ramp, scale_logits)
