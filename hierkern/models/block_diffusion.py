@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from . import _attention
 from . import _block_attention as ba
 from ._blocks import PreNormBlock
+from ._checks import check_token_ids
 from ._next_scale import _INT_DTYPES, _check_positive_int
 from ._sampling import check_sampling_args, sample
 
@@ -67,19 +68,7 @@ class BlockDiffusionLM(nn.Module):
         return _attention.check_impl(owner, self.impl if impl is None else impl, ba.KERNEL_APIS)
 
     def _check_ids(self, owner, name, ids, high, batch_len=None):
-        if not isinstance(ids, torch.Tensor):
-            raise TypeError(f"{owner}: {name} must be a (batch, length) integer tensor, got {type(ids).__name__}")
-        if ids.dtype not in _INT_DTYPES:
-            raise TypeError(f"{owner}: {name} must have an integer dtype (token ids), got {ids.dtype}")
-        if ids.dim() != 2 or 0 in ids.shape or (batch_len is not None and tuple(ids.shape) != batch_len):
-            want = "(batch, length)" if batch_len is None else str(batch_len)
-            raise ValueError(f"{owner}: {name} must have shape {want}, got {tuple(ids.shape)}")
-        if ids.device != self._device():
-            raise ValueError(f"{owner}: {name} is on {ids.device} but the model is on {self._device()}")
-        lo, hi = int(ids.min()), int(ids.max())
-        if lo < 0 or hi >= high:
-            raise ValueError(f"{owner}: {name} must hold token ids in [0, {high}), got values in [{lo}, {hi}]")
-        return ids.long()
+        return check_token_ids(owner, name, ids, high, self._device(), batch_len)
 
     def _documents(self, owner, cu_seqlens, n):
         """Document offsets over the clean tokens, each document a whole number of blocks."""

@@ -32,7 +32,8 @@ from hierkern.ops.kv_reuse import reference as kv_ref
 
 from . import _attention
 from ._blocks import PreNormBlock
-from ._next_scale import _INT_DTYPES, _check_positive_int
+from ._checks import check_token_ids
+from ._next_scale import _check_positive_int
 
 CACHES = ("none", "prefix", "dual", "adaptive")
 _KERNEL_APIS = ("refresh_select", "scatter_kv", "subset_attention")
@@ -182,18 +183,7 @@ class MaskedDiffusionLM(nn.Module):
                             self._device(), adaptive) for _ in self.blocks]
 
     def _check_ids(self, owner, name, ids, high):
-        if not isinstance(ids, torch.Tensor):
-            raise TypeError(f"{owner}: {name} must be a (batch, length) integer tensor, got {type(ids).__name__}")
-        if ids.dtype not in _INT_DTYPES:
-            raise TypeError(f"{owner}: {name} must have an integer dtype (token ids), got {ids.dtype}")
-        if ids.dim() != 2 or 0 in ids.shape:
-            raise ValueError(f"{owner}: {name} must have shape (batch, length), got {tuple(ids.shape)}")
-        if ids.device != self._device():
-            raise ValueError(f"{owner}: {name} is on {ids.device} but the model is on {self._device()}")
-        lo, hi = int(ids.min()), int(ids.max())
-        if lo < 0 or hi >= high:
-            raise ValueError(f"{owner}: {name} must hold token ids in [0, {high}), got values in [{lo}, {hi}]")
-        return ids.long()
+        return check_token_ids(owner, name, ids, high, self._device())
 
     # ------------------------------------------------------------------------------------------
 
