@@ -1,7 +1,8 @@
 """Argument checks shared by the language-model style reference models (token id tensors)."""
 import torch
 
-from ._next_scale import _INT_DTYPES
+from . import _attention
+from ._next_scale import _INT_DTYPES, _check_positive_int
 
 
 def check_token_ids(owner, name, ids, high, device, shape=None):
@@ -20,3 +21,16 @@ def check_token_ids(owner, name, ids, high, device, shape=None):
     if lo < 0 or hi >= high:
         raise ValueError(f"{owner}: {name} must hold token ids in [0, {high}), got values in [{lo}, {hi}]")
     return ids.long()
+
+
+def check_lm_config(owner, impl, **sizes):
+    """Constructor arguments of the RoPE / GQA language models: every size (in the order given) an
+    int >= 1, width = heads x an even head_dim, heads a multiple of kv_heads, a known impl."""
+    for arg, value in sizes.items():
+        _check_positive_int(owner, arg, value)
+    width, heads, kv_heads = sizes["width"], sizes["heads"], sizes["kv_heads"]
+    if width % heads or (width // heads) % 2 or heads % kv_heads:
+        raise ValueError(f"{owner}: width ({width}) must be a multiple of heads ({heads}) with an even head_dim, "
+                         f"and heads a multiple of kv_heads ({kv_heads})")
+    if impl not in _attention.IMPLS:
+        raise ValueError(f"{owner}: impl must be 'reference' or 'kernels', got {impl!r}")

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from . import _attention
 from . import _block_attention as ba
 from ._blocks import PreNormBlock
-from ._checks import check_token_ids
+from ._checks import check_lm_config, check_token_ids
 from ._next_scale import _INT_DTYPES, _check_positive_int
 from ._sampling import check_sampling_args, sample
 
@@ -37,14 +37,8 @@ class BlockDiffusionLM(nn.Module):
                  rope_base=10000.0, norm_eps=1e-5, impl="kernels"):
         super().__init__()
         name = type(self).__name__
-        for arg, value in (("vocab_size", vocab_size), ("width", width), ("depth", depth), ("heads", heads),
-                           ("kv_heads", kv_heads), ("block_size", block_size)):
-            _check_positive_int(name, arg, value)
-        if width % heads or (width // heads) % 2 or heads % kv_heads:
-            raise ValueError(f"{name}: width ({width}) must be a multiple of heads ({heads}) with an even head_dim, "
-                             f"and heads a multiple of kv_heads ({kv_heads})")
-        if impl not in _attention.IMPLS:
-            raise ValueError(f"{name}: impl must be 'reference' or 'kernels', got {impl!r}")
+        check_lm_config(name, impl, vocab_size=vocab_size, width=width, depth=depth, heads=heads, kv_heads=kv_heads,
+                        block_size=block_size)
         self.vocab_size, self.mask_id, self.block_size = vocab_size, vocab_size, block_size
         self.width, self.heads, self.kv_heads, self.rope_base, self.impl = width, heads, kv_heads, rope_base, impl
         self._masks = ba.MaskCache()

@@ -32,7 +32,7 @@ from hierkern.ops.kv_reuse import reference as kv_ref
 
 from . import _attention
 from ._blocks import PreNormBlock
-from ._checks import check_token_ids
+from ._checks import check_lm_config, check_token_ids
 from ._next_scale import _check_positive_int
 
 CACHES = ("none", "prefix", "dual", "adaptive")
@@ -64,14 +64,7 @@ class MaskedDiffusionLM(nn.Module):
                  rope_base=10000.0, norm_eps=1e-5, impl="kernels"):
         super().__init__()
         name = type(self).__name__
-        for arg, value in (("vocab_size", vocab_size), ("width", width), ("depth", depth), ("heads", heads),
-                           ("kv_heads", kv_heads)):
-            _check_positive_int(name, arg, value)
-        if width % heads or (width // heads) % 2 or heads % kv_heads:
-            raise ValueError(f"{name}: width ({width}) must be a multiple of heads ({heads}) with an even head_dim, "
-                             f"and heads a multiple of kv_heads ({kv_heads})")
-        if impl not in _attention.IMPLS:
-            raise ValueError(f"{name}: impl must be 'reference' or 'kernels', got {impl!r}")
+        check_lm_config(name, impl, vocab_size=vocab_size, width=width, depth=depth, heads=heads, kv_heads=kv_heads)
         self.vocab_size, self.mask_id = vocab_size, vocab_size
         self.width, self.heads, self.kv_heads, self.head_dim = width, heads, kv_heads, width // heads
         self.rope_base, self.impl = rope_base, impl
