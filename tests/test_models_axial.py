@@ -8,6 +8,7 @@ import torch
 
 from hierkern.models import AxialTransformer
 from hierkern.testing import assert_close_rel
+from model_helpers import randomize
 
 CFG = dict(image_size=(4, 5), channels=2, levels=16, width=64, heads=2, kv_heads=1, outer_depth=1, inner_depth=2)
 
@@ -19,18 +20,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-def randomize(model, seed=0):
-    """Order-one weights everywhere, so attention visibly shapes the outputs."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
-            else:
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-    return model.eval()
 
 
 def model(impl="kernels", **kw):

@@ -8,6 +8,7 @@ import torch
 import hierkern
 from hierkern.models import ACDiT, BlockDiffusionLM
 from hierkern.testing import assert_close_rel
+from model_helpers import randomize
 
 _missing = [n for n in ("skip_causal_attention", "block_causal_attention", "KVCache", "cached_attention")
             if not hasattr(hierkern, n)]
@@ -26,19 +27,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-def randomize(model, seed=0):
-    """Order-one weights everywhere, so attention visibly shapes the outputs (the default inits
-    start blocks near the identity)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
-            else:
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-    return model.eval()
 
 
 def acdit(**kw):

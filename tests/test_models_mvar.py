@@ -11,7 +11,7 @@ import hierkern
 from hierkern.models import MVAR
 from hierkern.models._mamba2 import Mamba2Mixer
 from hierkern.testing import assert_close_rel
-from next_scale_model_helpers import logits_and_grads, tokens_labels
+from model_helpers import assert_greedy_generation_kernels_equals_reference, logits_and_grads, tokens_labels
 
 _missing = [n for n in ("next_scale_attention", "ssd_scan", "causal_conv1d") if not hasattr(hierkern, n)]
 needs_kernels = pytest.mark.skipif(bool(_missing), reason="impl='kernels' needs hierkern."
@@ -115,11 +115,7 @@ def test_state_carry_generation_equals_prefix_recompute(impl, sampling, monkeypa
 @needs_kernels
 def test_greedy_generation_kernels_equals_reference():
     model = make()
-    labels = torch.tensor([1, 4, 9])
-    ref = model.generate(labels, cfg=1.5, top_k=1, impl="reference")
-    ker = model.generate(labels, cfg=1.5, top_k=1, impl="kernels")
-    for a, b in zip(ref, ker):
-        assert torch.equal(a, b)
+    assert_greedy_generation_kernels_equals_reference(model)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

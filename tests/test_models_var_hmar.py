@@ -9,7 +9,7 @@ import torch
 import hierkern
 from hierkern.models import HMAR, VAR
 from hierkern.testing import assert_close_rel
-from next_scale_model_helpers import logits_and_grads, tokens_labels
+from model_helpers import assert_greedy_generation_kernels_equals_reference, logits_and_grads, tokens_labels
 
 KERNEL_APIS = ("KVCache", "cached_attention")
 _missing = [n for n in KERNEL_APIS if not hasattr(hierkern, n)]
@@ -94,11 +94,7 @@ def test_var_kv_cache_generation_equals_recompute(impl):
 @pytest.mark.parametrize("cls", [VAR, HMAR])
 def test_greedy_generation_kernels_equals_reference(cls):
     model = make(cls)
-    labels = torch.tensor([1, 4, 9])
-    ref = model.generate(labels, cfg=1.5, top_k=1, impl="reference")
-    ker = model.generate(labels, cfg=1.5, top_k=1, impl="kernels")
-    for a, b in zip(ref, ker):
-        assert torch.equal(a, b)
+    assert_greedy_generation_kernels_equals_reference(model)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
