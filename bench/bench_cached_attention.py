@@ -13,14 +13,14 @@ import torch
 import torch.nn.functional as F
 
 import hierkern
-from bench.common import median_seconds
+from bench.common import default_device, median_seconds
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default=default_device())
     ap.add_argument("--dtype", default="fp32", choices=DTYPES)
     ap.add_argument("--reps", type=int, default=20)
     args = ap.parse_args()

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 import hierkern
-from bench.common import median_seconds, sync
+from bench.common import default_device, median_seconds, sync
 from hierkern.models import MaskedDiffusionLM
 
 CACHE_NAMES = ("none", "prefix", "dual", "adaptive")
@@ -142,7 +142,7 @@ def bench_generate(dev, quick):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default=default_device())
     ap.add_argument("--out", default=None)
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--quick", action="store_true")

@@ -27,7 +27,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from bench.common import peak_memory_bytes, sync, time_call
+from bench.common import default_device, peak_memory_bytes, sync, time_call
 from hierkern.layouts import VAR_256, VAR_512
 from hierkern.models import HMAR, VAR
 from hierkern.models._next_scale import DEFAULT_PATCH_NUMS
@@ -216,7 +216,7 @@ def main(argv=None):
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory calls")
     ap.add_argument("--out", default=None, help="write the rows, targets and table as JSON to this path")
     args = ap.parse_args(argv)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = args.device or default_device()
     if device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda but torch.cuda.is_available() is False")
     models = [m.strip() for m in args.models.split(",") if m.strip()]

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.bench_models import fmt_mb, fmt_time, measure_pair
+from bench.common import default_device
 from hierkern.layouts import VAR_256, ScaleLayout
 from hierkern.models import MVAR
 
@@ -218,7 +219,7 @@ def main(argv=None):
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory calls")
     ap.add_argument("--out", default=None, help="write rows, summary and table as JSON to this path")
     args = ap.parse_args(argv)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = args.device or default_device()
     if device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda but torch.cuda.is_available() is False")
     phases = tuple(p.strip() for p in args.phases.split(",") if p.strip())

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 import hierkern
-from bench.common import median_seconds, sync
+from bench.common import fwd_and_fwd_bwd, median_seconds, sync
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -95,15 +95,7 @@ def bench_shape(args, l):
             return mamba_style_scan(**inputs)
         return hierkern.selective_scan(**inputs, delta_softplus=True, impl=hk_impl if name == "hierkern" else name)
 
-    def fwd(name):
-        def f():
-            with torch.no_grad():
-                return call(name, x)
-        return f
-
-    def fwd_bwd(name):
-        leaves = {k: (v.detach().requires_grad_() if k in grad_names else v) for k, v in x.items()}
-        return lambda: torch.autograd.grad((call(name, leaves) * g).sum(), [leaves[k] for k in grad_names])
+    fwd, fwd_bwd = fwd_and_fwd_bwd(call, x, grad_names, g)
 
     peers = ("hierkern", "reference", "mamba-style")
     print(f"selective_scan {dev}, {args.dtype}, b={args.b} d={args.d} n={args.n} l={l}"

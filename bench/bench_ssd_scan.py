@@ -26,7 +26,7 @@ import time
 import torch
 
 import hierkern
-from bench.common import median_seconds
+from bench.common import fwd_and_fwd_bwd, median_seconds
 from hierkern.ops.scan import ssd_reference
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -56,15 +56,7 @@ def run_length(args, l, dtype, device):
             return ssd_reference.ssd_scan_chunked(*pos, chunk_size=args.chunk, **kw)[0]
         return ssd_reference.ssd_scan_sequential(*pos, **kw)[0]
 
-    def fwd(name):
-        def f():
-            with torch.no_grad():
-                return call(name, x)
-        return f
-
-    def fwd_bwd(name):
-        leaves = {k: (v.detach().requires_grad_() if k in GRADS else v) for k, v in x.items()}
-        return lambda: torch.autograd.grad((call(name, leaves) * g).sum(), [leaves[k] for k in GRADS])
+    fwd, fwd_bwd = fwd_and_fwd_bwd(call, x, GRADS, g)
 
     tokens_heads = args.b * l * args.h
     rec_flop = 2 * 3 * tokens_heads * args.p * args.n

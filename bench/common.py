@@ -126,6 +126,21 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def fwd_and_fwd_bwd(call, inputs, grad_names, grad_out):
+    """Timing factories over a dict of inputs: fwd(name) runs call(name, inputs) without autograd;
+    fwd_bwd(name) runs it on fresh leaves and differentiates <out, grad_out> w.r.t. grad_names."""
+    def fwd(name):
+        def f():
+            with torch.no_grad():
+                return call(name, inputs)
+        return f
+
+    def fwd_bwd(name):
+        leaves = {k: (v.detach().requires_grad_() if k in grad_names else v) for k, v in inputs.items()}
+        return lambda: torch.autograd.grad((call(name, leaves) * grad_out).sum(), [leaves[k] for k in grad_names])
+    return fwd, fwd_bwd
+
+
 # ----------------------------------------------------------------------------------------------
 # targets (from the issue); evaluated by report.py
 # ----------------------------------------------------------------------------------------------
