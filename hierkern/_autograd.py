@@ -56,16 +56,20 @@ def below_autograd(op):
     return fn
 
 
+def _choose(op, eager, inputs):
+    return eager if eager is not None and _plain_eager(inputs) else op
+
+
 def dispatch(op, eager, *inputs):
     """op(*inputs), through `eager` (if given) when nothing needs the dispatcher (backward passes)."""
-    return eager(*inputs) if eager is not None and _plain_eager(inputs) else op(*inputs)
+    return _choose(op, eager, inputs)(*inputs)
 
 
 def call_op(op, setup_context, backward, *inputs, eager=None):
     """op(*inputs), differentiable with the same setup_context / backward as its registered formula.
     eager: a function equivalent to op for plain eager tensors (its Python kernel, or
     below_autograd(op)), used when nothing needs the dispatcher."""
-    fn = eager if eager is not None and _plain_eager(inputs) else op
+    fn = _choose(op, eager, inputs)
     if (torch.is_grad_enabled() and not torch.compiler.is_compiling()
             and any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs)):
         return _OpFunction.apply(fn, setup_context, backward, *inputs)

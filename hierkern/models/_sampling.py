@@ -50,9 +50,10 @@ def _draw(probs, u):
     return torch.minimum(pick, last)
 
 
-def _sample_rows(logits, top_k, top_p, u):
-    """(ids, conf) of (R, V) float32 rows. With top_k, the work is done on topk's sorted candidates
-    (no full-vocabulary sort) unless a row has ties at the k-th value, which filter_logits keeps."""
+def _candidates(logits, top_k, top_p):
+    """(probs, ids) of (R, V) float32 rows: the filtered distribution over the top_k candidates in
+    vocabulary order with their ids (no full-vocabulary sort), or over the whole vocabulary with ids
+    None when top_k is off or a row has ties at the k-th value (filter_logits keeps all of them)."""
     V = logits.shape[-1]
     if 0 < top_k < V:
         vals, idx = logits.topk(top_k, dim=-1)
@@ -66,12 +67,15 @@ def _sample_rows(logits, top_k, top_p, u):
             # draw in vocabulary order, as the full path does: in value order two candidates whose
             # logits differ by rounding swap places between runs and move every token after them
             idx, order = idx.sort(dim=-1)
-            probs = probs.gather(1, order)
-            pick = _draw(probs, u)
-            return idx.gather(1, pick).squeeze(1), probs.gather(1, pick).squeeze(1)
-    probs = filter_logits(logits, top_k, top_p).softmax(dim=-1)
+            return probs.gather(1, order), idx
+    return filter_logits(logits, top_k, top_p).softmax(dim=-1), None
+
+
+def _sample_rows(logits, top_k, top_p, u):
+    """(ids, conf) of (R, V) float32 rows, one uniform u (R, 1) per row."""
+    probs, ids = _candidates(logits, top_k, top_p)
     pick = _draw(probs, u)
-    return pick.squeeze(1), probs.gather(1, pick).squeeze(1)
+    return (pick if ids is None else ids.gather(1, pick)).squeeze(1), probs.gather(1, pick).squeeze(1)
 
 
 def sample(logits, top_k, top_p, generator):
