@@ -2,11 +2,11 @@
 argument), continuation from a state, backend selection, bad inputs and opcheck."""
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import hierkern
 from hierkern import _backend
 from hierkern.testing import assert_close_rel, poisoned_outputs
+from scan_helpers import OpLog, cast_leaves, check_broadcast_grad_out
 
 pytestmark = pytest.mark.skipif(not _backend.has_compiled_ops(), reason="hierkern._C is not built")
 
@@ -46,18 +46,6 @@ def make_inputs(b=2, d=6, l=33, n=8, dtype=torch.float32, B_kind="var", C_kind=N
     x["delta_bias"] = (0.2 * torch.randn(d) if softplus else 0.05 * torch.rand(d)) if bias else None
     x["initial_state"] = (torch.randn(b, d, n + 3)[..., :n] if strided else torch.randn(b, d, n)) if init else None
     return {k: (v.requires_grad_() if v is not None else None) for k, v in x.items()}, softplus
-
-
-def cast_leaves(x, dtype):
-    """Detached copies as fresh leaves: everything in float64 (dtype float64), else the originals' dtypes."""
-    out = {}
-    for k, v in x.items():
-        if v is None:
-            out[k] = None
-        else:
-            t = v.detach().to(torch.float64) if dtype == torch.float64 else v.detach().clone()
-            out[k] = t.requires_grad_()
-    return out
 
 
 def run(x, softplus, impl, g, g_last):
@@ -145,15 +133,7 @@ def test_float32_B_C_with_bfloat16_u():
 def test_broadcast_grad_out():
     """out.sum().backward() hands the kernel an expanded (stride 0) grad_out."""
     x, softplus = make_inputs(l=17)
-    hierkern.selective_scan(**x, delta_softplus=softplus, impl="cpu").sum().backward()
-    got = {k: v.grad for k, v in x.items()}
-    refs = []
-    for dtype in (torch.float64, None):
-        xr = cast_leaves(x, dtype)
-        hierkern.selective_scan(**xr, delta_softplus=softplus, impl="reference").sum().backward()
-        refs.append({k: v.grad for k, v in xr.items()})
-    for k in ARGS:
-        assert_close_rel(f"d{k}", got[k], refs[0][k], refs[1][k])
+    check_broadcast_grad_out(hierkern.selective_scan, x, ARGS, delta_softplus=softplus)
 
 
 def test_checkpointed_backward():
@@ -232,22 +212,12 @@ def test_state_carry_matters():
 # backend selection
 # ---------------------------------------------------------------------------------------------
 
-class _OpLog(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 def test_default_impl_is_the_cpu_kernel():
     x, softplus = make_inputs(l=9)
-    with _OpLog() as log:
+    with OpLog() as log:
         hierkern.selective_scan(**x, delta_softplus=softplus)
     assert any("hierkern.selective_scan_fwd" in op for op in log.ops), log.ops[:10]
-    with _OpLog() as log:
+    with OpLog() as log:
         hierkern.selective_scan(**x, delta_softplus=softplus, impl="reference")
     assert not any("hierkern" in op for op in log.ops)
 

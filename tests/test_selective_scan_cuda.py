@@ -12,7 +12,8 @@ import hierkern
 from hierkern import _backend
 from hierkern.ops.scan import cuda_nvrtc, cuda_source
 from hierkern.testing import assert_close_rel, poisoned_outputs
-from test_selective_scan import ARGS, _OpLog, cast_leaves, make_inputs
+from scan_helpers import OpLog, cast_leaves
+from test_selective_scan import ARGS, make_inputs
 
 def _has_driver_bindings():
     try:
@@ -226,7 +227,7 @@ def test_continuation(route, kind):
 def test_default_impl_on_cuda_is_the_cuda_kernel():
     x, softplus = make_inputs(l=9)
     x = to_cuda(x)
-    with _OpLog() as log:
+    with OpLog() as log:
         out = hierkern.selective_scan(**x, delta_softplus=softplus)
     assert any("hierkern.selective_scan_fwd" in op for op in log.ops), log.ops[:10]
     torch.testing.assert_close(out, hierkern.selective_scan(**x, delta_softplus=softplus, impl="cuda"))

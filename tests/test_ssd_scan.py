@@ -8,6 +8,7 @@ import hierkern
 from hierkern import _backend
 from hierkern.ops.scan import ssd_reference
 from hierkern.testing import assert_close_rel, poisoned_outputs
+from scan_helpers import OpLog, cast_leaves, check_broadcast_grad_out
 
 pytestmark = pytest.mark.skipif(not _backend.has_compiled_ops(), reason="hierkern._C is not built")
 
@@ -37,13 +38,6 @@ def make_inputs(b=2, l=33, h=4, p=6, g=2, n=8, dtype=torch.float32, D="h", z=Tru
     x["initial_states"] = ((torch.randn(b, h, p, n + 3)[..., :n] if strided else torch.randn(b, h, p, n))
                            if init else None)
     return {k: (v.requires_grad_() if v is not None else None) for k, v in x.items()}, softplus
-
-
-def cast_leaves(x, dtype):
-    """Detached copies as fresh leaves: everything in float64 (dtype float64), else the originals' dtypes."""
-    return {k: None if v is None else (v.detach().to(torch.float64) if dtype == torch.float64
-                                       else v.detach().clone()).requires_grad_()
-            for k, v in x.items()}
 
 
 def run(x, softplus, impl, g, g_fin, chunk_size=16):
@@ -177,15 +171,7 @@ def test_float32_B_C_with_bfloat16_x():
 def test_broadcast_grad_out():
     """out.sum().backward() hands the kernel an expanded (stride 0) grad_out."""
     x, softplus = make_inputs(l=17)
-    hierkern.ssd_scan(**x, dt_softplus=softplus, impl="cpu").sum().backward()
-    got = {k: v.grad for k, v in x.items()}
-    refs = []
-    for dtype in (torch.float64, None):
-        xr = cast_leaves(x, dtype)
-        hierkern.ssd_scan(**xr, dt_softplus=softplus, impl="reference").sum().backward()
-        refs.append({k: v.grad for k, v in xr.items()})
-    for k in ARGS:
-        assert_close_rel(f"d{k}", got[k], refs[0][k], refs[1][k])
+    check_broadcast_grad_out(hierkern.ssd_scan, x, ARGS, dt_softplus=softplus)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,12 +233,11 @@ def test_state_carry_matters():
 # ---------------------------------------------------------------------------------------------
 
 def test_default_impl_is_the_cpu_kernel():
-    from test_selective_scan import _OpLog
     x, softplus = make_inputs(l=9)
-    with _OpLog() as log:
+    with OpLog() as log:
         hierkern.ssd_scan(**x, dt_softplus=softplus)
     assert any("hierkern.ssd_scan_fwd" in op for op in log.ops), log.ops[:10]
-    with _OpLog() as log:
+    with OpLog() as log:
         hierkern.ssd_scan(**x, dt_softplus=softplus, impl="reference")
     assert not any("hierkern" in op for op in log.ops)
 

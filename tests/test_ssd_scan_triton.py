@@ -12,7 +12,8 @@ import hierkern
 from hierkern import _backend
 from hierkern.ops.scan import ssd_reference
 from hierkern.testing import assert_close_rel, poisoned_outputs
-from test_ssd_scan import ARGS, SEQ, cast_leaves, make_inputs, run
+from scan_helpers import OpLog, cast_leaves
+from test_ssd_scan import ARGS, SEQ, make_inputs, run
 
 pytestmark = [
     pytest.mark.skipif(not _backend.has_compiled_ops(), reason="hierkern._C is not built"),
@@ -138,20 +139,18 @@ def test_continuation_equals_whole():
 # ---------------------------------------------------------------------------------------------
 
 def test_triton_impl_runs_the_triton_op():
-    from test_selective_scan import _OpLog
     x, softplus = make_inputs(l=9)
     x = to_device(x)
-    with _OpLog() as log:
+    with OpLog() as log:
         hierkern.ssd_scan(**x, dt_softplus=softplus, impl="triton")
     assert any("hierkern.ssd_scan_fwd_triton" in op for op in log.ops), log.ops[:10]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_default_impl_on_cuda_is_triton_and_cuda_is_refused():
-    from test_selective_scan import _OpLog
     x, softplus = make_inputs(l=4)
     x = to_device(x)
-    with _OpLog() as log:
+    with OpLog() as log:
         hierkern.ssd_scan(**x, dt_softplus=softplus)
     assert any("hierkern.ssd_scan_fwd_triton" in op for op in log.ops), log.ops[:10]
     with pytest.raises(NotImplementedError, match="ssd_scan: there is no CUDA C\\+\\+ kernel"):
