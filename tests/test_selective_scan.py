@@ -143,6 +143,18 @@ def test_checkpointed_backward():
     check_case(b=1, d=2, n=256, l=300, D=False, z=False)
 
 
+@pytest.mark.parametrize("kind,d,n,dtype,strided", [
+    ("var", 19, 16, torch.float32, False),    # two 8-channel tiles, then 3 channels one by one
+    ("fixed", 19, 5, torch.float32, True),    # n % 4 != 0: the state loop's tail
+    ("grouped", 16, 16, torch.bfloat16, True),  # 8 channels per group: every channel in a tile
+    ("var", 8, 1, torch.float16, False),
+])
+def test_channel_tiles(kind, d, n, dtype, strided):
+    """The forward runs 8 channels per AVX2 lane tile where 8 channels share a group of B and C, and
+    the rest one channel at a time."""
+    check_case(b=2, d=d, n=n, l=37, B_kind=kind, dtype=dtype, strided=strided)
+
+
 def test_many_channels_split_into_chunks():
     # Enough channels for several backward tasks per group, so partial dB / dC panels are reduced.
     check_case(b=2, d=64, n=16, l=21, B_kind="grouped")
@@ -166,11 +178,11 @@ def _piecewise(x, softplus, impl, cuts):
     return torch.cat(outs, dim=-1), state
 
 
-@pytest.mark.parametrize("kind", ["fixed", "var", "grouped"])
-def test_continuation_cpu(kind):
-    x, softplus = make_inputs(l=70, B_kind=kind)
+@pytest.mark.parametrize("kind,d", [("fixed", 6), ("var", 6), ("grouped", 6), ("var", 19), ("grouped", 16)])
+def test_continuation_cpu(kind, d):
+    x, softplus = make_inputs(l=70, d=d, B_kind=kind)
     cuts = (0, 5, 40, 41, 70)
-    g, g_last = torch.randn(2, 6, 70), torch.randn(2, 6, 8)
+    g, g_last = torch.randn(2, d, 70), torch.randn(2, d, 8)
     whole = hierkern.selective_scan(**x, delta_softplus=softplus, return_last_state=True, impl="cpu")
     with poisoned_outputs():
         parts = _piecewise(x, softplus, "cpu", cuts)

@@ -3,9 +3,11 @@
 // Per (batch b, channel d), with float32 state x (n,):
 //   dt_t = delta_t + bias (softplus'd if asked);  x_t = exp(dt_t * A) * x_{t-1} + dt_t * B_t * u_t
 //   y_t  = <C_t, x_t> + D * u_t;  out_t = y_t * silu(z_t) (with z)
-// Channels are independent, so the forward is parallel over (batch, channel) and vectorised over the
-// n states: one step is a handful of n-wide FMAs plus an n-wide dot for y. The exp(dt * A) of a block
-// of steps is computed first in one vector pass, off the serial dependency chain.
+// Channels are independent, so the forward is parallel over (batch, channel). With AVX2 it runs tiles
+// of 8 channels, one per lane (fwd_lanes8): every state update of a step is an independent 8-wide
+// chain and y needs no horizontal sum. Other channels (a tail of d % 8, or groups of B / C that a
+// tile would straddle) are vectorised over the n states instead (fwd_channel), with the exp(dt * A)
+// of a block of steps computed first in one vector pass, off the serial dependency chain.
 //
 // B and C are read once, through their strides, into float32 panels with the n states of a step
 // contiguous ((l, n) per batch and group): every one of the d / g channels of a group streams the
@@ -392,42 +394,162 @@ void read_state(const std::optional<at::Tensor>& st, int64_t b, int64_t d, int64
   for (int64_t k = 0; k < n; ++k) x[k] = p[k * st->stride(2)];
 }
 
+// One (batch, channel) task of the forward: vectorised over the n states (see the top of the file).
+template <typename T>
+void fwd_channel(const at::Tensor& u, const at::Tensor& delta, const float* Ad, const float* Bc, int64_t sB,
+                 const float* Cc, int64_t sC, float Dd, const std::optional<at::Tensor>& z, float bias,
+                 const std::optional<at::Tensor>& init, bool softplus, const Dims& s, int64_t b, int64_t d,
+                 T* o, int64_t os2, float* last, const Scratch& sc) {
+  float *x = sc[0], *a = sc[1], *dt = sc[2], *uu = sc[3], *zv = sc[4], *zsg = sc[5];
+  const bool has_z = present(z);
+  const Seq<T> us = seq<T>(u, b, d), ds = seq<T>(delta, b, d);
+  const Seq<T> zs = has_z ? seq<T>(*z, b, d) : Seq<T>{nullptr, 0};
+  read_state(init, b, d, s.n, x);
+  for (int64_t t0 = 0; t0 < s.l; t0 += kTimeBlock) {
+    const int64_t nt = std::min(kTimeBlock, s.l - t0);
+    discretize(us, ds, Ad, bias, softplus, t0, nt, s.n, dt, uu, a);
+    if (has_z) gate(zs, t0, nt, zv, zsg);
+    for (int64_t i = 0; i < nt; ++i) {
+      const float* ai = a + i * s.n;
+      const float* Bt = Bc + (t0 + i) * sB;
+      const float* Ct = Cc + (t0 + i) * sC;
+      float y = step(x, ai, Bt, Ct, dt[i] * uu[i], s.n) + Dd * uu[i];
+      if (has_z) y *= zv[i] * zsg[i];
+      o[(t0 + i) * os2] = static_cast<T>(y);
+    }
+  }
+  std::memcpy(last, x, s.n * sizeof(float));
+}
+
+#ifdef HK_AVX2
+// Eight channels of one batch, one per AVX2 lane: the forward's fast path. Vectorising over the
+// states (fwd_channel) leaves each step a serial chain through the state's store and reload plus an
+// 8-lane horizontal sum for y; across channels every lane is independent, y needs no reduction
+// across lanes, and the n state updates of a step are n independent chains. The per-step values
+// (dt, exp(dt * A), the states) are the same float32 operations fwd_channel does, so the states are
+// bit-identical to it; y sums the n products in a different order.
+// B / C: variable panels are one row per step shared by the 8 channels (they lie in one group:
+// the caller checks), broadcast per state; fixed B / C are per channel.
+template <typename T>
+void fwd_lanes8(const at::Tensor& u, const at::Tensor& delta, const std::vector<float>& A, const Panel& Bp,
+                const Panel& Cp, const std::vector<float>& D, const std::optional<at::Tensor>& z,
+                const std::vector<float>& bias, const std::optional<at::Tensor>& init, bool softplus,
+                const Dims& s, int64_t b, int64_t d0, T* o, int64_t os1, int64_t os2, float* last,
+                const Scratch& sc) {
+  constexpr int64_t L = 8;
+  const int64_t n = s.n;
+  float *X = sc[0], *A8 = sc[1], *B8 = sc[2], *C8 = sc[3], *dt = sc[4], *cf = sc[5], *uu = sc[6];
+  float *zz = sc[7], *Y = sc[8];
+  const bool has_z = present(z);
+  Seq<T> us[L], ds[L], zs[L];
+  for (int64_t c = 0; c < L; ++c) {
+    us[c] = seq<T>(u, b, d0 + c);
+    ds[c] = seq<T>(delta, b, d0 + c);
+    zs[c] = has_z ? seq<T>(*z, b, d0 + c) : Seq<T>{nullptr, 0};
+    read_state(init, b, d0 + c, n, Y);  // Y as scratch: (n,) -> lane c of X
+    for (int64_t k = 0; k < n; ++k) {
+      X[k * L + c] = Y[k];
+      A8[k * L + c] = A[(d0 + c) * n + k];
+      if (!Bp.var) B8[k * L + c] = Bp.channel(b, d0 + c)[k];
+      if (!Cp.var) C8[k * L + c] = Cp.channel(b, d0 + c)[k];
+    }
+  }
+  __m256 Dv, biasv;
+  {
+    float tmp[2][L];
+    for (int64_t c = 0; c < L; ++c) { tmp[0][c] = D[d0 + c]; tmp[1][c] = bias[d0 + c]; }
+    Dv = _mm256_loadu_ps(tmp[0]);
+    biasv = _mm256_loadu_ps(tmp[1]);
+  }
+  const float* Bg = Bp.var ? Bp.channel(b, d0) : nullptr;
+  const float* Cg = Cp.var ? Cp.channel(b, d0) : nullptr;
+  for (int64_t t0 = 0; t0 < s.l; t0 += kTimeBlock) {
+    const int64_t nt = std::min(kTimeBlock, s.l - t0);
+    for (int64_t i = 0; i < nt; ++i)
+      for (int64_t c = 0; c < L; ++c) {
+        dt[i * L + c] = ds[c][t0 + i];
+        uu[i * L + c] = us[c][t0 + i];
+        if (has_z) zz[i * L + c] = zs[c][t0 + i];
+      }
+    for (int64_t i = 0; i < nt; ++i)
+      _mm256_storeu_ps(dt + i * L, _mm256_add_ps(_mm256_loadu_ps(dt + i * L), biasv));
+    if (softplus) softplus_inplace(dt, nt * L);
+    for (int64_t i = 0; i < nt; ++i)
+      _mm256_storeu_ps(cf + i * L, _mm256_mul_ps(_mm256_loadu_ps(dt + i * L), _mm256_loadu_ps(uu + i * L)));
+    for (int64_t i = 0; i < nt; ++i) {
+      const __m256 dtv = _mm256_loadu_ps(dt + i * L), cv = _mm256_loadu_ps(cf + i * L);
+      const float* Bt = Bg ? Bg + (t0 + i) * n : nullptr;
+      const float* Ct = Cg ? Cg + (t0 + i) * n : nullptr;
+      // Four partial sums for y: one accumulator would chain n FMA latencies per step.
+      __m256 y[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+      auto update = [&](int64_t k, __m256 a, __m256& acc) {
+        const __m256 bk = Bt ? _mm256_broadcast_ss(Bt + k) : _mm256_loadu_ps(B8 + k * L);
+        const __m256 ck = Ct ? _mm256_broadcast_ss(Ct + k) : _mm256_loadu_ps(C8 + k * L);
+        const __m256 xk = _mm256_fmadd_ps(a, _mm256_loadu_ps(X + k * L), _mm256_mul_ps(cv, bk));
+        _mm256_storeu_ps(X + k * L, xk);
+        acc = _mm256_fmadd_ps(ck, xk, acc);
+      };
+      int64_t k = 0;
+      for (; k + 4 <= n; k += 4) {
+        __m256 a[4];
+        for (int j = 0; j < 4; ++j) a[j] = _mm256_mul_ps(dtv, _mm256_loadu_ps(A8 + (k + j) * L));
+        exp8_n<4>(a);
+        for (int j = 0; j < 4; ++j) update(k + j, a[j], y[j]);
+      }
+      for (; k < n; ++k) update(k, exp8(_mm256_mul_ps(dtv, _mm256_loadu_ps(A8 + k * L))), y[0]);
+      __m256 yv = _mm256_add_ps(_mm256_add_ps(y[0], y[1]), _mm256_add_ps(y[2], y[3]));
+      yv = _mm256_add_ps(yv, _mm256_mul_ps(Dv, _mm256_loadu_ps(uu + i * L)));
+      if (has_z) {
+        const __m256 zv = _mm256_loadu_ps(zz + i * L);
+        yv = _mm256_mul_ps(yv, _mm256_mul_ps(zv, sigmoid8(zv)));
+      }
+      _mm256_storeu_ps(Y + i * L, yv);
+    }
+    for (int64_t c = 0; c < L; ++c) {
+      T* oc = o + (d0 + c) * os1 + t0 * os2;
+      for (int64_t i = 0; i < nt; ++i) oc[i * os2] = static_cast<T>(Y[i * L + c]);
+    }
+  }
+  for (int64_t c = 0; c < L; ++c)
+    for (int64_t k = 0; k < n; ++k) last[(d0 + c) * n + k] = X[k * L + c];
+}
+#endif
+
 template <typename T>
 void fwd_kernel(const at::Tensor& u, const at::Tensor& delta, const std::vector<float>& A, const Panel& Bp,
                 const Panel& Cp, const std::vector<float>& D, const std::optional<at::Tensor>& z,
                 const std::vector<float>& bias, const std::optional<at::Tensor>& init, bool softplus,
                 const Dims& s, at::Tensor& out, at::Tensor& last) {
-  const bool has_z = present(z);
   T* op = out.mutable_data_ptr<T>();
   float* lp = last.mutable_data_ptr<float>();
   const int64_t os0 = out.stride(0), os1 = out.stride(1), os2 = out.stride(2);
-  at::parallel_for(0, s.b * s.d, 1, [&](int64_t lo, int64_t hi) {
+  // Per batch: `lanes` tiles of 8 channels, then the remaining channels one by one.
+  int64_t lanes = 0;
+#ifdef HK_AVX2
+  // A tile's 8 channels must read one group's B / C panel.
+  auto tiles_fit = [](const Panel& P) { return !P.var || P.groups == 1 || P.per_group % 8 == 0; };
+  if (tiles_fit(Bp) && tiles_fit(Cp)) lanes = s.d / 8;
+#endif
+  const int64_t per_b = lanes + (s.d - 8 * lanes);
+  at::parallel_for(0, s.b * per_b, 1, [&](int64_t lo, int64_t hi) {
     const Scratch sc{s.n, kTimeBlock * s.n, kTimeBlock, kTimeBlock, kTimeBlock, kTimeBlock};
-    float *x = sc[0], *a = sc[1], *dt = sc[2], *uu = sc[3], *zv = sc[4], *zsg = sc[5];
+#ifdef HK_AVX2
+    const int64_t t8 = kTimeBlock * 8;
+    const Scratch sc8{8 * s.n, 8 * s.n, 8 * s.n, 8 * s.n, t8, t8, t8, t8, std::max(t8, s.n)};
+#endif
     for (int64_t task = lo; task < hi; ++task) {
-      const int64_t b = task / s.d, d = task % s.d;
-      const Seq<T> us = seq<T>(u, b, d), ds = seq<T>(delta, b, d);
-      const Seq<T> zs = has_z ? seq<T>(*z, b, d) : Seq<T>{nullptr, 0};
-      const float* Ad = A.data() + d * s.n;
-      const float* Bc = Bp.channel(b, d);
-      const float* Cc = Cp.channel(b, d);
-      const int64_t sB = Bp.step(), sC = Cp.step();
-      T* o = op + b * os0 + d * os1;
-      read_state(init, b, d, s.n, x);
-      for (int64_t t0 = 0; t0 < s.l; t0 += kTimeBlock) {
-        const int64_t nt = std::min(kTimeBlock, s.l - t0);
-        discretize(us, ds, Ad, bias[d], softplus, t0, nt, s.n, dt, uu, a);
-        if (has_z) gate(zs, t0, nt, zv, zsg);
-        for (int64_t i = 0; i < nt; ++i) {
-          const float* ai = a + i * s.n;
-          const float* Bt = Bc + (t0 + i) * sB;
-          const float* Ct = Cc + (t0 + i) * sC;
-          float y = step(x, ai, Bt, Ct, dt[i] * uu[i], s.n) + D[d] * uu[i];
-          if (has_z) y *= zv[i] * zsg[i];
-          o[(t0 + i) * os2] = static_cast<T>(y);
-        }
+      const int64_t b = task / per_b, r = task % per_b;
+      T* ob = op + b * os0;
+      float* lb = lp + b * s.d * s.n;
+#ifdef HK_AVX2
+      if (r < lanes) {
+        fwd_lanes8<T>(u, delta, A, Bp, Cp, D, z, bias, init, softplus, s, b, 8 * r, ob, os1, os2, lb, sc8);
+        continue;
       }
-      std::memcpy(lp + (b * s.d + d) * s.n, x, s.n * sizeof(float));
+#endif
+      const int64_t d = 8 * lanes + (r - lanes);
+      fwd_channel<T>(u, delta, A.data() + d * s.n, Bp.channel(b, d), Bp.step(), Cp.channel(b, d), Cp.step(),
+                     D[d], z, bias[d], init, softplus, s, b, d, ob + d * os1, os2, lb + d * s.n, sc);
     }
   });
 }
