@@ -154,28 +154,30 @@ void fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
   std::vector<float> part_lse(n_split > 1 ? n_split * d.B * d.Hk * R : 0);
 
   at::parallel_for(0, d.B * d.Hk * n_pt * n_split, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qbuf(kRowsPerTile * D), kbuf(kBlockK * D), vbuf(kBlockK * D);
-    std::vector<float> s(kRowsPerTile * kBlockK), acc(kRowsPerTile * D), m(kRowsPerTile), l(kRowsPerTile);
+    const int64_t tr = std::min(R, kRowsPerTile), tk = std::min(chunk, kBlockK);
+    const FloatBuf qbuf = scratch_floats(tr * D), kbuf = scratch_floats(tk * D), vbuf = scratch_floats(tk * D);
+    const FloatBuf s = scratch_floats(tr * tk), acc = scratch_floats(tr * D);
+    const FloatBuf m = scratch_floats(tr), l = scratch_floats(tr);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t sp = task % n_split, pt = (task / n_split) % n_pt;
       const int64_t hk = (task / (n_split * n_pt)) % d.Hk, b = task / (n_split * n_pt * d.Hk);
       const int64_t p0 = pt * kRowsPerTile, np = std::min(R - p0, kRowsPerTile);
-      load_packed(qp + b * qs[0] + hk * d.G * qs[2], p0, np, d.G, D, qs[1], qs[2], qs[3], qbuf.data());
-      if (qk_norm) normalize_packed_rows(qbuf.data(), np, D, mult.data() + hk * d.G, p0, d.G);
-      std::fill(acc.begin(), acc.begin() + np * D, 0.f);
-      std::fill(m.begin(), m.end(), kNegInf);
-      std::fill(l.begin(), l.end(), 0.f);
+      load_packed(qp + b * qs[0] + hk * d.G * qs[2], p0, np, d.G, D, qs[1], qs[2], qs[3], qbuf.get());
+      if (qk_norm) normalize_packed_rows(qbuf.get(), np, D, mult.data() + hk * d.G, p0, d.G);
+      std::fill(acc.get(), acc.get() + np * D, 0.f);
+      std::fill(m.get(), m.get() + np, kNegInf);
+      std::fill(l.get(), l.get() + np, 0.f);
       const int64_t k0 = sp * chunk, k1 = std::min(d.N, k0 + chunk);
       for (int64_t c0 = k0; c0 < k1; c0 += kBlockK) {
         const int64_t nc = std::min(k1, c0 + kBlockK) - c0;
         int64_t ldk, ldv;
         const float* kt = load_keys(kp + b * ks[0] + c0 * ks[1] + hk * ks[2], nc, D, ks[1], ks[3],
-                                    kbuf.data(), &ldk, qk_norm);
+                                    kbuf.get(), &ldk, qk_norm);
         const float* vt = load_tile(vp + b * vs[0] + c0 * vs[1] + hk * vs[2], nc, D, vs[1], vs[3],
-                                    vbuf.data(), &ldv, /*pack=*/true);
-        gemm_rm(false, true, np, nc, D, scale, qbuf.data(), D, kt, ldk, 0.f, s.data(), nc);
+                                    vbuf.get(), &ldv, /*pack=*/true);
+        gemm_rm(false, true, np, nc, D, scale, qbuf.get(), D, kt, ldk, 0.f, s.get(), nc);
         for (int64_t i = 0; i < np; ++i) {
-          float* si = s.data() + i * nc;
+          float* si = s.get() + i * nc;
           const float m_new = std::max(m[i], row_max(si, nc));
           if (m_new == kNegInf) {  // only -inf scores so far (infinite inputs): keep P = 0
             std::fill(si, si + nc, 0.f);
@@ -183,13 +185,13 @@ void fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
           }
           const float sum = exp_sub_sum(si, nc, m_new);
           const float alpha = fast_exp(m[i] - m_new);
-          float* ai = acc.data() + i * D;
+          float* ai = acc.get() + i * D;
           if (alpha != 1.f)
             for (int64_t j = 0; j < D; ++j) ai[j] *= alpha;
           l[i] = l[i] * alpha + sum;
           m[i] = m_new;
         }
-        gemm_acc_narrow(false, np, D, nc, 1.f, s.data(), nc, vt, ldv, acc.data(), D);
+        gemm_acc_narrow(false, np, D, nc, 1.f, s.get(), nc, vt, ldv, acc.get(), D);
       }
       for (int64_t i = 0; i < np; ++i) {
         const float inv = l[i] > 0.f ? 1.f / l[i] : 0.f;
@@ -197,15 +199,15 @@ void fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
         m[i] = l[i] > 0.f ? m[i] + std::log(l[i]) : kNegInf;  // now the row's lse
       }
       if (n_split == 1) {
-        store_packed(acc.data(), p0, np, d.G, D, op + b * os[0] + hk * d.G * os[2], os[1], os[2], os[3]);
+        store_packed(acc.get(), p0, np, d.G, D, op + b * os[0] + hk * d.G * os[2], os[1], os[2], os[3]);
         for (int64_t i = 0; i < np; ++i) {
           const int64_t p = p0 + i;
           lp[(b * d.H + hk * d.G + p % d.G) * d.Lq + p / d.G] = m[i];
         }
       } else {
         const int64_t base = ((sp * d.B + b) * d.Hk + hk) * R + p0;
-        std::memcpy(part_o.data() + base * D, acc.data(), np * D * sizeof(float));
-        std::memcpy(part_lse.data() + base, m.data(), np * sizeof(float));
+        std::memcpy(part_o.data() + base * D, acc.get(), np * D * sizeof(float));
+        std::memcpy(part_lse.data() + base, m.get(), np * sizeof(float));
       }
     }
   });
@@ -259,10 +261,11 @@ void bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k
   std::vector<float> dq_part(n_chunks > 1 ? n_chunks * d.B * d.Hk * R * D : 0);
 
   at::parallel_for(0, d.B * d.Hk * n_chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qbuf(kRowsPerTile * D), gbuf(kRowsPerTile * D), obuf(kRowsPerTile * D);
-    std::vector<float> kbuf(kBlockK * D), vbuf(kBlockK * D), dqa(kRowsPerTile * D);
-    std::vector<float> p(kRowsPerTile * kBlockK), dp(kRowsPerTile * kBlockK);
-    std::vector<float> dka(chunk * D), dva(chunk * D), lrow(kRowsPerTile), delta(kRowsPerTile);
+    const int64_t tr = std::min(R, kRowsPerTile), tk = std::min(chunk, kBlockK);  // tiles sized for the call
+    std::vector<float> qbuf(tr * D), gbuf(tr * D), obuf(tr * D);
+    std::vector<float> kbuf(tk * D), vbuf(tk * D), dqa(tr * D);
+    std::vector<float> p(tr * tk), dp(tr * tk);
+    std::vector<float> dka(chunk * D), dva(chunk * D), lrow(tr), delta(tr);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t c = task % n_chunks, hk = (task / n_chunks) % d.Hk, b = task / (n_chunks * d.Hk);
       const int64_t k0 = c * chunk, k1 = std::min(d.N, k0 + chunk);

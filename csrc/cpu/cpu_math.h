@@ -16,6 +16,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <memory>
 
 extern "C" {
 // Fortran BLAS, exported by libtorch_cpu (MKL or OpenBLAS). Weak so a torch build without it still
@@ -26,6 +27,13 @@ void sgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 }
 
 namespace hierkern::cpu {
+
+// Uninitialised float scratch. std::vector<float>(n) zero-fills, and a kernel's per-call tiles sized
+// for the largest case (a 128 x 512 score tile is 256 KiB, past glibc's mmap threshold: fresh
+// pages, faulted in on first touch) cost more than the arithmetic of a short call (a decode or
+// diffusion step). Callers size tiles for the call and skip the fill.
+using FloatBuf = std::unique_ptr<float[]>;
+inline FloatBuf scratch_floats(int64_t n) { return FloatBuf(new float[std::max<int64_t>(n, 1)]); }
 
 // Row-major C[m, n] = alpha * op(A) op(B) + beta * C, where op(X) = X or X^T (trans_x true).
 inline void gemm_rm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
