@@ -38,6 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._aot import UNIT, aot_entry
 from .patterns import BLOCK_CAUSAL, PATTERN_NAMES, SEGMENT_CAUSAL, SKIP_CLEAN_FIRST, SKIP_NOISY_FIRST
 
 _SEGMENT_CAUSAL: tl.constexpr = tl.constexpr(SEGMENT_CAUSAL)
@@ -739,27 +740,17 @@ _UNIT_STRIDES = {"stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_dod
 
 
 def _aot_entry(name, kernel, dtype, constexprs, cfg_warps, cfg_stages, uses_dot):
-    signature, divisible = {}, []
-    constexprs = dict(constexprs)
-    for param in kernel.params:
-        arg = param.name
-        if param.is_constexpr:
-            signature[arg] = "constexpr"
-        elif arg[0].isupper():
-            signature[arg] = _POINTER_DTYPE.get(arg, "*" + _TRITON_DTYPE[dtype])
-            if arg not in _VARYING:
-                divisible.append(arg)
-        elif arg in _UNIT_STRIDES:
-            signature[arg] = "constexpr"
-            constexprs[arg] = 1
-        elif arg in ("qk_scale", "scale"):
-            signature[arg] = "fp32"
-        else:
-            signature[arg] = "i32"
-            if arg.startswith("stride_") and arg not in _VARYING:
-                divisible.append(arg)  # row / head strides of BSHD tensors are multiples of head_dim
-    return {"name": name, "kernel": kernel, "signature": signature, "constexprs": constexprs,
-            "divisible_by_16": divisible, "num_warps": cfg_warps, "num_stages": cfg_stages, "uses_dot": uses_dot}
+    def classify(arg):
+        if arg[0].isupper():
+            return _POINTER_DTYPE.get(arg, "*" + _TRITON_DTYPE[dtype]), arg not in _VARYING
+        if arg in _UNIT_STRIDES:
+            return UNIT
+        if arg in ("qk_scale", "scale"):
+            return "fp32", False
+        # row / head strides of BSHD tensors are multiples of head_dim
+        return "i32", arg.startswith("stride_") and arg not in _VARYING
+    return aot_entry(name, kernel, constexprs, classify, num_warps=cfg_warps, num_stages=cfg_stages,
+                     uses_dot=uses_dot)
 
 
 def aot_configs() -> list[dict]:

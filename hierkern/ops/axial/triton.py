@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._aot import UNIT, aot_entry
+
 _LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 _LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 _NEG: tl.constexpr = tl.constexpr(-1.0e30)  # finite: idle rows keep a finite max and never produce NaN
@@ -346,29 +348,19 @@ _INTS = {"S", "seg", "n_other", "n_heads", "group"}
 
 
 def _aot_entry(name, kernel, dtype, constexprs, cfg, uses_dot, wgmma_exempt=None):
-    signature, divisible = {}, []
-    constexprs = dict(constexprs, BLOCK=cfg.block)
-    for param in kernel.params:
-        arg = param.name
-        if param.is_constexpr:
-            signature[arg] = "constexpr"
-        elif arg[0].isupper() and arg not in _INTS:
-            signature[arg] = "*fp32" if arg in _F32_POINTERS else "*" + _TRITON_DTYPE[dtype]
-            divisible.append(arg)  # torch allocations
-        elif arg == "scale":
-            signature[arg] = "fp32"
-        elif arg.startswith("stride_") and arg[-1] == "d":
-            signature[arg] = "constexpr"  # head_dim is the unit stride of channel-last tensors
-            constexprs[arg] = 1
-        else:
-            signature[arg] = "i32"  # sizes: nothing assumed (any H, W, heads)
-            if arg.startswith("stride_"):
-                # Strides of channel-last tensors are multiples of head_dim (16 | head_dim on these
-                # entries): triton specialises them so on a real call, and vectorises the row loads.
-                divisible.append(arg)
-    return {"name": name, "kernel": kernel, "signature": signature, "constexprs": constexprs,
-            "divisible_by_16": divisible, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
-            "uses_dot": uses_dot, **({"wgmma_exempt": wgmma_exempt} if wgmma_exempt else {})}
+    def classify(arg):
+        if arg[0].isupper() and arg not in _INTS:  # torch allocations
+            return ("*fp32" if arg in _F32_POINTERS else "*" + _TRITON_DTYPE[dtype]), True
+        if arg == "scale":
+            return "fp32", False
+        if arg.startswith("stride_") and arg[-1] == "d":
+            return UNIT  # head_dim is the unit stride of channel-last tensors
+        # Sizes: nothing assumed (any H, W, heads). Strides of channel-last tensors are multiples of
+        # head_dim (16 | head_dim on these entries): triton specialises them so on a real call, and
+        # vectorises the row loads.
+        return "i32", arg.startswith("stride_")
+    return aot_entry(name, kernel, dict(constexprs, BLOCK=cfg.block), classify, num_warps=cfg.num_warps,
+                     num_stages=cfg.num_stages, uses_dot=uses_dot, wgmma_exempt=wgmma_exempt)
 
 
 def aot_configs() -> list[dict]:

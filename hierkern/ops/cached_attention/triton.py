@@ -34,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._aot import UNIT, aot_entry
 from ..attention.triton import (_HEAD_DIM_BUCKETS, _TRITON_DTYPE, _UNIT_STRIDES, _Config, _bucket, _bwd_delta_kernel, _dot_precision,
                                 _interpreted, _load_cols, _load_rows)
 from ..attention.cos_attention import MAX_LOG_MULTIPLIER as MAX_LOG_MULT, NORM_EPS
@@ -435,32 +436,20 @@ def cached_attn_bwd(grad_out, q, k_cache, v_cache, temperature, out, lse, kv_len
 # ----------------------------------------------------------------------------------------------------
 _F32_POINTERS = {"Temp", "Lse", "PartO", "PartLse", "Delta"}
 def _aot_entry(name, kernel, dtype, constexprs, cfg, uses_dot, wgmma_exempt=None):
-    signature, divisible = {}, []
-    constexprs = dict(constexprs)
     f32_grads = constexprs.get("QK_NORM", False)  # dq / dk are float32 intermediates with qk_norm
-    for param in kernel.params:
-        arg = param.name
-        if param.is_constexpr:
-            signature[arg] = "constexpr"
-        elif arg[0].isupper():
+
+    def classify(arg):
+        if arg[0].isupper():  # torch allocations; Temp is a whole (H,) tensor
             f32 = arg in _F32_POINTERS or (f32_grads and arg in ("DQ", "DK"))
-            signature[arg] = "*fp32" if f32 else "*" + _TRITON_DTYPE[dtype]
-            divisible.append(arg)  # torch allocations; Temp is a whole (H,) tensor
-        elif arg in _UNIT_STRIDES:
-            signature[arg] = "constexpr"
-            constexprs[arg] = 1
-        elif arg == "scale":
-            signature[arg] = "fp32"
-        else:
-            signature[arg] = "i32"
-            if arg.startswith("stride_") and arg not in _VARYING:
-                divisible.append(arg)  # row / head strides of BSHD tensors are multiples of head_dim
-    entry = {"name": name, "kernel": kernel, "signature": signature, "constexprs": constexprs,
-             "divisible_by_16": divisible, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
-             "uses_dot": uses_dot}
-    if wgmma_exempt:
-        entry["wgmma_exempt"] = wgmma_exempt
-    return entry
+            return ("*fp32" if f32 else "*" + _TRITON_DTYPE[dtype]), True
+        if arg in _UNIT_STRIDES:
+            return UNIT
+        if arg == "scale":
+            return "fp32", False
+        # row / head strides of BSHD tensors are multiples of head_dim
+        return "i32", arg.startswith("stride_") and arg not in _VARYING
+    return aot_entry(name, kernel, constexprs, classify, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                     uses_dot=uses_dot, wgmma_exempt=wgmma_exempt)
 
 
 def aot_configs() -> list[dict]:

@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._aot import UNIT, aot_entry
+
 _VARYING = ["L"]
 
 
@@ -247,22 +249,14 @@ _ALWAYS_UNIT = {"stride_wk", "stride_bc", "stride_it", "stride_ft", "stride_dft"
 
 
 def _aot_entry(name, kernel, dtype, layout, constexprs, cfg):
-    signature, divisible = {}, []
-    constexprs = dict(constexprs, BLOCK_C=cfg.block_c, BLOCK_T=cfg.block_t)
-    for param in kernel.params:
-        arg = param.name
-        if param.is_constexpr:
-            signature[arg] = "constexpr"
-        elif arg[0].isupper() and arg not in _SIZES:
-            signature[arg] = "*fp32" if arg in _F32_POINTERS else "*" + _TRITON_DTYPE[dtype]
-            divisible.append(arg)  # torch allocations
-        elif arg in _UNIT[layout] or arg in _ALWAYS_UNIT:
-            signature[arg] = "constexpr"
-            constexprs[arg] = 1
-        else:
-            signature[arg] = "i32"  # L, D and the other strides: no divisibility assumed (any dim, width)
-    return {"name": name, "kernel": kernel, "signature": signature, "constexprs": constexprs,
-            "divisible_by_16": divisible, "num_warps": cfg.num_warps, "num_stages": 1, "uses_dot": False}
+    def classify(arg):
+        if arg[0].isupper() and arg not in _SIZES:  # torch allocations
+            return ("*fp32" if arg in _F32_POINTERS else "*" + _TRITON_DTYPE[dtype]), True
+        if arg in _UNIT[layout] or arg in _ALWAYS_UNIT:
+            return UNIT
+        return "i32", False  # L, D and the other strides: no divisibility assumed (any dim, width)
+    return aot_entry(name, kernel, dict(constexprs, BLOCK_C=cfg.block_c, BLOCK_T=cfg.block_t), classify,
+                     num_warps=cfg.num_warps, uses_dot=False)
 
 
 def aot_configs() -> list[dict]:

@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._aot import aot_entry
 from ..attention.triton import _TRITON_DTYPE
 
 _EPS: tl.constexpr = tl.constexpr(1e-8)
@@ -169,12 +170,11 @@ def scatter_kv(k_cache, v_cache, index, k, v, cos, sin):
 # ----------------------------------------------------------------------------------------------------
 # Ahead-of-time configurations (tests/static_gpu_check.py compiles each for sm_80 and sm_90)
 # ----------------------------------------------------------------------------------------------------
-def _signature(kernel, pointer_types):
-    sig = {}
-    for param in kernel.params:
-        name = param.name
-        sig[name] = "constexpr" if param.is_constexpr else pointer_types.get(name, "i32")
-    return sig
+def _entry(name, kernel, pointer_types, divisible, constexprs, num_warps):
+    """An aot_entry whose runtime arguments are the pointers named in pointer_types (the ones in
+    `divisible` 16-aligned) and otherwise plain i32."""
+    return aot_entry(name, kernel, constexprs, lambda arg: (pointer_types.get(arg, "i32"), arg in divisible),
+                     num_warps=num_warps, uses_dot=False)
 
 
 def aot_configs() -> list[dict]:
@@ -184,28 +184,20 @@ def aot_configs() -> list[dict]:
     entries = []
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         tdt = "*" + _TRITON_DTYPE[dtype]
-        entries.append({"name": f"kv_sim_{tdt[1:]}", "kernel": _sim_kernel,
-                        "signature": _signature(_sim_kernel, {"New": tdt, "Cached": tdt, "Sim": "*fp32"}),
-                        "constexprs": {"BLOCK_S": _SIM_BLOCK_S, "BLOCK_D": _SIM_BLOCK_D},
-                        "divisible_by_16": ["New", "Cached", "Sim"], "num_warps": _SIM_WARPS, "num_stages": 1,
-                        "uses_dot": False})
+        entries.append(_entry(f"kv_sim_{tdt[1:]}", _sim_kernel, {"New": tdt, "Cached": tdt, "Sim": "*fp32"},
+                              {"New", "Cached", "Sim"}, {"BLOCK_S": _SIM_BLOCK_S, "BLOCK_D": _SIM_BLOCK_D},
+                              _SIM_WARPS))
         for head_dim, kv_heads in ((64, 2), (128, 8)):
             for rope in (False, True):
                 block_h, block_half = _blocks(kv_heads, head_dim)
                 ptrs = {"KC": tdt, "VC": tdt, "K": tdt, "V": tdt, "Index": "*i64",
                         "Cos": "*fp32" if rope else "*i64", "Sin": "*fp32" if rope else "*i64"}
-                entries.append({"name": f"kv_scatter_{tdt[1:]}_h{kv_heads}_d{head_dim}{'_rope' if rope else ''}",
-                                "kernel": _scatter_kernel, "signature": _signature(_scatter_kernel, ptrs),
-                                "constexprs": {"ROPE": rope, "BLOCK_H": block_h, "BLOCK_HALF": block_half},
-                                "divisible_by_16": ["KC", "VC", "K", "V", "Index"],
-                                "num_warps": 1 if block_h * block_half <= 256 else 4, "num_stages": 1,
-                                "uses_dot": False})
-    entries.append({"name": "kv_rank", "kernel": _rank_kernel,
-                    "signature": _signature(_rank_kernel, {"Sim": "*fp32", "Flag": "*i32"}),
-                    "constexprs": {"BLOCK": _RANK_BLOCK}, "divisible_by_16": ["Sim", "Flag"],
-                    "num_warps": _RANK_WARPS, "num_stages": 1, "uses_dot": False})
-    entries.append({"name": "kv_compact", "kernel": _compact_kernel,
-                    "signature": _signature(_compact_kernel, {"Flag": "*i32", "Out": "*i64"}),
-                    "constexprs": {"BLOCK": _COMPACT_BLOCK}, "divisible_by_16": ["Flag", "Out"],
-                    "num_warps": _COMPACT_WARPS, "num_stages": 1, "uses_dot": False})
+                entries.append(_entry(f"kv_scatter_{tdt[1:]}_h{kv_heads}_d{head_dim}{'_rope' if rope else ''}",
+                                      _scatter_kernel, ptrs, {"KC", "VC", "K", "V", "Index"},
+                                      {"ROPE": rope, "BLOCK_H": block_h, "BLOCK_HALF": block_half},
+                                      1 if block_h * block_half <= 256 else 4))
+    entries.append(_entry("kv_rank", _rank_kernel, {"Sim": "*fp32", "Flag": "*i32"}, {"Sim", "Flag"},
+                          {"BLOCK": _RANK_BLOCK}, _RANK_WARPS))
+    entries.append(_entry("kv_compact", _compact_kernel, {"Flag": "*i32", "Out": "*i64"}, {"Flag", "Out"},
+                          {"BLOCK": _COMPACT_BLOCK}, _COMPACT_WARPS))
     return entries

@@ -43,6 +43,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._aot import UNIT, aot_entry
+
 # Never specialised: what changes with the sequence length (dt's batch stride is seqlen * nheads, whose
 # divisibility by 16 would otherwise flip between calls), so scale-by-scale calls of any length reuse one
 # compiled kernel. The other batch strides are multiples of headdim or dstate (64 / 128): left
@@ -565,30 +567,17 @@ _FP32_EXEMPT = "float32: ieee-precision FMA products by design (tensor cores off
 
 
 def _aot_entry(name, kernel, dtype, constexprs, num_warps, uses_dot):
-    signature, divisible = {}, []
-    constexprs = dict(constexprs)
-    for param in kernel.params:
-        arg = param.name
-        if param.is_constexpr:
-            signature[arg] = "constexpr"
-        elif arg[0].isupper():
-            signature[arg] = "*" + (_TRITON_DTYPE[dtype] if arg in _X_POINTERS else "fp32")
-            divisible.append(arg)  # torch allocations
-        elif arg in _UNIT:
-            signature[arg] = "constexpr"
-            constexprs[arg] = 1
-        else:
-            signature[arg] = "i32"
-            if arg in ("p", "n") or (arg.startswith("stride_") and not arg.startswith("stride_dt")):
-                # Multiples of headdim or dstate (64 / 128 here), which triton marks 16-divisible on a
-                # real call: without that alignment fact no tile load is vectorised (and the tiles'
-                # per-element addresses spill). dt's strides are multiples of nheads, not assumed.
-                divisible.append(arg)
-    entry = {"name": name, "kernel": kernel, "signature": signature, "constexprs": constexprs,
-             "divisible_by_16": divisible, "num_warps": num_warps, "num_stages": 1, "uses_dot": uses_dot}
-    if not uses_dot:
-        entry["exempt"] = _FP32_EXEMPT if "BLOCK_P" in constexprs else _PASS_EXEMPT
-    return entry
+    def classify(arg):
+        if arg[0].isupper():  # torch allocations
+            return "*" + (_TRITON_DTYPE[dtype] if arg in _X_POINTERS else "fp32"), True
+        if arg in _UNIT:
+            return UNIT
+        # Multiples of headdim or dstate (64 / 128 here), which triton marks 16-divisible on a real
+        # call: without that alignment fact no tile load is vectorised (and the tiles' per-element
+        # addresses spill). dt's strides are multiples of nheads, not assumed.
+        return "i32", arg in ("p", "n") or (arg.startswith("stride_") and not arg.startswith("stride_dt"))
+    exempt = None if uses_dot else (_FP32_EXEMPT if "BLOCK_P" in constexprs else _PASS_EXEMPT)
+    return aot_entry(name, kernel, constexprs, classify, num_warps=num_warps, uses_dot=uses_dot, exempt=exempt)
 
 
 def aot_configs() -> list[dict]:
