@@ -230,30 +230,12 @@ inline float fast_exp(float x) {
 }
 
 #ifdef HK_AVX2
-// Eight lanes of fast_exp (same polynomial, same error, same exact 0 below -87).
-inline __m256 exp8(__m256 x) {
-  const __m256 underflow = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_LT_OQ);
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 f = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
-  f = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), f);
-  __m256 p = _mm256_set1_ps(1.3888889e-3f);
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(8.3333338e-3f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(4.1666668e-2f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.6666667e-1f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.5f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_andnot_ps(underflow, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
-}
-
-// exp8 of N vectors in place, stage by stage across the N (bit-identical to N exp8 calls). One
-// exp8 is a ~45-cycle dependency chain of ~20 uops; issued one after another, the out-of-order
-// window holds only two or three of them, so a loop of exp8 calls runs at a third of the FMA
-// throughput. Interleaving the N chains in program order hands the core N independent uops at
-// every stage. N = 4 keeps the working set (x, n, f, p for each) inside the 16 ymm registers.
+// Eight lanes of fast_exp (same polynomial, same error, same exact 0 below -87) for each of N vectors,
+// in place, stage by stage across the N. One exp8 is a ~45-cycle dependency chain of ~20 uops;
+// issued one after another, the out-of-order window holds only two or three of them, so a loop of
+// single exps runs well below the FMA throughput. Interleaving N chains in program order hands the
+// core N independent uops at every stage; the result is bit-identical for any N. N = 4 keeps the
+// working set (x, n, f, p of each) inside the 16 ymm registers.
 template <int N>
 inline void exp8_n(__m256* x) {
   __m256 under[N], n[N], f[N], p[N];
@@ -264,18 +246,22 @@ inline void exp8_n(__m256* x) {
   _Pragma("GCC unroll 8") for (int i = 0; i < N; ++i)
     n[i] = _mm256_round_ps(_mm256_mul_ps(x[i], _mm256_set1_ps(1.44269504088896341f)),
                            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  _Pragma("GCC unroll 8") for (int i = 0; i < N; ++i) f[i] = _mm256_fnmadd_ps(n[i], _mm256_set1_ps(0.693145751953125f), x[i]);
-  _Pragma("GCC unroll 8") for (int i = 0; i < N; ++i) f[i] = _mm256_fnmadd_ps(n[i], _mm256_set1_ps(1.428606765330187e-06f), f[i]);
-  _Pragma("GCC unroll 8") for (int i = 0; i < N; ++i) p[i] = _mm256_fmadd_ps(_mm256_set1_ps(1.3888889e-3f), f[i], _mm256_set1_ps(8.3333338e-3f));
-  _Pragma("GCC unroll 8") for (int i = 0; i < N; ++i) p[i] = _mm256_fmadd_ps(p[i], f[i], _mm256_set1_ps(4.1666668e-2f));
-  _Pragma("GCC unroll 8") for (int i = 0; i < N; ++i) p[i] = _mm256_fmadd_ps(p[i], f[i], _mm256_set1_ps(1.6666667e-1f));
-  _Pragma("GCC unroll 8") for (int i = 0; i < N; ++i) p[i] = _mm256_fmadd_ps(p[i], f[i], _mm256_set1_ps(0.5f));
-  _Pragma("GCC unroll 8") for (int i = 0; i < N; ++i) p[i] = _mm256_fmadd_ps(p[i], f[i], _mm256_set1_ps(1.0f));
-  _Pragma("GCC unroll 8") for (int i = 0; i < N; ++i) p[i] = _mm256_fmadd_ps(p[i], f[i], _mm256_set1_ps(1.0f));
+  _Pragma("GCC unroll 8") for (int i = 0; i < N; ++i) {
+    f[i] = _mm256_fnmadd_ps(n[i], _mm256_set1_ps(0.693145751953125f), x[i]);  // Cody-Waite
+    f[i] = _mm256_fnmadd_ps(n[i], _mm256_set1_ps(1.428606765330187e-06f), f[i]);
+  }
+  _Pragma("GCC unroll 8") for (int i = 0; i < N; ++i) p[i] = _mm256_set1_ps(1.3888889e-3f);
+  for (float c : {8.3333338e-3f, 4.1666668e-2f, 1.6666667e-1f, 0.5f, 1.0f, 1.0f})
+    _Pragma("GCC unroll 8") for (int i = 0; i < N; ++i) p[i] = _mm256_fmadd_ps(p[i], f[i], _mm256_set1_ps(c));
   _Pragma("GCC unroll 8") for (int i = 0; i < N; ++i) {
     const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n[i]), _mm256_set1_epi32(127)), 23);
     x[i] = _mm256_andnot_ps(under[i], _mm256_mul_ps(p[i], _mm256_castsi256_ps(e)));
   }
+}
+
+inline __m256 exp8(__m256 x) {
+  exp8_n<1>(&x);
+  return x;
 }
 
 // dst[c * ldd + r] = src[r * lds + c] for an 8 x 8 block.
