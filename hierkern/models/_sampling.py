@@ -56,18 +56,25 @@ def _candidates(logits, top_k, top_p):
     None when top_k is off or a row has ties at the k-th value (filter_logits keeps all of them)."""
     V = logits.shape[-1]
     if 0 < top_k < V:
-        vals, idx = logits.topk(top_k, dim=-1)
-        if not bool(((logits >= vals[:, -1:]).sum(dim=-1) > top_k).any()):
-            probs = vals.softmax(dim=-1)
-            if 0.0 < top_p < 1.0:
-                # filter_logits' rule on the descending candidates: drop a token once the mass before
-                # it reaches top_p (the first token always stays)
-                before = probs.cumsum(dim=-1) - probs
-                probs = vals.masked_fill(before >= top_p, float("-inf")).softmax(dim=-1)
-            # draw in vocabulary order, as the full path does: in value order two candidates whose
-            # logits differ by rounding swap places between runs and move every token after them
+        # The k + 1 largest, unsorted (a sorted top-k costs more than sorting the few survivors): the
+        # k-th value is tied iff the two smallest of them are equal, with no pass over the vocabulary.
+        vals, idx = logits.topk(top_k + 1, dim=-1, sorted=False)
+        low, low_at = vals.topk(2, dim=-1, largest=False)  # (k+1)-th and k-th largest
+        if not bool((low[:, 0] == low[:, 1]).any()):
+            vals = vals.scatter(1, low_at[:, :1], float("-inf"))  # the (k+1)-th: probability 0
+            # Vocabulary order from here on, so the arithmetic does not depend on the order topk
+            # returned: in value order two candidates whose logits differ by rounding swap places
+            # between runs (a cached and a recomputed generation) and move every token after them.
             idx, order = idx.sort(dim=-1)
-            return probs.gather(1, order), idx
+            vals = vals.gather(1, order)
+            if 0.0 < top_p < 1.0:
+                # filter_logits' rule in descending order (ties: lowest id first): drop a token once
+                # the mass before it reaches top_p (the first token always stays)
+                desc = vals.argsort(dim=-1, descending=True, stable=True)
+                p_desc = vals.softmax(dim=-1).gather(1, desc)
+                drop_desc = p_desc.cumsum(dim=-1) - p_desc >= top_p
+                vals = vals.masked_fill(torch.empty_like(drop_desc).scatter_(1, desc, drop_desc), float("-inf"))
+            return vals.softmax(dim=-1), idx
     return filter_logits(logits, top_k, top_p).softmax(dim=-1), None
 
 
