@@ -42,16 +42,24 @@ inline void check_temperature(const c10::optional<at::Tensor>& temperature, cons
               "got ", t.scalar_type(), " ", t.sizes(), " on ", t.device());
 }
 
-// Calls f(scalar_t{}) for the floating dtypes the kernels support.
+// Calls f(scalar_t{}) for the floating dtypes the kernels support (every op's CPU and CUDA entry points
+// dispatch through here). With `arg`, the error names the argument whose dtype it is.
 template <typename F>
-void by_dtype(at::ScalarType dtype, const char* op, F&& f) {
+void by_dtype(at::ScalarType dtype, const char* op, const char* arg, F&& f) {
   switch (dtype) {
     case at::kFloat: f(float{}); break;
     case at::kHalf: f(at::Half{}); break;
     case at::kBFloat16: f(at::BFloat16{}); break;
     default:
+      if (arg != nullptr)
+        TORCH_CHECK(false, op, ": ", arg, " has dtype ", dtype, "; expected float32, bfloat16 or float16");
       TORCH_CHECK(false, op, ": unsupported dtype ", dtype, "; expected float32, bfloat16 or float16");
   }
+}
+
+template <typename F>
+void by_dtype(at::ScalarType dtype, const char* op, F&& f) {
+  by_dtype(dtype, op, nullptr, std::forward<F>(f));
 }
 
 }  // namespace hierkern

@@ -18,6 +18,7 @@
 
 #include "cpu/attn_pack.h"
 #include "cpu/cpu_math.h"
+#include "interval_checks.h"
 
 namespace hierkern::cpu {
 namespace {
@@ -209,15 +210,6 @@ void bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k
   });
 }
 
-template <typename F>
-void dispatch(at::ScalarType t, F&& f) {
-  switch (t) {
-    case at::kFloat: return f(float{});
-    case at::kBFloat16: return f(c10::BFloat16{});
-    case at::kHalf: return f(c10::Half{});
-    default: TORCH_CHECK(false, "hierkern::axial_attn: dtype must be float32, bfloat16 or float16, got ", t);
-  }
-}
 
 std::tuple<at::Tensor, at::Tensor> axial_attn_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
                                                       const at::Tensor& v, int64_t axis, bool causal,
@@ -225,7 +217,7 @@ std::tuple<at::Tensor, at::Tensor> axial_attn_fwd_cpu(const at::Tensor& q, const
   check_inputs(q, k, v, axis);
   at::Tensor out = at::empty(q.sizes(), q.options());  // contiguous = channel-last (B, H, W, heads, D)
   at::Tensor lse = at::empty(q.sizes().slice(0, 4), q.options().dtype(at::kFloat));
-  dispatch(q.scalar_type(), [&](auto tag) {
+  by_dtype(q.scalar_type(), "hierkern::axial_attn_fwd (cpu)", [&](auto tag) {
     fwd_kernel<decltype(tag)>(q, k, v, axis, causal, (float)scale, out, lse);
   });
   return {out, lse};
@@ -243,7 +235,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> axial_attn_bwd_cpu(
   at::Tensor dq = at::empty(q.sizes(), q.options());
   at::Tensor dk = at::empty(k.sizes(), k.options());
   at::Tensor dv = at::empty(v.sizes(), v.options());
-  dispatch(q.scalar_type(), [&](auto tag) {
+  by_dtype(q.scalar_type(), "hierkern::axial_attn_bwd (cpu)", [&](auto tag) {
     bwd_kernel<decltype(tag)>(grad_out, q, k, v, out, lse, axis, causal, (float)scale, dq, dk, dv);
   });
   return {dq, dk, dv};

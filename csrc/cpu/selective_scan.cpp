@@ -31,6 +31,7 @@
 #include <vector>
 
 #include "cpu/cpu_math.h"
+#include "interval_checks.h"
 
 namespace hierkern::cpu {
 namespace {
@@ -125,15 +126,10 @@ class Scratch {
   std::vector<float*> ptrs_;
 };
 
+// The dtype dispatch of this file's entry points: errors name the argument.
 template <typename F>
 void dispatch_dtype(at::ScalarType st, const char* what, F&& f) {
-  switch (st) {
-    case at::kFloat: f(float{}); break;
-    case at::kBFloat16: f(c10::BFloat16{}); break;
-    case at::kHalf: f(c10::Half{}); break;
-    default: TORCH_CHECK(false, "hierkern::selective_scan (cpu): ", what, " has dtype ", st,
-                         "; expected float32, bfloat16 or float16");
-  }
+  by_dtype(st, "hierkern::selective_scan (cpu)", what, std::forward<F>(f));
 }
 
 struct Dims {

@@ -33,6 +33,7 @@
 #include <vector>
 
 #include "cpu/cpu_math.h"
+#include "interval_checks.h"
 
 namespace hierkern::cpu {
 namespace {
@@ -41,15 +42,10 @@ using OptT = std::optional<at::Tensor>;
 
 bool present(const OptT& t) { return t.has_value() && t->defined(); }
 
+// The dtype dispatch of this file's entry points: errors name the argument.
 template <typename F>
 void dispatch(at::ScalarType st, const char* what, F&& f) {
-  switch (st) {
-    case at::kFloat: f(float{}); break;
-    case at::kBFloat16: f(c10::BFloat16{}); break;
-    case at::kHalf: f(c10::Half{}); break;
-    default: TORCH_CHECK(false, "hierkern::ssd_scan (cpu): ", what, " has dtype ", st,
-                         "; expected float32, bfloat16 or float16");
-  }
+  by_dtype(st, "hierkern::ssd_scan (cpu)", what, std::forward<F>(f));
 }
 
 struct Dims {
