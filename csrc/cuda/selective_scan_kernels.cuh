@@ -180,6 +180,22 @@ __device__ __forceinline__ Channel channel(const ScanParams& p) {
   return ch;
 }
 
+// State k's B and C over the chunk [c0, c0 + len): a variable one staged into s_B / s_C (between
+// barriers: every thread's reads of the previous state's are done first), a fixed one as the scalar
+// Bk / Ck (0 for a variable one).
+template <typename T>
+__device__ __forceinline__ void state_bc(const ScanParams& p, const Channel& ch, int k, hk_i64 c0, int len,
+                                         float* s_B, float* s_C, float& Bk, float& Ck) {
+  if (p.B_var | p.C_var) {
+    __syncthreads();
+    if (p.B_var) stage_bc<T>(s_B, p.B, ch.Bbase + k * p.sB_n, p.sB_l, p.B_f32, c0, len);
+    if (p.C_var) stage_bc<T>(s_C, p.C, ch.Cbase + k * p.sC_n, p.sC_l, p.C_f32, c0, len);
+    __syncthreads();
+  }
+  Bk = p.B_var ? 0.f : load_bc<T>(p.B, ch.Bbase + k * p.sB_n, p.B_f32);
+  Ck = p.C_var ? 0.f : load_bc<T>(p.C, ch.Cbase + k * p.sC_n, p.C_f32);
+}
+
 template <typename T>
 __device__ void fwd(const ScanParams& p) {
   __shared__ float s_u[kSmem], s_dt[kSmem], s_z[kSmem], s_B[kSmem], s_C[kSmem];
@@ -214,14 +230,8 @@ __device__ void fwd(const ScanParams& p) {
       y[i] = ch.Dc * uu;
     }
     for (int k = 0; k < n; ++k) {
-      if (p.B_var | p.C_var) {
-        __syncthreads();  // the previous state's reads of s_B / s_C are done
-        if (p.B_var) stage_bc<T>(s_B, p.B, ch.Bbase + k * p.sB_n, p.sB_l, p.B_f32, c0, len);
-        if (p.C_var) stage_bc<T>(s_C, p.C, ch.Cbase + k * p.sC_n, p.sC_l, p.C_f32, c0, len);
-        __syncthreads();
-      }
-      const float Bk = p.B_var ? 0.f : load_bc<T>(p.B, ch.Bbase + k * p.sB_n, p.B_f32);
-      const float Ck = p.C_var ? 0.f : load_bc<T>(p.C, ch.Cbase + k * p.sC_n, p.C_f32);
+      float Bk, Ck;
+      state_bc<T>(p, ch, k, c0, len, s_B, s_C, Bk, Ck);
       const float Ak = A[k * p.sA_n];
       float a[kItems], bb[kItems];
       Pair agg = identity();
@@ -365,14 +375,8 @@ __device__ void bwd(const ScanParams& p) {
       gdt[i] = 0.f;
     }
     for (int k = 0; k < n; ++k) {
-      if (p.B_var | p.C_var) {
-        __syncthreads();
-        if (p.B_var) stage_bc<T>(s_B, p.B, ch.Bbase + k * p.sB_n, p.sB_l, p.B_f32, c0, len);
-        if (p.C_var) stage_bc<T>(s_C, p.C, ch.Cbase + k * p.sC_n, p.sC_l, p.C_f32, c0, len);
-        __syncthreads();
-      }
-      const float Bk = p.B_var ? 0.f : load_bc<T>(p.B, ch.Bbase + k * p.sB_n, p.B_f32);
-      const float Ck = p.C_var ? 0.f : load_bc<T>(p.C, ch.Cbase + k * p.sC_n, p.C_f32);
+      float Bk, Ck;
+      state_bc<T>(p, ch, k, c0, len, s_B, s_C, Bk, Ck);
       const float Ak = A[k * p.sA_n];
       float a[kItems], xs[kItems];
       Pair agg = identity(), ragg = identity();
