@@ -113,3 +113,23 @@ def test_generate_errors():
         m.generate(prompt(), cache="dual", interval=0, **GEN)
     with pytest.raises(ValueError, match="token ids"):
         m.generate(prompt() + 100, **GEN)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_query_rope_matches_rope_rows(dtype):
+    """The queries' three-op rotation (model-level) is the rope_rows K gets on write, to the last
+    float32 bit (addcmul may fuse its product), so q . k stays a function of the position difference."""
+    from hierkern.ops.kv_reuse.reference import rope_rows
+    m = model().to(dtype)
+    rope = m._rope_tables(17)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, 3, m.head_dim, generator=g).to(dtype)
+    idx = torch.randint(0, 17, (2, 5), generator=g)
+    tol = dict(rtol=torch.finfo(dtype).eps, atol=4 * torch.finfo(torch.float32).eps)
+    got = rope.rotate(x, rope.rows(idx))
+    assert got.dtype == dtype
+    torch.testing.assert_close(got, rope_rows(x, rope.cos, rope.sin, idx), **tol)
+    span = torch.arange(9, 14).expand(2, 5)
+    torch.testing.assert_close(rope.rotate(x, rope.span(9, 5)), rope_rows(x, rope.cos, rope.sin, span), **tol)
+    # a wrong sign or half swap is far outside that
+    assert not torch.allclose(got, rope_rows(x, rope.cos, -rope.sin, idx), **tol)

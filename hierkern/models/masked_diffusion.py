@@ -39,6 +39,32 @@ CACHES = ("none", "prefix", "dual", "adaptive")
 _KERNEL_APIS = ("refresh_select", "scatter_kv", "subset_attention")
 
 
+class _Rope:
+    """Rotate-half RoPE at positions 0..L-1. cos / sin: the (L, D/2) half tables scatter_kv takes
+    for K. Queries use full-width rows cat(cos, cos) and cat(-sin, sin), so a rotation is three ops,
+    x * c + roll(x, D/2) * s in float32 (addcmul: within an ulp of rope_rows), rounded once to x's
+    dtype; the rows of a step are taken once and shared by every layer."""
+
+    def __init__(self, cos, sin):
+        self.cos, self.sin = cos, sin
+        acc = torch.float64 if cos.dtype == torch.float64 else torch.float32
+        self._c = torch.cat((cos, cos), dim=-1).to(acc)
+        self._s = torch.cat((-sin, sin), dim=-1).to(acc)
+
+    def span(self, a, n):
+        """Rows of positions [a, a + n), shaped (1, n, 1, D) to broadcast over (B, n, H, D)."""
+        return self._c[a:a + n, None], self._s[a:a + n, None]
+
+    def rows(self, idx):
+        """Rows of positions idx (B, n), shaped (B, n, 1, D)."""
+        return self._c[idx][:, :, None], self._s[idx][:, :, None]
+
+    def rotate(self, x, rot):
+        c, s = rot
+        xa = x.to(c.dtype)
+        return torch.addcmul(xa * c, xa.roll(x.shape[-1] // 2, dims=-1), s).to(x.dtype)
+
+
 class _LayerCache:
     """One layer's K (rotated) / V (B, L, Hk, D) and, for "adaptive", its attention and MLP outputs
     (B, L, C), the residual-stream contributions reused for rows that are not recomputed."""
@@ -90,20 +116,29 @@ class MaskedDiffusionLM(nn.Module):
                                  / self.head_dim)
         ang = torch.arange(L, dtype=torch.float64, device=self._device())[:, None] * inv
         dtype = self.embed.weight.dtype
-        return ang.cos().to(dtype), ang.sin().to(dtype)  # (L, D/2) half tables, rotate-half convention
+        return _Rope(ang.cos().to(dtype), ang.sin().to(dtype))
 
-    def _split_kv(self, block):
-        kv = block.attn.kv
-        n = self.kv_heads * self.head_dim
-        bias = (None, None) if kv.bias is None else (kv.bias[:n], kv.bias[n:])
-        return (kv.weight[:n], bias[0]), (kv.weight[n:], bias[1])
+    def _projections(self):
+        """Per block, q and k/v projections as one (C + 2 Hk D, C) matrix (rows: q, k, v), so a
+        row set costs one GEMM instead of three; built once per forward / generate call."""
+        out = []
+        for block in self.blocks:
+            q, kv = block.attn.q, block.attn.kv
+            w = torch.cat((q.weight, kv.weight))
+            if q.bias is None and kv.bias is None:
+                b = None
+            else:
+                b = torch.cat(tuple(m.bias if m.bias is not None else m.weight.new_zeros(m.out_features)
+                                    for m in (q, kv)))
+            out.append((w, b))
+        return out
 
     def _write(self, impl, cache, idx, k, v, rope):
         """K/V rows (B, n, Hk, D) into slots idx (B, n), k rotated at its slot."""
         if impl == "kernels":
-            hierkern.scatter_kv(cache.k, cache.v, idx, k, v, rope[0], rope[1])
+            hierkern.scatter_kv(cache.k, cache.v, idx, k, v, rope.cos, rope.sin)
         else:
-            kv_ref.scatter_kv_reference(cache.k, cache.v, idx, k, v, *rope)
+            kv_ref.scatter_kv_reference(cache.k, cache.v, idx, k, v, rope.cos, rope.sin)
 
     def _attend(self, impl, q, cache):
         if impl == "kernels":
@@ -118,28 +153,34 @@ class MaskedDiffusionLM(nn.Module):
             return hierkern.refresh_select(v_new, v_cached, n)
         return kv_ref.refresh_select_reference(v_new, v_cached, n)
 
-    def _attention_rows(self, impl, block, xn, idx, cache, rope, v=None):
+    def _attention_rows(self, impl, block, proj, xn, idx, cache, rope, rot, v=None):
         """Attention output (after the projection) of rows xn (B, n, C) sitting at slots idx, after
-        writing their K/V; v: their V when already computed."""
-        B, n, _ = xn.shape
-        (wk, bk), (wv, bv) = self._split_kv(block)
-        q = block.attn.q(xn).view(B, n, self.heads, self.head_dim)
-        k = F.linear(xn, wk, bk).view(B, n, self.kv_heads, self.head_dim)
+        writing their K/V; rot: rope.rows(idx); v: their V when already computed."""
+        B, n, C = xn.shape
+        H, Hk, D = self.heads, self.kv_heads, self.head_dim
+        w, b = proj
         if v is None:
-            v = F.linear(xn, wv, bv).view(B, n, self.kv_heads, self.head_dim)
+            qkv = F.linear(xn, w, b)
+        else:  # V is known: project q and k only
+            qkv = F.linear(xn, w[:C + Hk * D], None if b is None else b[:C + Hk * D])
+        q = qkv[..., :C].view(B, n, H, D)
+        k = qkv[..., C:C + Hk * D].view(B, n, Hk, D)
+        if v is None:
+            v = qkv[..., C + Hk * D:].view(B, n, Hk, D)
         self._write(impl, cache, idx, k, v, rope)
-        o = self._attend(impl, kv_ref.rope_rows(q, rope[0], rope[1], idx), cache)
+        o = self._attend(impl, rope.rotate(q, rot), cache)
         return block.attn.proj(o.reshape(B, n, self.width))
 
-    def _forward_rows(self, impl, ids, a, caches, rope, store=False):
+    def _forward_rows(self, impl, ids, a, caches, rope, projs, store=False):
         """Hidden states of rows [a, L) given only their ids (B, L - a) or rows [a, a + n): their K/V
         go into `caches` and they attend every cached row. store: keep the attention / MLP outputs
         (the "adaptive" refresh)."""
         B, n = ids.shape
         idx = torch.arange(a, a + n, device=ids.device).expand(B, n)
+        rot = rope.span(a, n)
         x = self.embed(ids)
-        for block, cache in zip(self.blocks, caches):
-            ao = self._attention_rows(impl, block, block.norm1(x), idx, cache, rope)
+        for block, proj, cache in zip(self.blocks, projs, caches):
+            ao = self._attention_rows(impl, block, proj, block.norm1(x), idx, cache, rope, rot)
             x = x + ao
             mo = block.mlp(block.norm2(x))
             if store:
@@ -148,20 +189,21 @@ class MaskedDiffusionLM(nn.Module):
             x = x + mo
         return x
 
-    def _forward_adaptive(self, impl, ids, caches, rope, n_refresh):
+    def _forward_adaptive(self, impl, ids, caches, rope, projs, n_refresh):
         """dLLM-Cache step over the whole sequence: V of every row, the n_refresh least-similar rows
         recomputed, cached attention / MLP outputs for the rest."""
         B, L = ids.shape
         bi = torch.arange(B, device=ids.device)[:, None]
         x = self.embed(ids)
-        for block, cache in zip(self.blocks, caches):
+        nqk = self.width + self.kv_heads * self.head_dim  # projection rows of q and k
+        for block, proj, cache in zip(self.blocks, projs, caches):
             xn = block.norm1(x)
-            (_, _), (wv, bv) = self._split_kv(block)
-            v_all = F.linear(xn, wv, bv).view(B, L, self.kv_heads, self.head_dim)
+            w, b = proj
+            v_all = F.linear(xn, w[nqk:], None if b is None else b[nqk:]).view(B, L, self.kv_heads, self.head_dim)
             idx = self._select(impl, v_all, cache.v, n_refresh)
             if n_refresh:
-                cache.attn[bi, idx] = self._attention_rows(impl, block, xn[bi, idx], idx, cache, rope,
-                                                           v=v_all[bi, idx])
+                cache.attn[bi, idx] = self._attention_rows(impl, block, proj, xn[bi, idx], idx, cache, rope,
+                                                           rope.rows(idx), v=v_all[bi, idx])
             x = x + cache.attn
             if n_refresh:
                 cache.mlp[bi, idx] = block.mlp(block.norm2(x[bi, idx]))
@@ -186,7 +228,8 @@ class MaskedDiffusionLM(nn.Module):
         impl = _attention.check_impl(owner, self.impl if impl is None else impl, _KERNEL_APIS)
         ids = self._check_ids(owner, "ids", ids, self.vocab_size + 1)
         B, L = ids.shape
-        h = self._forward_rows(impl, ids, 0, self._new_caches(B, L, False), self._rope_tables(L))
+        h = self._forward_rows(impl, ids, 0, self._new_caches(B, L, False), self._rope_tables(L),
+                               self._projections())
         return self._logits(h)
 
     @staticmethod
@@ -239,7 +282,7 @@ class MaskedDiffusionLM(nn.Module):
         B, P = prompt.shape
         L, dev = P + gen_length, self._device()
         ids = torch.cat((prompt, torch.full((B, gen_length), self.mask_id, dtype=torch.long, device=dev)), dim=1)
-        rope = self._rope_tables(L)
+        rope, projs = self._rope_tables(L), self._projections()
         caches = self._new_caches(B, L, cache == "adaptive")
         n_refresh = min(L, math.ceil(ratio * L))
         per_block = steps // num_blocks
@@ -251,13 +294,13 @@ class MaskedDiffusionLM(nn.Module):
                     break
                 full = cache == "none" or step % (interval or per_block) == 0
                 if full:
-                    h = self._forward_rows(impl, ids, 0, caches, rope, store=cache == "adaptive")[:, s:e]
+                    h = self._forward_rows(impl, ids, 0, caches, rope, projs, store=cache == "adaptive")[:, s:e]
                 elif cache == "prefix":
-                    h = self._forward_rows(impl, ids[:, s:], s, caches, rope)[:, :e - s]
+                    h = self._forward_rows(impl, ids[:, s:], s, caches, rope, projs)[:, :e - s]
                 elif cache == "dual":
-                    h = self._forward_rows(impl, ids[:, s:e], s, caches, rope)
+                    h = self._forward_rows(impl, ids[:, s:e], s, caches, rope, projs)
                 else:
-                    h = self._forward_adaptive(impl, ids, caches, rope, n_refresh)[:, s:e]
+                    h = self._forward_adaptive(impl, ids, caches, rope, projs, n_refresh)[:, s:e]
                 quota = max(1, math.ceil(int(masked.sum(1).max()) / (per_block - step)))
                 ids[:, s:e] = self.unmask(ids[:, s:e], masked, self._logits(h), threshold, quota)
         return ids
