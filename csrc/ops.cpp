@@ -129,6 +129,12 @@ TORCH_LIBRARY(hierkern, m) {
   m.def("scatter_kv_triton(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor index, Tensor k, Tensor v, "
         "Tensor? cos, Tensor? sin) -> ()");
 
+  // Token sampling of the generation loops (hierkern/models/_sampling.py has the rule): per row of
+  // float32 logits (R, V), keep the top_k largest (ties with the k-th included; 0 or >= V: all), then
+  // top-p's smallest set reaching top_p (0 or 1: off), and draw by inverse CDF in vocabulary order
+  // with the uniform u[r] in [0, 1). Returns (ids (R,) int64, their probability (R,) float32).
+  m.def("sample_top_k_top_p(Tensor logits, Tensor u, int top_k, float top_p) -> (Tensor, Tensor)");
+
   // Axial attention on channel-last (B, H, W, heads, D) tensors: attention along H inside each column
   // (axis = 1) or along W inside each row (axis = 2), causal along the axis when `causal`. k / v
   // (B, H, W, kv_heads, D) with heads % kv_heads == 0 (GQA: q head i reads kv head i / (heads /

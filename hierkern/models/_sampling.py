@@ -1,8 +1,23 @@
 """Token sampling for generation: top-k / top-p filtering and a draw with a caller's generator (so a
-seed fixes the output)."""
+seed fixes the output).
+
+CPU rows go to the C++ sampler (hierkern::sample_top_k_top_p, csrc/cpu/sampling.cpp) when hierkern._C
+is built; other devices (and a build without _C) run the PyTorch version below. Both draw from the
+same filtered distribution with the same uniform per row; they may pick different tokens only where
+u lands within rounding of a cumulative-probability boundary (their softmax and sums round
+differently), so a seed fixes the output of one build on one device.
+"""
 import numbers
 
 import torch
+
+from .. import _backend
+
+if _backend.has_compiled_ops():
+    @torch.library.register_fake("hierkern::sample_top_k_top_p")
+    def _fake_sample(logits, u, top_k, top_p):
+        rows = logits.shape[0]
+        return logits.new_empty((rows,), dtype=torch.long), logits.new_empty((rows,))
 
 
 def check_sampling_args(owner, cfg, top_k, top_p, generator):
@@ -85,6 +100,11 @@ def _sample_rows(logits, top_k, top_p, u):
     return (pick if ids is None else ids.gather(1, pick)).squeeze(1), probs.gather(1, pick).squeeze(1)
 
 
+def uses_cpu_kernel(device):
+    """Whether sample() runs the C++ sampler for logits on `device`."""
+    return device.type == "cpu" and _backend.has_compiled_ops()
+
+
 def sample(logits, top_k, top_p, generator):
     """(B, n, V) logits -> (ids (B, n) int64, probability of each sampled id (B, n) float32), from
     softmax(filter_logits(logits)). One uniform number per row, drawn up front: the generator's
@@ -95,8 +115,13 @@ def sample(logits, top_k, top_p, generator):
     u = torch.rand((flat.shape[0], 1), generator=generator, device=logits.device)
     ids = torch.empty(flat.shape[0], dtype=torch.long, device=logits.device)
     conf = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
+    kernel = uses_cpu_kernel(logits.device)
     rows = max(1, _CHUNK_LOGITS // V)
     for start in range(0, flat.shape[0], rows):
-        ids[start:start + rows], conf[start:start + rows] = _sample_rows(flat[start:start + rows].float(), top_k,
-                                                                         top_p, u[start:start + rows])
+        chunk, uc = flat[start:start + rows].float(), u[start:start + rows]
+        if kernel:
+            ids[start:start + rows], conf[start:start + rows] = torch.ops.hierkern.sample_top_k_top_p(
+                chunk, uc[:, 0], top_k, float(top_p))
+        else:
+            ids[start:start + rows], conf[start:start + rows] = _sample_rows(chunk, top_k, top_p, uc)
     return ids.view(logits.shape[:-1]), conf.view(logits.shape[:-1])
