@@ -11,7 +11,8 @@ import hierkern
 from hierkern.models import MVAR
 from hierkern.models._mamba2 import Mamba2Mixer
 from hierkern.testing import assert_close_rel
-from model_helpers import assert_greedy_generation_kernels_equals_reference, logits_and_grads, tokens_labels
+from model_helpers import (assert_greedy_generation_kernels_equals_reference,
+                           assert_greedy_generation_matches_forward, logits_and_grads, tokens_labels)
 
 _missing = [n for n in ("next_scale_attention", "ssd_scan", "causal_conv1d") if not hasattr(hierkern, n)]
 needs_kernels = pytest.mark.skipif(bool(_missing), reason="impl='kernels' needs hierkern."
@@ -110,6 +111,11 @@ def test_state_carry_generation_equals_prefix_recompute(impl, sampling, monkeypa
         assert torch.equal(a, b), f"scale {si}: carried {a.tolist()} != recomputed {b.tolist()}"
     # the comparison means something only if later scales depend on the sampled earlier ones
     assert len({tuple(t.flatten().tolist()) for t in runs[0][1:]}) > 1
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_carried_generation_matches_forward(impl):
+    assert_greedy_generation_matches_forward(make(), impl)
 
 
 @needs_kernels

@@ -9,7 +9,8 @@ import torch
 import hierkern
 from hierkern.models import HMAR, VAR
 from hierkern.testing import assert_close_rel
-from model_helpers import assert_greedy_generation_kernels_equals_reference, logits_and_grads, tokens_labels
+from model_helpers import (assert_greedy_generation_kernels_equals_reference,
+                           assert_greedy_generation_matches_forward, logits_and_grads, tokens_labels)
 
 KERNEL_APIS = ("KVCache", "cached_attention")
 _missing = [n for n in KERNEL_APIS if not hasattr(hierkern, n)]
@@ -141,6 +142,12 @@ def test_hmar_reveal_schedule_reveals_at_least_one_per_step(monkeypatch):
     assert len(hidden_counts) == 8 and hidden_counts[0] == 16
     assert all(a > b for a, b in zip(hidden_counts, hidden_counts[1:]))
     assert out[1].min() >= 0
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shared_aln", [False, True])
+def test_var_generation_matches_forward(impl, shared_aln):
+    assert_greedy_generation_matches_forward(make(VAR, shared_aln=shared_aln), impl)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

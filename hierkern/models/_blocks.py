@@ -63,7 +63,7 @@ class AdaLNBlock(nn.Module):
         if self.ada_lin is None:
             ada = cond.view(-1, 1, 6, self.width) + self.ada_gss
         else:
-            ada = _modulation(self.ada_lin(cond), 6, self.width, x.shape[1])
+            ada = _modulation(project(self.ada_lin, cond), 6, self.width, x.shape[1])
         gamma1, gamma2, scale1, scale2, shift1, shift2 = ada.unbind(2)
         x = x + self.attn(self.norm(x) * (scale1 + 1) + shift1, attend) * gamma1
         return x + self.mlp(self.norm(x) * (scale2 + 1) + shift2) * gamma2
@@ -81,7 +81,7 @@ class AdaLNHead(nn.Module):
 
     def forward(self, x, cond_emb):
         """cond_emb: (B, C), or (B, n, C) per group of L/n tokens as in AdaLNBlock."""
-        scale, shift = _modulation(self.ada_lin(cond_emb), 2, self.width, x.shape[1]).unbind(2)
+        scale, shift = _modulation(project(self.ada_lin, cond_emb), 2, self.width, x.shape[1]).unbind(2)
         return self.out(self.norm(x) * (scale + 1) + shift)
 
 
@@ -95,6 +95,28 @@ def trunc_normal_init_(module, std, embeddings=False):
                 nn.init.zeros_(m.bias)
         elif embeddings and isinstance(m, nn.Embedding):
             nn.init.trunc_normal_(m.weight, std=std)
+
+
+class ReusedCondition:
+    """A condition shared by every call of a generation loop (the class embedding of all its scales and
+    steps): each AdaLN projection of it runs once, on first use, instead of once per call. VAR's loop
+    re-projects it at every scale; at a small scale those projections are ~1/5 of the weights a
+    forward streams from memory. Blocks and heads take it wherever they take a condition tensor."""
+
+    def __init__(self, cond):
+        self.cond = cond
+        self._projected = {}
+
+    def project(self, ada_lin):
+        out = self._projected.get(ada_lin)
+        if out is None:
+            out = self._projected[ada_lin] = ada_lin(self.cond)
+        return out
+
+
+def project(ada_lin, cond):
+    """ada_lin(cond), reused across calls when cond is a ReusedCondition."""
+    return cond.project(ada_lin) if isinstance(cond, ReusedCondition) else ada_lin(cond)
 
 
 def _modulation(ada, parts, width, length):

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from hierkern.layouts import VAR_256, ScaleLayout
 
 from . import _attention
-from ._blocks import AdaLNBlock, AdaLNHead, trunc_normal_init_
+from ._blocks import AdaLNBlock, AdaLNHead, ReusedCondition, trunc_normal_init_
 from ._sampling import sample
 
 # VAR's own 256px token schedule (L = 680): at depth 4 a training step and a generation take about a
@@ -240,9 +240,13 @@ class NextScaleTransformer(nn.Module):
         return self.head(self.run_blocks(x, block_cond, lambda i: attend), cond)
 
     def cfg_condition(self, labels):
-        """Class embeddings of the 2B generation rows: the labels, then the null class."""
+        """Conditions of the 2B generation rows (the labels, then the null class): (the class embedding,
+        the head's condition, the blocks' condition). Where a layer projects the embedding, the
+        condition is a ReusedCondition, so one generation projects it once per layer, not per scale."""
         null = torch.full_like(labels, self.num_classes)
-        return self.condition(torch.cat((labels, null)))
+        cond, block_cond = self.condition(torch.cat((labels, null)))
+        head_cond = ReusedCondition(cond)
+        return cond, head_cond, (head_cond if self.shared_ada_lin is None else block_cond)
 
     def cfg_ratio(self, cfg, scale, cfg_ramp):
         """VAR's guidance schedule: the ratio ramps linearly from 0 at the first scale to `cfg` at the
@@ -255,11 +259,11 @@ class NextScaleTransformer(nn.Module):
         gives the (2B, n, V) logits of scale si from its 2B-row input x; they are guided and sampled,
         and the sampled ids build the next scale's input. Returns the per-scale (B, pn*pn) ids."""
         off, n_scales = self.layout.offsets, self.layout.num_scales
-        cond, block_cond = self.cfg_condition(labels)
+        cond, head_cond, block_cond = self.cfg_condition(labels)
         x = self.start_input(cond) + self.level_pos(0, off[1])
         out = []
         for si in range(n_scales):
-            logits = scale_logits(si, x, cond, block_cond)
+            logits = scale_logits(si, x, head_cond, block_cond)
             ids, _ = sample(self.guide(logits, self.cfg_ratio(cfg, si, cfg_ramp)), top_k, top_p, generator)
             out.append(ids)
             if si + 1 < n_scales:

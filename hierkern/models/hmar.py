@@ -100,7 +100,7 @@ class HMAR(NextScaleTransformer):
         steps = self.steps if steps is None else self._check_steps(owner, steps)
         B = labels.shape[0]
         off, sizes = self.layout.offsets, self.layout.sizes
-        cond, block_cond = self.cfg_condition(labels)
+        cond, head_cond, block_cond = self.cfg_condition(labels)
         out = []
         for si, n in enumerate(sizes):
             if si == 0:
@@ -115,7 +115,7 @@ class HMAR(NextScaleTransformer):
             total = min(steps[si], n)
             for t in range(1, total + 1):
                 x = base + self.own_token_input(ids, hidden).repeat(2, 1, 1)
-                logits = self.sequence_logits(x, cond, block_cond, layout, impl)
+                logits = self.sequence_logits(x, head_cond, block_cond, layout, impl)
                 new_ids, conf = sample(self.guide(logits, ratio), top_k, top_p, generator)
                 n_hidden = int(hidden[0].sum())  # the same in every row: each step reveals equally many
                 keep = 0 if t == total else max(min(math.floor(n * math.cos(math.pi / 2 * t / total)), n_hidden - 1),
