@@ -61,50 +61,52 @@ inline void gemm_rm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
 }
 
 #ifdef HK_AVX2
+// C[i0 + MR rows, j0 : j0 + 16 (8 without `two`)] += alpha * op(A) * B, accumulated over all k.
+template <bool TransA, int MR>
+inline void narrow_block(int64_t i0, int64_t j0, bool two, int64_t k, float alpha, const float* a, int64_t lda,
+                         const float* b, int64_t ldb, float* c, int64_t ldc) {
+  auto A = [&](int64_t i, int64_t p) { return TransA ? a[p * lda + i] : a[i * lda + p]; };
+  __m256 c0[MR], c1[MR];
+  for (int r = 0; r < MR; ++r) { c0[r] = _mm256_setzero_ps(); c1[r] = _mm256_setzero_ps(); }
+  for (int64_t p = 0; p < k; ++p) {
+    const float* bp = b + p * ldb + j0;
+    const __m256 b0 = _mm256_loadu_ps(bp);
+    const __m256 b1 = two ? _mm256_loadu_ps(bp + 8) : _mm256_setzero_ps();
+    for (int r = 0; r < MR; ++r) {
+      const __m256 av = _mm256_set1_ps(A(i0 + r, p));
+      c0[r] = _mm256_fmadd_ps(av, b0, c0[r]);
+      c1[r] = _mm256_fmadd_ps(av, b1, c1[r]);
+    }
+  }
+  const __m256 va = _mm256_set1_ps(alpha);
+  for (int r = 0; r < MR; ++r) {
+    float* cp = c + (i0 + r) * ldc + j0;
+    _mm256_storeu_ps(cp, _mm256_fmadd_ps(va, c0[r], _mm256_loadu_ps(cp)));
+    if (two) _mm256_storeu_ps(cp + 8, _mm256_fmadd_ps(va, c1[r], _mm256_loadu_ps(cp + 8)));
+  }
+}
+
 // C[m, n] += alpha * op(A)[m, k] * B[k, n], row-major, n % 8 == 0. For the attention GEMMs whose
 // output width is head_dim (P V, dS K, P^T dO, dS^T Q): A is a fresh score tile used for only n
 // columns, so BLAS spends a large share of its time packing it; this register-blocked kernel
-// (6 rows x 16 columns of C in 12 accumulators) reads A in place instead.
+// (6 rows x 16 columns of C in 12 accumulators) reads A in place instead. The m % 6 leftover rows
+// run as one block of their own height: one row at a time is a single dependent FMA chain per
+// accumulator, a quarter of the throughput (a 64-row tile's 4 leftover rows cost like 16).
 template <bool TransA>
 inline void gemm_acc_narrow_avx2(int64_t m, int64_t n, int64_t k, float alpha, const float* a,
                                  int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc) {
-  auto A = [&](int64_t i, int64_t p) { return TransA ? a[p * lda + i] : a[i * lda + p]; };
   constexpr int MR = 6;
   for (int64_t j0 = 0; j0 < n; j0 += 16) {
     const bool two = j0 + 16 <= n;  // else an 8-wide tail
     int64_t i0 = 0;
-    for (; i0 + MR <= m; i0 += MR) {
-      __m256 c0[MR], c1[MR];
-      for (int r = 0; r < MR; ++r) { c0[r] = _mm256_setzero_ps(); c1[r] = _mm256_setzero_ps(); }
-      for (int64_t p = 0; p < k; ++p) {
-        const float* bp = b + p * ldb + j0;
-        const __m256 b0 = _mm256_loadu_ps(bp);
-        const __m256 b1 = two ? _mm256_loadu_ps(bp + 8) : _mm256_setzero_ps();
-        for (int r = 0; r < MR; ++r) {
-          const __m256 av = _mm256_set1_ps(A(i0 + r, p));
-          c0[r] = _mm256_fmadd_ps(av, b0, c0[r]);
-          c1[r] = _mm256_fmadd_ps(av, b1, c1[r]);
-        }
-      }
-      const __m256 va = _mm256_set1_ps(alpha);
-      for (int r = 0; r < MR; ++r) {
-        float* cp = c + (i0 + r) * ldc + j0;
-        _mm256_storeu_ps(cp, _mm256_fmadd_ps(va, c0[r], _mm256_loadu_ps(cp)));
-        if (two) _mm256_storeu_ps(cp + 8, _mm256_fmadd_ps(va, c1[r], _mm256_loadu_ps(cp + 8)));
-      }
-    }
-    for (; i0 < m; ++i0) {  // leftover rows
-      __m256 c0 = _mm256_setzero_ps(), c1 = _mm256_setzero_ps();
-      for (int64_t p = 0; p < k; ++p) {
-        const float* bp = b + p * ldb + j0;
-        const __m256 av = _mm256_set1_ps(A(i0, p));
-        c0 = _mm256_fmadd_ps(av, _mm256_loadu_ps(bp), c0);
-        if (two) c1 = _mm256_fmadd_ps(av, _mm256_loadu_ps(bp + 8), c1);
-      }
-      const __m256 va = _mm256_set1_ps(alpha);
-      float* cp = c + i0 * ldc + j0;
-      _mm256_storeu_ps(cp, _mm256_fmadd_ps(va, c0, _mm256_loadu_ps(cp)));
-      if (two) _mm256_storeu_ps(cp + 8, _mm256_fmadd_ps(va, c1, _mm256_loadu_ps(cp + 8)));
+    for (; i0 + MR <= m; i0 += MR) narrow_block<TransA, MR>(i0, j0, two, k, alpha, a, lda, b, ldb, c, ldc);
+    switch (m - i0) {
+      case 5: narrow_block<TransA, 5>(i0, j0, two, k, alpha, a, lda, b, ldb, c, ldc); break;
+      case 4: narrow_block<TransA, 4>(i0, j0, two, k, alpha, a, lda, b, ldb, c, ldc); break;
+      case 3: narrow_block<TransA, 3>(i0, j0, two, k, alpha, a, lda, b, ldb, c, ldc); break;
+      case 2: narrow_block<TransA, 2>(i0, j0, two, k, alpha, a, lda, b, ldb, c, ldc); break;
+      case 1: narrow_block<TransA, 1>(i0, j0, two, k, alpha, a, lda, b, ldb, c, ldc); break;
+      default: break;
     }
   }
 }
