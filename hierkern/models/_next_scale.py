@@ -245,8 +245,14 @@ class NextScaleTransformer(nn.Module):
         condition is a ReusedCondition, so one generation projects it once per layer, not per scale."""
         null = torch.full_like(labels, self.num_classes)
         cond, block_cond = self.condition(torch.cat((labels, null)))
+        return (cond, *self.reused_conditions(cond, block_cond))
+
+    def reused_conditions(self, cond, block_cond):
+        """(the head's condition, the blocks' condition) for a series of calls sharing one class
+        embedding (the scales of a generation or of a scale-by-scale forward): where a layer projects
+        the embedding it gets a ReusedCondition, so each projection runs once for the series."""
         head_cond = ReusedCondition(cond)
-        return cond, head_cond, (head_cond if self.shared_ada_lin is None else block_cond)
+        return head_cond, (head_cond if self.shared_ada_lin is None else block_cond)
 
     def cfg_ratio(self, cfg, scale, cfg_ramp):
         """VAR's guidance schedule: the ratio ramps linearly from 0 at the first scale to `cfg` at the

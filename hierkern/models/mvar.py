@@ -100,6 +100,7 @@ class MVAR(NextScaleTransformer):
             return self.sequence_logits(x, cond, block_cond, self.layout, impl)
         states = [None] * self.depth
         off = self.layout.offsets
+        cond, block_cond = self.reused_conditions(cond, block_cond)  # projected once for all scales
         return torch.cat([self.sequence_logits(x[:, off[si]:off[si + 1]], cond, block_cond,
                                                _attention.single_scale_layout(n), impl, states)
                           for si, n in enumerate(self.layout.sizes)], dim=1)
