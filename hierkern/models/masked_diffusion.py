@@ -22,6 +22,7 @@ write) and hierkern.subset_attention.
 """
 import math
 import numbers
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -63,6 +64,17 @@ class _Rope:
         c, s = rot
         xa = x.to(c.dtype)
         return torch.addcmul(xa * c, xa.roll(x.shape[-1] // 2, dims=-1), s).to(x.dtype)
+
+
+class _LayerWeights(NamedTuple):
+    """One PreNormBlock's tensors for the functional row path (see _layer_weights)."""
+    norm1: tuple  # (weight, bias, eps)
+    qkv: tuple  # (weight, bias) of the fused q / k / v projection
+    proj: tuple
+    norm2: tuple
+    fc1: tuple
+    gelu: str  # the MLP activation's `approximate`
+    fc2: tuple
 
 
 class _LayerCache:
@@ -118,20 +130,31 @@ class MaskedDiffusionLM(nn.Module):
         dtype = self.embed.weight.dtype
         return _Rope(ang.cos().to(dtype), ang.sin().to(dtype))
 
-    def _projections(self):
-        """Per block, q and k/v projections as one (C + 2 Hk D, C) matrix (rows: q, k, v), so a
-        row set costs one GEMM instead of three; built once per forward / generate call."""
+    def _layer_weights(self):
+        """Per block, the tensors of its pre-norm layer, taken once per forward / generate call: a step
+        is ~100 small ops, and module calls and attribute lookups are a visible share of each. q and
+        k/v are one (C + 2 Hk D, C) projection (rows: q, k, v), so a row set costs one GEMM, not three."""
         out = []
         for block in self.blocks:
             q, kv = block.attn.q, block.attn.kv
-            w = torch.cat((q.weight, kv.weight))
             if q.bias is None and kv.bias is None:
-                b = None
+                qkv_bias = None
             else:
-                b = torch.cat(tuple(m.bias if m.bias is not None else m.weight.new_zeros(m.out_features)
-                                    for m in (q, kv)))
-            out.append((w, b))
+                qkv_bias = torch.cat(tuple(m.bias if m.bias is not None else m.weight.new_zeros(m.out_features)
+                                           for m in (q, kv)))
+            fc1, act, fc2 = block.mlp
+            out.append(_LayerWeights(
+                norm1=(block.norm1.weight, block.norm1.bias, block.norm1.eps),
+                qkv=(torch.cat((q.weight, kv.weight)), qkv_bias),
+                proj=(block.attn.proj.weight, block.attn.proj.bias),
+                norm2=(block.norm2.weight, block.norm2.bias, block.norm2.eps),
+                fc1=(fc1.weight, fc1.bias), gelu=act.approximate, fc2=(fc2.weight, fc2.bias)))
         return out
+
+    def _mlp(self, lw, x):
+        """The block's MLP sub-layer output (before the residual add) for rows x."""
+        h = F.linear(F.layer_norm(x, (self.width,), *lw.norm2), *lw.fc1)
+        return F.linear(F.gelu(h, approximate=lw.gelu), *lw.fc2)
 
     def _write(self, impl, cache, idx, k, v, rope):
         """K/V rows (B, n, Hk, D) into slots idx (B, n), k rotated at its slot."""
@@ -153,12 +176,12 @@ class MaskedDiffusionLM(nn.Module):
             return hierkern.refresh_select(v_new, v_cached, n)
         return kv_ref.refresh_select_reference(v_new, v_cached, n)
 
-    def _attention_rows(self, impl, block, proj, xn, idx, cache, rope, rot, v=None):
+    def _attention_rows(self, impl, lw, xn, idx, cache, rope, rot, v=None):
         """Attention output (after the projection) of rows xn (B, n, C) sitting at slots idx, after
         writing their K/V; rot: rope.rows(idx); v: their V when already computed."""
         B, n, C = xn.shape
         H, Hk, D = self.heads, self.kv_heads, self.head_dim
-        w, b = proj
+        w, b = lw.qkv
         if v is None:
             qkv = F.linear(xn, w, b)
         else:  # V is known: project q and k only
@@ -169,9 +192,9 @@ class MaskedDiffusionLM(nn.Module):
             v = qkv[..., C + Hk * D:].view(B, n, Hk, D)
         self._write(impl, cache, idx, k, v, rope)
         o = self._attend(impl, rope.rotate(q, rot), cache)
-        return block.attn.proj(o.reshape(B, n, self.width))
+        return F.linear(o.reshape(B, n, self.width), *lw.proj)
 
-    def _forward_rows(self, impl, ids, a, caches, rope, projs, store=False):
+    def _forward_rows(self, impl, ids, a, caches, rope, layers, store=False):
         """Hidden states of rows [a, L) given only their ids (B, L - a) or rows [a, a + n): their K/V
         go into `caches` and they attend every cached row. store: keep the attention / MLP outputs
         (the "adaptive" refresh)."""
@@ -179,34 +202,34 @@ class MaskedDiffusionLM(nn.Module):
         idx = torch.arange(a, a + n, device=ids.device).expand(B, n)
         rot = rope.span(a, n)
         x = self.embed(ids)
-        for block, proj, cache in zip(self.blocks, projs, caches):
-            ao = self._attention_rows(impl, block, proj, block.norm1(x), idx, cache, rope, rot)
+        for lw, cache in zip(layers, caches):
+            ao = self._attention_rows(impl, lw, F.layer_norm(x, (self.width,), *lw.norm1), idx, cache, rope, rot)
             x = x + ao
-            mo = block.mlp(block.norm2(x))
+            mo = self._mlp(lw, x)
             if store:
                 cache.attn[:, a:a + n] = ao
                 cache.mlp[:, a:a + n] = mo
             x = x + mo
         return x
 
-    def _forward_adaptive(self, impl, ids, caches, rope, projs, n_refresh):
+    def _forward_adaptive(self, impl, ids, caches, rope, layers, n_refresh):
         """dLLM-Cache step over the whole sequence: V of every row, the n_refresh least-similar rows
         recomputed, cached attention / MLP outputs for the rest."""
         B, L = ids.shape
         bi = torch.arange(B, device=ids.device)[:, None]
         x = self.embed(ids)
         nqk = self.width + self.kv_heads * self.head_dim  # projection rows of q and k
-        for block, proj, cache in zip(self.blocks, projs, caches):
-            xn = block.norm1(x)
-            w, b = proj
+        for lw, cache in zip(layers, caches):
+            xn = F.layer_norm(x, (self.width,), *lw.norm1)
+            w, b = lw.qkv
             v_all = F.linear(xn, w[nqk:], None if b is None else b[nqk:]).view(B, L, self.kv_heads, self.head_dim)
             idx = self._select(impl, v_all, cache.v, n_refresh)
             if n_refresh:
-                cache.attn[bi, idx] = self._attention_rows(impl, block, proj, xn[bi, idx], idx, cache, rope,
-                                                           rope.rows(idx), v=v_all[bi, idx])
+                cache.attn[bi, idx] = self._attention_rows(impl, lw, xn[bi, idx], idx, cache, rope, rope.rows(idx),
+                                                           v=v_all[bi, idx])
             x = x + cache.attn
             if n_refresh:
-                cache.mlp[bi, idx] = block.mlp(block.norm2(x[bi, idx]))
+                cache.mlp[bi, idx] = self._mlp(lw, x[bi, idx])
             x = x + cache.mlp
         return x
 
@@ -229,7 +252,7 @@ class MaskedDiffusionLM(nn.Module):
         ids = self._check_ids(owner, "ids", ids, self.vocab_size + 1)
         B, L = ids.shape
         h = self._forward_rows(impl, ids, 0, self._new_caches(B, L, False), self._rope_tables(L),
-                               self._projections())
+                               self._layer_weights())
         return self._logits(h)
 
     @staticmethod
@@ -282,7 +305,7 @@ class MaskedDiffusionLM(nn.Module):
         B, P = prompt.shape
         L, dev = P + gen_length, self._device()
         ids = torch.cat((prompt, torch.full((B, gen_length), self.mask_id, dtype=torch.long, device=dev)), dim=1)
-        rope, projs = self._rope_tables(L), self._projections()
+        rope, layers = self._rope_tables(L), self._layer_weights()
         caches = self._new_caches(B, L, cache == "adaptive")
         n_refresh = min(L, math.ceil(ratio * L))
         per_block = steps // num_blocks
@@ -294,13 +317,13 @@ class MaskedDiffusionLM(nn.Module):
                     break
                 full = cache == "none" or step % (interval or per_block) == 0
                 if full:
-                    h = self._forward_rows(impl, ids, 0, caches, rope, projs, store=cache == "adaptive")[:, s:e]
+                    h = self._forward_rows(impl, ids, 0, caches, rope, layers, store=cache == "adaptive")[:, s:e]
                 elif cache == "prefix":
-                    h = self._forward_rows(impl, ids[:, s:], s, caches, rope, projs)[:, :e - s]
+                    h = self._forward_rows(impl, ids[:, s:], s, caches, rope, layers)[:, :e - s]
                 elif cache == "dual":
-                    h = self._forward_rows(impl, ids[:, s:e], s, caches, rope, projs)
+                    h = self._forward_rows(impl, ids[:, s:e], s, caches, rope, layers)
                 else:
-                    h = self._forward_adaptive(impl, ids, caches, rope, projs, n_refresh)[:, s:e]
+                    h = self._forward_adaptive(impl, ids, caches, rope, layers, n_refresh)[:, s:e]
                 quota = max(1, math.ceil(int(masked.sum(1).max()) / (per_block - step)))
                 ids[:, s:e] = self.unmask(ids[:, s:e], masked, self._logits(h), threshold, quota)
         return ids
