@@ -95,7 +95,8 @@ std::pair<int64_t, float> sample_row(const float* x, int64_t sx, int64_t V, int6
   TORCH_CHECK(std::isfinite(mx), "hierkern::sample_top_k_top_p: logits row ", row,
               " has no finite maximum (every logit -inf, or a +inf)");
   // top-p orders candidates by logit: keep the logits' keys before e turns into the exps
-  if (top_p > 0.0 && top_p < 1.0 && n > 1) {
+  const bool use_p = top_p > 0.0 && top_p < 1.0 && n > 1;
+  if (use_p) {
     s.heap.resize(n);
     for (int64_t j = 0; j < n; ++j) {
       // leaving order: smaller logit first; equal logits: higher id (= higher j) first, because the
@@ -105,7 +106,7 @@ std::pair<int64_t, float> sample_row(const float* x, int64_t sx, int64_t V, int6
   }
   double total = exp_sub_sum(s.e.data(), n, mx);
 
-  if (top_p > 0.0 && top_p < 1.0 && n > 1) {
+  if (use_p) {
     // a min-heap of the leaving keys: only the tokens that leave (a few percent) get ordered
     std::make_heap(s.heap.begin(), s.heap.begin() + n, std::greater<uint64_t>());
     const double limit = (1.0 - top_p) * total;
