@@ -12,8 +12,8 @@ MaskedDiffusionLM generation speed / agreement per cache strategy.
    - attention: hierkern.subset_attention vs SDPA (enable_gqa) of the refreshed queries over the cache.
    Times are medians of single calls after a warm-up; ratio = composition time / hierkern time.
 2. End to end: MaskedDiffusionLM() (the default model, random weights), batch 1, a 32-token prompt,
-   gen_length 256, block_length 32, steps 256, threshold 0.9: tokens/s per strategy (median of 3 calls;
-   the sweeps below are single calls) and the fraction of
+   gen_length 256, block_length 32, steps 256, threshold 0.9: tokens/s per strategy (median of
+   --rounds round-robin calls over the four strategies; the sweeps below are single calls) and the fraction of
    generated tokens identical to cache="none" (same weights, same prompt, greedy).
 3. At gen_length 64 (steps 64): every strategy for both impls (the eager reference too), "dual" and
    "adaptive" over the refresh interval, "adaptive" over ratio.
@@ -101,7 +101,7 @@ def run_generate(m, prompt, impl, **kw):
     return out, time.perf_counter() - t0
 
 
-def bench_generate(dev, quick):
+def bench_generate(dev, quick, rounds=5):
     torch.manual_seed(0)
     m = MaskedDiffusionLM().to(dev).eval()
     P, gen, sweep_gen = 32, (64 if quick else 256), 64
@@ -111,21 +111,31 @@ def bench_generate(dev, quick):
         for cache in CACHE_NAMES:
             m.generate(prompt, gen_length=32, block_length=32, steps=4, cache=cache, impl=impl)
 
-    def one(impl, cache, length, calls=1, **extra):
-        kw = dict(gen_length=length, block_length=32, steps=length, threshold=0.9)
-        runs = [run_generate(m, prompt, impl, **kw, cache=cache, **extra) for _ in range(calls)]
+    def report(impl, cache, length, runs, **extra):
         out, secs = runs[0][0], statistics.median(r[1] for r in runs)
         if cache == "none":
             ref[(impl, length)] = out
         agree = (out[:, P:] == ref[(impl, length)][:, P:]).float().mean().item()
         row = dict(impl=impl, cache=cache, gen_length=length, **extra, seconds=secs, tokens_per_s=length / secs,
-                   agreement=agree)
+                   agreement=agree, calls_s=[r[1] for r in runs])
         rows.append(row)
         print(f"{impl:>9} {cache:>8} gen {length:>3} {str(extra):>18} {secs:8.2f} s {length / secs:9.1f} tok/s  "
               f"agreement {agree:.3f}", flush=True)
 
-    for cache in CACHE_NAMES:  # the targets: the default settings at gen_length 256, median of 3 calls
-        one("kernels", cache, gen, calls=3)
+    def one(impl, cache, length, **extra):
+        kw = dict(gen_length=length, block_length=32, steps=length, threshold=0.9)
+        report(impl, cache, length, [run_generate(m, prompt, impl, **kw, cache=cache, **extra)], **extra)
+
+    # The targets: the default settings at gen_length 256, the strategies called round-robin `rounds`
+    # times (machine noise drifts over seconds; a strategy's calls in a row would each see another
+    # load), median per strategy.
+    kw = dict(gen_length=gen, block_length=32, steps=gen, threshold=0.9)
+    runs = {cache: [] for cache in CACHE_NAMES}
+    for _ in range(rounds):
+        for cache in CACHE_NAMES:
+            runs[cache].append(run_generate(m, prompt, "kernels", **kw, cache=cache))
+    for cache in CACHE_NAMES:
+        report("kernels", cache, gen, runs[cache])
     # sweeps (and the eager reference) at gen_length 64: this CPU is shared, full runs take minutes
     for impl in ("kernels", "reference"):
         for cache in CACHE_NAMES:
@@ -145,6 +155,7 @@ def main():
     ap.add_argument("--device", default=default_device())
     ap.add_argument("--out", default=None)
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=5, help="round-robin calls per strategy at gen_length 256")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     dev = args.device
@@ -156,7 +167,7 @@ def main():
             r = bench_primitives(dev, dtype, args.reps, **shape)
             result["primitives"].append(r)
             print(json.dumps(r), flush=True)
-    result["generate"] = bench_generate(dev, args.quick)
+    result["generate"] = bench_generate(dev, args.quick, args.rounds)
     g = {(r["impl"], r["cache"]): r for r in result["generate"]["rows"]}  # the first row of each pair
     g = {key: next(r for r in result["generate"]["rows"] if (r["impl"], r["cache"]) == key) for key in g}
     result["targets"] = {

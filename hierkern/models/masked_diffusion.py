@@ -62,8 +62,9 @@ class _Rope:
 
     def rotate(self, x, rot):
         c, s = rot
-        xa = x.to(c.dtype)
-        return torch.addcmul(xa * c, xa.roll(x.shape[-1] // 2, dims=-1), s).to(x.dtype)
+        xa = x if x.dtype == c.dtype else x.to(c.dtype)  # (a step is ~100 small calls: skip no-op ones)
+        out = torch.addcmul(xa * c, xa.roll(x.shape[-1] // 2, dims=-1), s)
+        return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 class _LayerWeights(NamedTuple):
@@ -183,13 +184,10 @@ class MaskedDiffusionLM(nn.Module):
         H, Hk, D = self.heads, self.kv_heads, self.head_dim
         w, b = lw.qkv
         if v is None:
-            qkv = F.linear(xn, w, b)
+            q, k, v = F.linear(xn, w, b).view(B, n, H + 2 * Hk, D).split((H, Hk, Hk), dim=2)
         else:  # V is known: project q and k only
-            qkv = F.linear(xn, w[:C + Hk * D], None if b is None else b[:C + Hk * D])
-        q = qkv[..., :C].view(B, n, H, D)
-        k = qkv[..., C:C + Hk * D].view(B, n, Hk, D)
-        if v is None:
-            v = qkv[..., C + Hk * D:].view(B, n, Hk, D)
+            qk = F.linear(xn, w[:C + Hk * D], None if b is None else b[:C + Hk * D])
+            q, k = qk.view(B, n, H + Hk, D).split((H, Hk), dim=2)
         self._write(impl, cache, idx, k, v, rope)
         o = self._attend(impl, rope.rotate(q, rot), cache)
         return F.linear(o.reshape(B, n, self.width), *lw.proj)
@@ -201,7 +199,7 @@ class MaskedDiffusionLM(nn.Module):
         B, n = ids.shape
         idx = torch.arange(a, a + n, device=ids.device).expand(B, n)
         rot = rope.span(a, n)
-        x = self.embed(ids)
+        x = F.embedding(ids, self.embed.weight)
         for lw, cache in zip(layers, caches):
             ao = self._attention_rows(impl, lw, F.layer_norm(x, (self.width,), *lw.norm1), idx, cache, rope, rot)
             x = x + ao
@@ -234,7 +232,9 @@ class MaskedDiffusionLM(nn.Module):
         return x
 
     def _logits(self, h):
-        return self.out(self.norm(h))
+        norm = self.norm
+        return F.linear(F.layer_norm(h, (self.width,), norm.weight, norm.bias, norm.eps), self.out.weight,
+                        self.out.bias)
 
     def _new_caches(self, B, L, adaptive):
         return [_LayerCache(B, L, self.kv_heads, self.head_dim, self.width, self.embed.weight.dtype,
@@ -256,14 +256,16 @@ class MaskedDiffusionLM(nn.Module):
         return self._logits(h)
 
     @staticmethod
-    def unmask(blk, masked, logits, threshold, quota):
+    def unmask(blk, masked, logits, threshold, quota, n_masked=None):
         """Greedy parallel decoding of one step: per row, reveal the masked tokens whose confidence
         (max softmax probability) exceeds threshold, at least `quota` (the most confident first, ties
-        lowest position first), at most all of them. Returns the new block ids."""
-        conf, tok = logits.float().softmax(dim=-1).max(dim=-1)
-        conf = conf.masked_fill(~masked, -1.0)
-        n_masked = masked.sum(dim=1)
-        count = torch.maximum((conf > threshold).sum(dim=1), torch.full_like(n_masked, quota)).minimum(n_masked)
+        lowest position first), at most all of them (n_masked: masked.sum(1) when the caller has it).
+        Returns the new block ids."""
+        conf, tok = (logits if logits.dtype == torch.float32 else logits.float()).softmax(dim=-1).max(dim=-1)
+        conf.masked_fill_(~masked, -1.0)
+        if n_masked is None:
+            n_masked = masked.sum(dim=1)
+        count = (conf > threshold).sum(dim=1).clamp_(min=quota).minimum(n_masked)
         rank = conf.argsort(dim=1, descending=True, stable=True).argsort(dim=1)
         return torch.where(masked & (rank < count[:, None]), tok, blk)
 
@@ -312,8 +314,11 @@ class MaskedDiffusionLM(nn.Module):
         for nb in range(num_blocks):
             s, e = P + nb * block_length, P + (nb + 1) * block_length
             for step in range(per_block):
-                masked = ids[:, s:e] == self.mask_id
-                if not masked.any():
+                blk = ids[:, s:e]
+                masked = blk == self.mask_id
+                n_masked = masked.sum(dim=1)
+                most = int(n_masked.max())
+                if most == 0:
                     break
                 full = cache == "none" or step % (interval or per_block) == 0
                 if full:
@@ -324,6 +329,6 @@ class MaskedDiffusionLM(nn.Module):
                     h = self._forward_rows(impl, ids[:, s:e], s, caches, rope, layers)
                 else:
                     h = self._forward_adaptive(impl, ids, caches, rope, layers, n_refresh)[:, s:e]
-                quota = max(1, math.ceil(int(masked.sum(1).max()) / (per_block - step)))
-                ids[:, s:e] = self.unmask(ids[:, s:e], masked, self._logits(h), threshold, quota)
+                quota = max(1, math.ceil(most / (per_block - step)))
+                blk.copy_(self.unmask(blk, masked, self._logits(h), threshold, quota, n_masked))
         return ids
