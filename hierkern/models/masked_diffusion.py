@@ -154,7 +154,7 @@ class MaskedDiffusionLM(nn.Module):
 
     def _mlp(self, lw, x):
         """The block's MLP sub-layer output (before the residual add) for rows x."""
-        h = F.linear(F.layer_norm(x, (self.width,), *lw.norm2), *lw.fc1)
+        h = F.linear(torch.layer_norm(x, (self.width,), *lw.norm2), *lw.fc1)
         return F.linear(F.gelu(h, approximate=lw.gelu), *lw.fc2)
 
     def _write(self, impl, cache, idx, k, v, rope):
@@ -201,7 +201,7 @@ class MaskedDiffusionLM(nn.Module):
         rot = rope.span(a, n)
         x = F.embedding(ids, self.embed.weight)
         for lw, cache in zip(layers, caches):
-            ao = self._attention_rows(impl, lw, F.layer_norm(x, (self.width,), *lw.norm1), idx, cache, rope, rot)
+            ao = self._attention_rows(impl, lw, torch.layer_norm(x, (self.width,), *lw.norm1), idx, cache, rope, rot)
             x = x + ao
             mo = self._mlp(lw, x)
             if store:
@@ -218,7 +218,7 @@ class MaskedDiffusionLM(nn.Module):
         x = self.embed(ids)
         nqk = self.width + self.kv_heads * self.head_dim  # projection rows of q and k
         for lw, cache in zip(layers, caches):
-            xn = F.layer_norm(x, (self.width,), *lw.norm1)
+            xn = torch.layer_norm(x, (self.width,), *lw.norm1)
             w, b = lw.qkv
             v_all = F.linear(xn, w[nqk:], None if b is None else b[nqk:]).view(B, L, self.kv_heads, self.head_dim)
             idx = self._select(impl, v_all, cache.v, n_refresh)
@@ -233,7 +233,7 @@ class MaskedDiffusionLM(nn.Module):
 
     def _logits(self, h):
         norm = self.norm
-        return F.linear(F.layer_norm(h, (self.width,), norm.weight, norm.bias, norm.eps), self.out.weight,
+        return F.linear(torch.layer_norm(h, (self.width,), norm.weight, norm.bias, norm.eps), self.out.weight,
                         self.out.bias)
 
     def _new_caches(self, B, L, adaptive):
@@ -262,12 +262,14 @@ class MaskedDiffusionLM(nn.Module):
         lowest position first), at most all of them (n_masked: masked.sum(1) when the caller has it).
         Returns the new block ids."""
         conf, tok = (logits if logits.dtype == torch.float32 else logits.float()).softmax(dim=-1).max(dim=-1)
-        conf.masked_fill_(~masked, -1.0)
+        conf = torch.where(masked, conf, -1.0)
         if n_masked is None:
             n_masked = masked.sum(dim=1)
         count = (conf > threshold).sum(dim=1).clamp_(min=quota).minimum(n_masked)
         rank = conf.argsort(dim=1, descending=True, stable=True).argsort(dim=1)
-        return torch.where(masked & (rank < count[:, None]), tok, blk)
+        # count <= n_masked and revealed tokens rank below every masked one (conf -1), so the first
+        # `count` ranks are masked tokens
+        return torch.where(rank < count[:, None], tok, blk)
 
     @torch.no_grad()
     def generate(self, prompt, gen_length, block_length, steps, threshold=0.9, cache="none", interval=None,
