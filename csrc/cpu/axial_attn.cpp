@@ -172,9 +172,7 @@ void bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k
           const float* ot = load_tile(op + ov.at(b, o, h) + r0 * ov.s_axis, nr, D, ov.s_axis, ov.s_d,
                                       obuf.data(), &ldo, true);
           for (int64_t i = 0; i < nr; ++i) {
-            float acc = 0.f;
-            for (int64_t j = 0; j < D; ++j) acc += gt[i * ldg + j] * ot[i * ldo + j];
-            delta[i] = acc;
+            delta[i] = dot(gt + i * ldg, ot + i * ldo, D);
             lrow[i] = lp[lv.at(b, o, h) + (r0 + i) * lv.s_axis];
           }
           std::fill(dqa.begin(), dqa.begin() + nr * D, 0.f);

@@ -282,9 +282,7 @@ void bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k
         load_packed(gp + b * gs[0] + h0 * gs[2], p0, np, d.G, D, gs[1], gs[2], gs[3], gbuf.data());
         load_packed(op + b * os[0] + h0 * os[2], p0, np, d.G, D, os[1], os[2], os[3], obuf.data());
         for (int64_t i = 0; i < np; ++i) {
-          float acc = 0.f;
-          for (int64_t j = 0; j < D; ++j) acc += gbuf[i * D + j] * obuf[i * D + j];
-          delta[i] = acc;
+          delta[i] = dot(gbuf.data() + i * D, obuf.data() + i * D, D);
           const int64_t pr = p0 + i;
           lrow[i] = lp[b * ls[0] + (h0 + pr % d.G) * ls[1] + (pr / d.G) * ls[2]];
         }

@@ -313,6 +313,15 @@ inline float row_max(const float* x, int64_t n) {
   return mx;
 }
 
+// sum_j a[j] * b[j], vectorised (a plain float sum loop compiles to one dependent add chain): the
+// attention backwards' delta = rowsum(dO * O).
+inline float dot(const float* a, const float* b, int64_t n) {
+  float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t j = 0; j < n; ++j) acc += a[j] * b[j];
+  return acc;
+}
+
 // x[j] = exp(x[j] - m) in place; returns the sum.
 inline float exp_sub_sum(float* x, int64_t n, float m) {
   float sum = 0.f;

@@ -426,9 +426,7 @@ void bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k
           const float* ot = load_tile(op + b * os[0] + r0 * os[1] + h * os[2], nr, d.Dv, os[1],
                                       os[3], obuf.data(), &ldo);
           for (int64_t i = 0; i < nr; ++i) {
-            float acc = 0.f;
-            for (int64_t j = 0; j < d.Dv; ++j) acc += gt[i * ldg + j] * ot[i * ldo + j];
-            delta[i] = acc;
+            delta[i] = dot(gt + i * ldg, ot + i * ldo, d.Dv);
             lrow[i] = lp[b * lss[0] + h * lss[1] + (r0 + i) * lss[2]];
           }
           std::fill(dqa.begin(), dqa.begin() + nr * d.D, 0.f);
