@@ -51,10 +51,22 @@ class _Rope:
         acc = torch.float64 if cos.dtype == torch.float64 else torch.float32
         self._c = torch.cat((cos, cos), dim=-1).to(acc)
         self._s = torch.cat((-sin, sin), dim=-1).to(acc)
+        self._slots = {}
 
     def span(self, a, n):
         """Rows of positions [a, a + n), shaped (1, n, 1, D) to broadcast over (B, n, H, D)."""
         return self._c[a:a + n, None], self._s[a:a + n, None]
+
+    def slots(self, a, n, B):
+        """(idx, rot) of the rows [a, a + n) of B sequences: their cache slots (B, n) and span(a, n).
+        Memoised: the steps of a block ask for the same few row ranges (a step is ~100 small calls,
+        and building these is five of them)."""
+        key = (a, n, B)
+        got = self._slots.get(key)
+        if got is None:
+            idx = torch.arange(a, a + n, device=self._c.device).expand(B, n)
+            got = self._slots[key] = (idx, self.span(a, n))
+        return got
 
     def rows(self, idx):
         """Rows of positions idx (B, n), shaped (B, n, 1, D)."""
@@ -197,8 +209,7 @@ class MaskedDiffusionLM(nn.Module):
         go into `caches` and they attend every cached row. store: keep the attention / MLP outputs
         (the "adaptive" refresh)."""
         B, n = ids.shape
-        idx = torch.arange(a, a + n, device=ids.device).expand(B, n)
-        rot = rope.span(a, n)
+        idx, rot = rope.slots(a, n, B)
         x = F.embedding(ids, self.embed.weight)
         for lw, cache in zip(layers, caches):
             ao = self._attention_rows(impl, lw, torch.layer_norm(x, (self.width,), *lw.norm1), idx, cache, rope, rot)
