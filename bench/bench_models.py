@@ -12,7 +12,8 @@ definition: CUDA max_memory_allocated; CPU replay of the profiler's allocation e
 not see scratch a C++ kernel takes outside torch's allocator). ratio = reference / kernels (> 1:
 kernels faster or smaller).
 
-CPU: the models' default config (depth 4, VAR's 256px patch_nums, L=680) in float32.
+CPU: the models' default config (depth 4, VAR's 256px patch_nums, L=680) in float32, batch 2;
+`--configs default,d16@256` adds the d16 preset at 256px (batch 2, float32; minutes per call).
 CUDA: d16 and d20 at the 256px (L=680, batch 16) and 512px (L=2240, batch 8) schedules, bf16.
 Targets are reported, not asserted.
 """
@@ -50,9 +51,15 @@ class Config:
         return sum(p * p for p in self.patch_nums)
 
 
-def configs(device, quick):
+# CPU configs by name (--configs): the default config, and the d16 preset at 256px, where the KV cache
+# VAR keeps (16 layers of 1024 channels over L=680) is large next to one scale's activations, as on a
+# GPU: minutes per call here, so it runs only when asked for.
+CPU_CONFIGS = {"default": (4, DEFAULT_PATCH_NUMS), "d16@256": (16, VAR_256)}
+
+
+def configs(device, quick, names=("default",)):
     if device == "cpu":
-        return [Config("default", 4, DEFAULT_PATCH_NUMS, 1 if quick else 2, torch.float32)]
+        return [Config(name, *CPU_CONFIGS[name], 1 if quick else 2, torch.float32) for name in names]
     out = []
     for depth in ((16,) if quick else (16, 20)):
         out.append(Config(f"d{depth}@256", depth, VAR_256, 16, torch.bfloat16))
@@ -104,12 +111,12 @@ def measure_pair(fns, device, reps, memory):
     return out
 
 
-def run(device, quick, models, reps, memory, log=print):
+def run(device, quick, models, reps, memory, log=print, config_names=("default",), phases=PHASES):
     rows = []
-    for cfg in configs(device, quick):
+    for cfg in configs(device, quick, config_names):
         for model_name in models:
             model = build(model_name, cfg, device)
-            for phase in PHASES:
+            for phase in phases:
                 fns, errors = {}, {}
                 for impl in IMPLS:
                     try:
@@ -156,8 +163,8 @@ def targets(rows, device):
                     out.append((f"{model_name} {cfg} training step, kernels vs eager baseline", x, f">= {goal}x",
                                 x is not None and x >= goal))
     else:
-        ref = find(rows, model="VAR", phase="train", impl="reference")
-        ker = find(rows, model="VAR", phase="train", impl="kernels")
+        ref = find(rows, model="VAR", config="default", phase="train", impl="reference")
+        ker = find(rows, model="VAR", config="default", phase="train", impl="kernels")
         if ref and ker:
             x = ratio(ref["time_s"], ker["time_s"])
             out.append(("VAR default training step, kernels vs eager baseline", x, ">= 1.3x",
@@ -214,6 +221,9 @@ def main(argv=None):
     ap.add_argument("--models", default="VAR,HMAR", help="comma-separated subset of VAR,HMAR")
     ap.add_argument("--reps", type=int, default=None, help="timed calls per impl (default 3 CPU / 10 CUDA; quick 2 / 5)")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory calls")
+    ap.add_argument("--configs", default="default",
+                    help=f"CPU only: comma-separated subset of {sorted(CPU_CONFIGS)} (default: default)")
+    ap.add_argument("--phases", default=",".join(PHASES), help="comma-separated subset of train,generate")
     ap.add_argument("--out", default=None, help="write the rows, targets and table as JSON to this path")
     args = ap.parse_args(argv)
     device = args.device or default_device()
@@ -223,11 +233,17 @@ def main(argv=None):
     unknown = [m for m in models if m not in MODELS]
     if unknown or not models:
         ap.error(f"--models must name some of {sorted(MODELS)}, got {args.models!r}")
+    config_names = [c.strip() for c in args.configs.split(",") if c.strip()]
+    if device == "cpu" and (not config_names or any(c not in CPU_CONFIGS for c in config_names)):
+        ap.error(f"--configs must name some of {sorted(CPU_CONFIGS)}, got {args.configs!r}")
+    phases = [p.strip() for p in args.phases.split(",") if p.strip()]
+    if not phases or any(p not in PHASES for p in phases):
+        ap.error(f"--phases must name some of {PHASES}, got {args.phases!r}")
     reps = args.reps or ((2 if args.quick else 3) if device == "cpu" else (5 if args.quick else 10))
     print(f"bench_models: device={device} torch={torch.__version__} threads={torch.get_num_threads()} reps={reps}",
           file=sys.stderr)
     rows = run(device, args.quick, models, reps, memory=not args.no_memory,
-               log=lambda s: print(s, file=sys.stderr))
+               log=lambda s: print(s, file=sys.stderr), config_names=config_names, phases=phases)
     table = markdown(rows, device)
     print(table)
     if args.out:
