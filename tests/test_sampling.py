@@ -109,6 +109,20 @@ def test_sampler_matches_float64_rule(top_k, top_p, path):
         torch.testing.assert_close(conf[0][safe].double(), p64[safe], rtol=1e-5, atol=1e-7)
 
 
+def test_both_paths_refuse_nan_and_infinite_rows(path):
+    # the row numbers count within a chunk of rows (one chunk here)
+    logits = torch.randn(1, 4, 10)
+    for row, value, msg in ((2, float("nan"), "row 2 contains NaN"), (3, float("inf"), "row 3 has no finite maximum")):
+        bad = logits.clone()
+        bad[0, row, 5] = value
+        with pytest.raises(RuntimeError, match=msg):
+            _sampling.sample(bad, 3, 0.9, torch.Generator().manual_seed(0))
+    bad = logits.clone()
+    bad[0, 1] = float("-inf")
+    with pytest.raises(RuntimeError, match="row 1 has no finite maximum"):
+        _sampling.sample(bad, 0, 0.0, torch.Generator().manual_seed(0))
+
+
 @pytest.mark.skipif(not _backend.has_compiled_ops(), reason="hierkern._C not built")
 def test_cpu_sampler_errors_and_opcheck():
     op = torch.ops.hierkern.sample_top_k_top_p

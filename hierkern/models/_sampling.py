@@ -93,8 +93,21 @@ def _candidates(logits, top_k, top_p):
     return filter_logits(logits, top_k, top_p).softmax(dim=-1), None
 
 
+def _check_rows(logits):
+    """The C++ sampler's rule, so both paths refuse the same rows: a row holding NaN, or one with no
+    finite maximum (every logit -inf, or a +inf), raises instead of drawing from NaN probabilities.
+    One reduction and, on a GPU, one host sync per chunk."""
+    bad = ~torch.isfinite(logits.amax(dim=-1))  # amax propagates NaN
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        if bool(logits[row].isnan().any()):
+            raise RuntimeError(f"sample: logits row {row} contains NaN")
+        raise RuntimeError(f"sample: logits row {row} has no finite maximum (every logit -inf, or a +inf)")
+
+
 def _sample_rows(logits, top_k, top_p, u):
     """(ids, conf) of (R, V) float32 rows, one uniform u (R, 1) per row."""
+    _check_rows(logits)
     probs, ids = _candidates(logits, top_k, top_p)
     pick = _draw(probs, u)
     return (pick if ids is None else ids.gather(1, pick)).squeeze(1), probs.gather(1, pick).squeeze(1)
