@@ -226,7 +226,7 @@ class MaskedDiffusionLM(nn.Module):
         recomputed, cached attention / MLP outputs for the rest."""
         B, L = ids.shape
         bi = torch.arange(B, device=ids.device)[:, None]
-        x = self.embed(ids)
+        x = F.embedding(ids, self.embed.weight)
         nqk = self.width + self.kv_heads * self.head_dim  # projection rows of q and k
         for lw, cache in zip(layers, caches):
             xn = torch.layer_norm(x, (self.width,), *lw.norm1)
