@@ -57,7 +57,10 @@ def run(x, softplus, impl, g, g_last):
 
 
 def check_case(floor_ulps=32.0, **kw):
-    x, softplus = make_inputs(**kw)
+    check_inputs(*make_inputs(**kw), floor_ulps=floor_ulps)
+
+
+def check_inputs(x, softplus, floor_ulps=32.0):
     b, d, l = x["u"].shape
     g = torch.randn(b, d, l, dtype=torch.float64)
     g_last = torch.randn(b, d, x["A"].shape[1], dtype=torch.float64)
@@ -153,6 +156,18 @@ def test_channel_tiles(kind, d, n, dtype, strided):
     """The forward runs 8 channels per AVX2 lane tile where 8 channels share a group of B and C, and
     the rest one channel at a time."""
     check_case(b=2, d=d, n=n, l=37, B_kind=kind, dtype=dtype, strided=strided)
+
+
+def test_channel_tiles_over_time_blocks():
+    # tiles across three 64-step blocks (8 x 8 transposed loads and stores, then a 6-step tail), with
+    # u, delta and z contiguous in time but at three different channel strides
+    x, softplus = make_inputs(b=1, d=16, n=16, l=134, B_kind="var")
+    for name, pad in (("delta", 5), ("z", 12)):
+        wide = torch.randn(1, 16, 134 + pad)
+        wide[..., :134] = x[name].detach()
+        x[name] = wide[..., :134].requires_grad_()
+    assert len({x[k].stride(1) for k in ("u", "delta", "z")}) == 3
+    check_inputs(x, softplus)
 
 
 def test_many_channels_split_into_chunks():

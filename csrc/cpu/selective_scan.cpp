@@ -28,6 +28,7 @@
 #include <cmath>
 #include <numeric>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/cpu_math.h"
@@ -459,9 +460,22 @@ void fwd_lanes8(const at::Tensor& u, const at::Tensor& delta, const std::vector<
   }
   const float* Bg = Bp.var ? Bp.channel(b, d0) : nullptr;
   const float* Cg = Cp.var ? Cp.channel(b, d0) : nullptr;
+  // float32 sequences contiguous in time arrive as 8 x 8 transposes (8 steps of the 8 channels per
+  // block); anything else, and the nt % 8 tail, one element at a time.
+  const bool blocks = std::is_same_v<T, float> && us[0].st == 1 && ds[0].st == 1 && (!has_z || zs[0].st == 1);
+  const int64_t su = u.stride(1), sd = delta.stride(1), sz = has_z ? z->stride(1) : 0;
   for (int64_t t0 = 0; t0 < s.l; t0 += kTimeBlock) {
     const int64_t nt = std::min(kTimeBlock, s.l - t0);
-    for (int64_t i = 0; i < nt; ++i)
+    int64_t i0 = 0;
+    if constexpr (std::is_same_v<T, float>) {
+      if (blocks)
+        for (; i0 + 8 <= nt; i0 += 8) {
+          transpose8x8(ds[0].p + t0 + i0, sd, dt + i0 * L, L);
+          transpose8x8(us[0].p + t0 + i0, su, uu + i0 * L, L);
+          if (has_z) transpose8x8(zs[0].p + t0 + i0, sz, zz + i0 * L, L);
+        }
+    }
+    for (int64_t i = i0; i < nt; ++i)
       for (int64_t c = 0; c < L; ++c) {
         dt[i * L + c] = ds[c][t0 + i];
         uu[i * L + c] = us[c][t0 + i];
@@ -501,9 +515,14 @@ void fwd_lanes8(const at::Tensor& u, const at::Tensor& delta, const std::vector<
       }
       _mm256_storeu_ps(Y + i * L, yv);
     }
+    int64_t j0 = 0;
+    if constexpr (std::is_same_v<T, float>) {
+      if (os2 == 1)
+        for (; j0 + 8 <= nt; j0 += 8) transpose8x8(Y + j0 * L, L, o + d0 * os1 + t0 + j0, os1);
+    }
     for (int64_t c = 0; c < L; ++c) {
       T* oc = o + (d0 + c) * os1 + t0 * os2;
-      for (int64_t i = 0; i < nt; ++i) oc[i * os2] = static_cast<T>(Y[i * L + c]);
+      for (int64_t i = j0; i < nt; ++i) oc[i * os2] = static_cast<T>(Y[i * L + c]);
     }
   }
   for (int64_t c = 0; c < L; ++c)
