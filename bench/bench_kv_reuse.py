@@ -122,18 +122,19 @@ def bench_generate(dev, quick, rounds=5):
         print(f"{impl:>9} {cache:>8} gen {length:>3} {str(extra):>18} {secs:8.2f} s {length / secs:9.1f} tok/s  "
               f"agreement {agree:.3f}", flush=True)
 
+    def settings(length):
+        return dict(gen_length=length, block_length=32, steps=length, threshold=0.9)
+
     def one(impl, cache, length, **extra):
-        kw = dict(gen_length=length, block_length=32, steps=length, threshold=0.9)
-        report(impl, cache, length, [run_generate(m, prompt, impl, **kw, cache=cache, **extra)], **extra)
+        report(impl, cache, length, [run_generate(m, prompt, impl, **settings(length), cache=cache, **extra)], **extra)
 
     # The targets: the default settings at gen_length 256, the strategies called round-robin `rounds`
     # times (machine noise drifts over seconds; a strategy's calls in a row would each see another
     # load), median per strategy.
-    kw = dict(gen_length=gen, block_length=32, steps=gen, threshold=0.9)
     runs = {cache: [] for cache in CACHE_NAMES}
     for _ in range(rounds):
         for cache in CACHE_NAMES:
-            runs[cache].append(run_generate(m, prompt, "kernels", **kw, cache=cache))
+            runs[cache].append(run_generate(m, prompt, "kernels", **settings(gen), cache=cache))
     for cache in CACHE_NAMES:
         report("kernels", cache, gen, runs[cache])
     # sweeps (and the eager reference) at gen_length 64: this CPU is shared, full runs take minutes

@@ -462,7 +462,7 @@ void fwd_lanes8(const at::Tensor& u, const at::Tensor& delta, const std::vector<
   const float* Cg = Cp.var ? Cp.channel(b, d0) : nullptr;
   // float32 sequences contiguous in time arrive as 8 x 8 transposes (8 steps of the 8 channels per
   // block); anything else, and the nt % 8 tail, one element at a time.
-  const bool blocks = std::is_same_v<T, float> && us[0].st == 1 && ds[0].st == 1 && (!has_z || zs[0].st == 1);
+  const bool blocks = us[0].st == 1 && ds[0].st == 1 && (!has_z || zs[0].st == 1);
   const int64_t su = u.stride(1), sd = delta.stride(1), sz = has_z ? z->stride(1) : 0;
   for (int64_t t0 = 0; t0 < s.l; t0 += kTimeBlock) {
     const int64_t nt = std::min(kTimeBlock, s.l - t0);

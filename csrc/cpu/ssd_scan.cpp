@@ -483,10 +483,7 @@ void bwd_kernel(const at::Tensor& grad_out, const OptT& grad_fin, const at::Tens
               if (has_z) {
                 const float* Ct = c.Cc.data() + i * s.n;
                 const float* cur = rows.data() + (i + 1) * s.n;
-                float y = 0.f;
-  #pragma omp simd reduction(+ : y)
-                for (int64_t k = 0; k < s.n; ++k) y += cur[k] * Ct[k];
-                y += Dj * xv;
+                const float y = dot(cur, Ct, s.n) + Dj * xv;
                 const float zz = c.Zc[i * s.p + j], sg = c.SGc[i * s.p + j];
                 d = g * zz * sg;
                 dZc[i * s.p + j] = g * y * sg * (1.f + zz * (1.f - sg));
