@@ -5,7 +5,8 @@
 
 Both read the first kv_len rows of a preallocated (B, max_len, H, D) cache. SDPA gets the BSHD cache
 slices transposed to (B, H, L, D) views (no copies; SDPA's own kernels decide whether to copy). Times
-are medians of single calls after a warm-up; ratio = SDPA time / hierkern time (> 1: hierkern faster).
+are medians of single calls after a warm-up, the two timed round-robin; ratio = SDPA time / hierkern
+time (> 1: hierkern faster).
 """
 import argparse
 
@@ -13,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import hierkern
-from bench.common import default_device, median_seconds
+from bench.common import default_device, interleaved_medians
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -34,12 +35,13 @@ def main():
     for q_len in (1, 16, 256):
         for kv_len in (680, 1360, 2240):
             q = torch.randn(B, q_len, H, D, device=dev, dtype=dtype)
-            hk = median_seconds(lambda: hierkern.cached_attention(q, cache.k_cache, cache.v_cache, kv_len), dev,
-                                args.reps)
             k = cache.k_cache[:, :kv_len].transpose(1, 2)
             v = cache.v_cache[:, :kv_len].transpose(1, 2)
             qt = q.transpose(1, 2)
-            sd = median_seconds(lambda: F.scaled_dot_product_attention(qt, k, v), dev, args.reps)
+            med = interleaved_medians({
+                "hierkern": lambda: hierkern.cached_attention(q, cache.k_cache, cache.v_cache, kv_len),
+                "sdpa": lambda: F.scaled_dot_product_attention(qt, k, v)}, dev, args.reps)
+            hk, sd = med["hierkern"], med["sdpa"]
             flops = 4 * B * H * q_len * kv_len * D
             print(f"{q_len:>5} {kv_len:>6} {hk * 1e3:>12.3f} {sd * 1e3:>9.3f} {sd / hk:>6.2f} {flops / hk / 1e9:>8.1f}")
 

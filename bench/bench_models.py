@@ -22,13 +22,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import statistics
 import sys
 
 import torch
 import torch.nn.functional as F
 
-from bench.common import default_device, peak_memory_bytes, sync, time_call
+from bench.common import default_device, interleaved_medians, peak_memory_bytes, sync
 from hierkern.layouts import VAR_256, VAR_512
 from hierkern.models import HMAR, VAR
 from hierkern.models._next_scale import DEFAULT_PATCH_NUMS
@@ -99,15 +98,12 @@ def phase_fn(model, phase, impl, cfg, device):
 def measure_pair(fns, device, reps, memory):
     """Round-robin timing of {impl: fn}, each already called once (the warm-up: first-call
     allocations, Triton compilation); returns {impl: (median_s, peak_bytes | None)}."""
-    times = {impl: [] for impl in fns}
-    for _ in range(reps):
-        for impl, fn in fns.items():
-            times[impl].append(time_call(fn, device))
+    medians = interleaved_medians(fns, device, reps, warmup=False)
     out = {}
     for impl, fn in fns.items():
         peak = peak_memory_bytes(fn, device) if memory else None
         sync(device)
-        out[impl] = (statistics.median(times[impl]), peak)
+        out[impl] = (medians[impl], peak)
     return out
 
 

@@ -401,6 +401,21 @@ def median_seconds(fn: Callable, device: str = "cpu", reps: int = 5) -> float:
     return statistics.median(times)
 
 
+def interleaved_medians(fns: dict, device: str = "cpu", reps: int = 5, warmup: bool = True) -> dict:
+    """{name: median seconds} of `reps` rounds in which every callable of `fns` runs once, round-robin
+    (time_call), so that machine noise hits them alike; one warm-up call each first unless `warmup`
+    is False (callables the caller has already run)."""
+    if warmup:
+        for fn in fns.values():
+            fn()
+        sync(device)
+    times = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            times[name].append(time_call(fn, device))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 @dataclasses.dataclass
 class TimingPolicy:
     """Warm-up calls, then between min_reps and max_reps timed calls, as many as fit budget_s
