@@ -10,7 +10,8 @@ MaskedDiffusionLM generation speed / agreement per cache strategy.
      (RoPE on write) vs F.cosine_similarity + topk + gather + rotate-half RoPE in PyTorch + scatter_
      into both caches (what dLLM-Cache / Fast-dLLM code does).
    - attention: hierkern.subset_attention vs SDPA (enable_gqa) of the refreshed queries over the cache.
-   Times are medians of single calls after a warm-up; ratio = composition time / hierkern time.
+   Times are medians of single calls after a warm-up, the four timed round-robin; ratio = composition
+   time / hierkern time.
 2. End to end: MaskedDiffusionLM() (the default model, random weights), batch 1, a 32-token prompt,
    gen_length 256, block_length 32, steps 256, threshold 0.9: tokens/s per strategy (median of
    --rounds round-robin calls over the four strategies; the sweeps below are single calls) and the fraction of
@@ -31,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 import hierkern
-from bench.common import default_device, median_seconds, sync
+from bench.common import default_device, interleaved_medians, sync
 from hierkern.models import MaskedDiffusionLM
 
 CACHE_NAMES = ("none", "prefix", "dual", "adaptive")
@@ -81,9 +82,8 @@ def bench_primitives(dev, dtype, reps, B=1, L=1024, H=32, Hk=8, D=128, ratio=0.2
     ia, ib = composition().sort(dim=1).values, fused()
     if dtype == torch.float32:  # (bf16: F.cosine_similarity rounds to bf16, ties and near-ties differ)
         assert torch.equal(ia, ib), "composition and refresh_select disagree"
-    t = {name: median_seconds(fn, dev, reps) for name, fn in
-         (("select_scatter_torch", composition), ("select_scatter_hierkern", fused),
-          ("attention_sdpa", attn_sdpa), ("attention_hierkern", attn_hk))}
+    t = interleaved_medians({"select_scatter_torch": composition, "select_scatter_hierkern": fused,
+                             "attention_sdpa": attn_sdpa, "attention_hierkern": attn_hk}, dev, reps)
     res = {"shape": dict(B=B, L=L, heads=H, kv_heads=Hk, head_dim=D, refreshed=n, dtype=str(dtype).split(".")[-1]),
            "ms": {k: v * 1e3 for k, v in t.items()},
            "ratio_select_scatter": t["select_scatter_torch"] / t["select_scatter_hierkern"],

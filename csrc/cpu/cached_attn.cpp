@@ -30,8 +30,9 @@ constexpr int64_t kBlockK = 512;       // keys per score tile
 // Below this many keys per chunk the merge pass and the repeated Q loads cost more than the extra
 // parallelism gains.
 constexpr int64_t kMinSplitKeys = 128;
-// Up to this many rows a task's P V reads float32 V in place (the narrow GEMM's multi-pass reads of a
-// packed copy only pay off for taller row blocks).
+// Up to this many rows a task's P V reads float32 V in place: a few rows read each V row about once, so
+// a packed copy only adds traffic (+13-37% at 1-4 rows over 680 keys, neutral from DRAM); taller row
+// blocks stream the tile once per 16 output columns and gain from the contiguous copy.
 constexpr int64_t kMaxRowsVInPlace = 8;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
@@ -179,8 +180,6 @@ void fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
       for (int64_t c0 = k0; c0 < k1; c0 += kBlockK) {
         const int64_t nc = std::min(k1, c0 + kBlockK) - c0;
         int64_t ldk, ldv;
-        // A few rows read each V row once: copying the tile first only adds traffic (float32 V is read in
-        // place up to kMaxRowsVInPlace rows: +13-37% at 1-4 rows over 680 keys, neutral from DRAM).
         const float* vt = load_tile(vp + b * vs[0] + c0 * vs[1] + hk * vs[2], nc, D, vs[1], vs[3],
                                     vbuf.get(), &ldv, /*pack=*/np > kMaxRowsVInPlace);
         const T* kt = kp + b * ks[0] + c0 * ks[1] + hk * ks[2];
