@@ -135,6 +135,15 @@ TORCH_LIBRARY(hierkern, m) {
   // with the uniform u[r] in [0, 1). Returns (ids (R,) int64, their probability (R,) float32).
   m.def("sample_top_k_top_p(Tensor logits, Tensor u, int top_k, float top_p) -> (Tensor, Tensor)");
 
+  // Inference linear layers of the generation loops (hierkern/models/_linear.py, csrc/cpu/packed_linear.cpp):
+  // pack_linear_weight(weight (N, K) float32) -> (ceil(N / 16), K, 16) panels (W^T in 16-column panels,
+  // zero past N); packed_linear(x (..., K) float32 whose rows view as (rows, K) without a copy, packed,
+  // N, bias (N,)?, gelu, residual (..., N)?) -> (..., N) contiguous = residual + act(x W^T + bias), act
+  // the tanh-approximated GELU when gelu. CPU only, no autograd (generation runs without grad).
+  m.def("pack_linear_weight(Tensor weight) -> Tensor");
+  m.def("packed_linear(Tensor x, Tensor packed, int out_features, Tensor? bias, bool gelu, Tensor? residual) "
+        "-> Tensor");
+
   // Axial attention on channel-last (B, H, W, heads, D) tensors: attention along H inside each column
   // (axis = 1) or along W inside each row (axis = 2), causal along the axis when `causal`. k / v
   // (B, H, W, kv_heads, D) with heads % kv_heads == 0 (GQA: q head i reads kv head i / (heads /

@@ -34,6 +34,7 @@ from hierkern.ops.kv_reuse import reference as kv_ref
 from . import _attention
 from ._blocks import PreNormBlock
 from ._checks import check_lm_config, check_token_ids
+from ._linear import Linear
 from ._next_scale import _check_positive_int
 
 CACHES = ("none", "prefix", "dual", "adaptive")
@@ -82,12 +83,13 @@ class _Rope:
 class _LayerWeights(NamedTuple):
     """One PreNormBlock's tensors for the functional row path (see _layer_weights)."""
     norm1: tuple  # (weight, bias, eps)
-    qkv: tuple  # (weight, bias) of the fused q / k / v projection
-    proj: tuple
+    qkv: Linear  # the fused q / k / v projection (rows: q, k, v)
+    qk: Linear  # its q and k rows ("adaptive": V is computed for every row first)
+    v: Linear  # its v rows
+    proj: Linear
     norm2: tuple
-    fc1: tuple
-    gelu: str  # the MLP activation's `approximate`
-    fc2: tuple
+    fc1: Linear  # followed by the tanh GELU
+    fc2: Linear
 
 
 class _LayerCache:
@@ -143,11 +145,13 @@ class MaskedDiffusionLM(nn.Module):
         dtype = self.embed.weight.dtype
         return _Rope(ang.cos().to(dtype), ang.sin().to(dtype))
 
-    def _layer_weights(self):
+    def _layer_weights(self, pack=False):
         """Per block, the tensors of its pre-norm layer, taken once per forward / generate call: a step
         is ~100 small ops, and module calls and attribute lookups are a visible share of each. q and
-        k/v are one (C + 2 Hk D, C) projection (rows: q, k, v), so a row set costs one GEMM, not three."""
+        k/v are one (C + 2 Hk D, C) projection (rows: q, k, v), so a row set costs one GEMM, not three.
+        pack (generate): small row blocks run through prepacked weights (see _linear.py)."""
         out = []
+        nqk = self.width + self.kv_heads * self.head_dim
         for block in self.blocks:
             q, kv = block.attn.q, block.attn.kv
             if q.bias is None and kv.bias is None:
@@ -155,19 +159,23 @@ class MaskedDiffusionLM(nn.Module):
             else:
                 qkv_bias = torch.cat(tuple(m.bias if m.bias is not None else m.weight.new_zeros(m.out_features)
                                            for m in (q, kv)))
-            fc1, act, fc2 = block.mlp
+            w = torch.cat((q.weight, kv.weight))
+            fc1, _, fc2 = block.mlp  # PreNormBlock's activation is GELU(approximate="tanh")
             out.append(_LayerWeights(
                 norm1=(block.norm1.weight, block.norm1.bias, block.norm1.eps),
-                qkv=(torch.cat((q.weight, kv.weight)), qkv_bias),
-                proj=(block.attn.proj.weight, block.attn.proj.bias),
+                qkv=Linear(w, qkv_bias, pack),
+                qk=Linear(w[:nqk], None if qkv_bias is None else qkv_bias[:nqk], pack),
+                v=Linear(w[nqk:], None if qkv_bias is None else qkv_bias[nqk:], pack),
+                proj=Linear(block.attn.proj.weight, block.attn.proj.bias, pack),
                 norm2=(block.norm2.weight, block.norm2.bias, block.norm2.eps),
-                fc1=(fc1.weight, fc1.bias), gelu=act.approximate, fc2=(fc2.weight, fc2.bias)))
+                fc1=Linear(fc1.weight, fc1.bias, pack),
+                fc2=Linear(fc2.weight, fc2.bias, pack)))
         return out
 
-    def _mlp(self, lw, x):
-        """The block's MLP sub-layer output (before the residual add) for rows x."""
-        h = F.linear(torch.layer_norm(x, (self.width,), *lw.norm2), *lw.fc1)
-        return F.linear(F.gelu(h, approximate=lw.gelu), *lw.fc2)
+    def _mlp(self, lw, x, residual=None):
+        """The block's MLP sub-layer output for rows x, plus residual when given."""
+        h = lw.fc1(torch.layer_norm(x, (self.width,), *lw.norm2), gelu=True)
+        return lw.fc2(h, residual=residual)
 
     def _write(self, impl, cache, idx, k, v, rope):
         """K/V rows (B, n, Hk, D) into slots idx (B, n), k rotated at its slot."""
@@ -189,20 +197,19 @@ class MaskedDiffusionLM(nn.Module):
             return hierkern.refresh_select(v_new, v_cached, n)
         return kv_ref.refresh_select_reference(v_new, v_cached, n)
 
-    def _attention_rows(self, impl, lw, xn, idx, cache, rope, rot, v=None):
-        """Attention output (after the projection) of rows xn (B, n, C) sitting at slots idx, after
-        writing their K/V; rot: rope.rows(idx); v: their V when already computed."""
+    def _attention_rows(self, impl, lw, xn, idx, cache, rope, rot, v=None, residual=None):
+        """Attention output (after the projection, plus residual when given) of rows xn (B, n, C)
+        sitting at slots idx, after writing their K/V; rot: rope.rows(idx); v: their V when already
+        computed."""
         B, n, C = xn.shape
         H, Hk, D = self.heads, self.kv_heads, self.head_dim
-        w, b = lw.qkv
         if v is None:
-            q, k, v = F.linear(xn, w, b).view(B, n, H + 2 * Hk, D).split((H, Hk, Hk), dim=2)
+            q, k, v = lw.qkv(xn).view(B, n, H + 2 * Hk, D).split((H, Hk, Hk), dim=2)
         else:  # V is known: project q and k only
-            qk = F.linear(xn, w[:C + Hk * D], None if b is None else b[:C + Hk * D])
-            q, k = qk.view(B, n, H + Hk, D).split((H, Hk), dim=2)
+            q, k = lw.qk(xn).view(B, n, H + Hk, D).split((H, Hk), dim=2)
         self._write(impl, cache, idx, k, v, rope)
         o = self._attend(impl, rope.rotate(q, rot), cache)
-        return F.linear(o.reshape(B, n, self.width), *lw.proj)
+        return lw.proj(o.reshape(B, n, self.width), residual=residual)
 
     def _forward_rows(self, impl, ids, a, caches, rope, layers, store=False):
         """Hidden states of rows [a, L) given only their ids (B, L - a) or rows [a, a + n): their K/V
@@ -212,13 +219,17 @@ class MaskedDiffusionLM(nn.Module):
         idx, rot = rope.slots(a, n, B)
         x = F.embedding(ids, self.embed.weight)
         for lw, cache in zip(layers, caches):
-            ao = self._attention_rows(impl, lw, torch.layer_norm(x, (self.width,), *lw.norm1), idx, cache, rope, rot)
-            x = x + ao
-            mo = self._mlp(lw, x)
+            xn = torch.layer_norm(x, (self.width,), *lw.norm1)
             if store:
+                ao = self._attention_rows(impl, lw, xn, idx, cache, rope, rot)
+                x = x + ao
+                mo = self._mlp(lw, x)
                 cache.attn[:, a:a + n] = ao
                 cache.mlp[:, a:a + n] = mo
-            x = x + mo
+                x = x + mo
+            else:  # the residual adds ride in the projections' epilogue
+                x = self._attention_rows(impl, lw, xn, idx, cache, rope, rot, residual=x)
+                x = self._mlp(lw, x, residual=x)
         return x
 
     def _forward_adaptive(self, impl, ids, caches, rope, layers, n_refresh):
@@ -227,11 +238,9 @@ class MaskedDiffusionLM(nn.Module):
         B, L = ids.shape
         bi = torch.arange(B, device=ids.device)[:, None]
         x = F.embedding(ids, self.embed.weight)
-        nqk = self.width + self.kv_heads * self.head_dim  # projection rows of q and k
         for lw, cache in zip(layers, caches):
             xn = torch.layer_norm(x, (self.width,), *lw.norm1)
-            w, b = lw.qkv
-            v_all = F.linear(xn, w[nqk:], None if b is None else b[nqk:]).view(B, L, self.kv_heads, self.head_dim)
+            v_all = lw.v(xn).view(B, L, self.kv_heads, self.head_dim)
             idx = self._select(impl, v_all, cache.v, n_refresh)
             if n_refresh:
                 cache.attn[bi, idx] = self._attention_rows(impl, lw, xn[bi, idx], idx, cache, rope, rope.rows(idx),
@@ -242,10 +251,9 @@ class MaskedDiffusionLM(nn.Module):
             x = x + cache.mlp
         return x
 
-    def _logits(self, h):
+    def _logits(self, h, head):
         norm = self.norm
-        return F.linear(torch.layer_norm(h, (self.width,), norm.weight, norm.bias, norm.eps), self.out.weight,
-                        self.out.bias)
+        return head(torch.layer_norm(h, (self.width,), norm.weight, norm.bias, norm.eps))
 
     def _new_caches(self, B, L, adaptive):
         return [_LayerCache(B, L, self.kv_heads, self.head_dim, self.width, self.embed.weight.dtype,
@@ -264,7 +272,7 @@ class MaskedDiffusionLM(nn.Module):
         B, L = ids.shape
         h = self._forward_rows(impl, ids, 0, self._new_caches(B, L, False), self._rope_tables(L),
                                self._layer_weights())
-        return self._logits(h)
+        return self._logits(h, Linear(self.out.weight, self.out.bias, pack=False))
 
     @staticmethod
     def unmask(blk, masked, logits, threshold, quota, n_masked=None):
@@ -320,7 +328,8 @@ class MaskedDiffusionLM(nn.Module):
         B, P = prompt.shape
         L, dev = P + gen_length, self._device()
         ids = torch.cat((prompt, torch.full((B, gen_length), self.mask_id, dtype=torch.long, device=dev)), dim=1)
-        rope, layers = self._rope_tables(L), self._layer_weights()
+        rope, layers = self._rope_tables(L), self._layer_weights(pack=True)
+        head = Linear(self.out.weight, self.out.bias)
         caches = self._new_caches(B, L, cache == "adaptive")
         n_refresh = min(L, math.ceil(ratio * L))
         per_block = steps // num_blocks
@@ -343,5 +352,5 @@ class MaskedDiffusionLM(nn.Module):
                 else:
                     h = self._forward_adaptive(impl, ids, caches, rope, layers, n_refresh)[:, s:e]
                 quota = max(1, math.ceil(most / (per_block - step)))
-                blk.copy_(self.unmask(blk, masked, self._logits(h), threshold, quota, n_masked))
+                blk.copy_(self.unmask(blk, masked, self._logits(h, head), threshold, quota, n_masked))
         return ids

@@ -1,0 +1,56 @@
+"""Linear layers of the generation loops: one (weight, bias) whose small row blocks run through
+hierkern::packed_linear (csrc/cpu/packed_linear.cpp) and everything else through F.linear.
+
+A cached diffusion-LM step pushes a 32-row block through every layer. At that size BLAS re-packs the
+weight on each call and the bias, GELU and residual add are separate passes over the output; the packed
+path packs the weight once (per generate call) and does all of it in one pass. It is taken for CPU
+float32 weights, at most ROWS_MAX rows and grad mode off (the op has no backward); larger row sets stay with BLAS, which is faster
+there with two threads. The two paths round differently (within float32 rounding, not bit-equal), so
+the choice depends only on the row count: the same rows always take the same path.
+"""
+import torch
+import torch.nn.functional as F
+
+from .. import _backend
+
+# Row blocks up to this size take the packed path (a dual-cache step: 32 rows; a full forward of the
+# default benchmark: 288, where BLAS with two threads is faster).
+ROWS_MAX = 64
+
+if _backend.has_compiled_ops():
+    @torch.library.register_fake("hierkern::pack_linear_weight")
+    def _fake_pack(weight):
+        n, k = weight.shape
+        return weight.new_empty(((n + 15) // 16, k, 16))
+
+    @torch.library.register_fake("hierkern::packed_linear")
+    def _fake_packed_linear(x, packed, out_features, bias, gelu, residual):
+        return x.new_empty((*x.shape[:-1], out_features))
+
+
+def gelu_tanh_reference(y):
+    """PyTorch's GELU(approximate="tanh") written out, in y's dtype (the tests' float64 reference)."""
+    return 0.5 * y * (1.0 + torch.tanh(0.7978845608028654 * (y + 0.044715 * y ** 3)))
+
+
+class Linear:
+    """weight (N, K) and bias (N,) or None of one layer; `packed` is set when the packed path can serve
+    them (CPU float32, hierkern._C built)."""
+
+    __slots__ = ("weight", "bias", "packed")
+
+    def __init__(self, weight, bias, pack=True):
+        self.weight, self.bias = weight, bias
+        usable = (pack and _backend.has_compiled_ops() and weight.device.type == "cpu"
+                  and weight.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32))
+        self.packed = torch.ops.hierkern.pack_linear_weight(weight.detach()) if usable else None
+
+    def __call__(self, x, gelu=False, residual=None):
+        """residual + act(x W^T + b), act the tanh GELU when gelu."""
+        rows = x.numel() // max(x.shape[-1], 1)
+        if self.packed is not None and rows <= ROWS_MAX and x.dtype == torch.float32 and not torch.is_grad_enabled():
+            return torch.ops.hierkern.packed_linear(x, self.packed, self.weight.shape[0], self.bias, gelu, residual)
+        y = F.linear(x, self.weight, self.bias)
+        if gelu:
+            y = F.gelu(y, approximate="tanh")
+        return y if residual is None else residual + y
