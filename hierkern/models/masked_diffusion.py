@@ -18,7 +18,9 @@ interval; here prompt rows are candidates of the same similarity test, so they a
 
 impl="reference": the PyTorch composition research code uses (cosine + sort + gather + index writes +
 SDPA with repeated K/V heads); impl="kernels": hierkern.refresh_select, hierkern.scatter_kv (RoPE on
-write) and hierkern.subset_attention.
+write) and hierkern.subset_attention (the last two through their op layer: the model's own tensors need
+none of the public wrappers' checks), and in generate, row blocks of at most 64 rows run their linear
+layers through hierkern::packed_linear (_linear.py).
 """
 import math
 import numbers
@@ -29,6 +31,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import hierkern
+from hierkern import _backend
+from hierkern.ops.cached_attention.op import cached_attention_op
+from hierkern.ops.kv_reuse.op import scatter_kv_op
 from hierkern.ops.kv_reuse import reference as kv_ref
 
 from . import _attention
@@ -76,7 +81,8 @@ class _Rope:
     def rotate(self, x, rot):
         c, s = rot
         xa = x if x.dtype == c.dtype else x.to(c.dtype)  # (a step is ~100 small calls: skip no-op ones)
-        out = torch.addcmul(xa * c, xa.roll(x.shape[-1] // 2, dims=-1), s)
+        # the two halves swapped: one flip (roll along the last dimension is two narrows and a cat)
+        out = torch.addcmul(xa * c, xa.unflatten(-1, (2, -1)).flip(-2).flatten(-2), s)
         return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
@@ -180,13 +186,19 @@ class MaskedDiffusionLM(nn.Module):
     def _write(self, impl, cache, idx, k, v, rope):
         """K/V rows (B, n, Hk, D) into slots idx (B, n), k rotated at its slot."""
         if impl == "kernels":
-            hierkern.scatter_kv(cache.k, cache.v, idx, k, v, rope.cos, rope.sin)
+            # The op layer under the public wrapper: these are the model's own caches, rows and slots
+            # (distinct by construction), so the wrapper's per-call checks only cost time (~0.1-0.5 ms
+            # of a dual-cache step's Python, with subset_attention's below).
+            backend = _backend.select("scatter_kv", None, k.device, dtype=k.dtype)
+            scatter_kv_op(cache.k, cache.v, idx, k, v, rope.cos, rope.sin, backend)
         else:
             kv_ref.scatter_kv_reference(cache.k, cache.v, idx, k, v, rope.cos, rope.sin)
 
     def _attend(self, impl, q, cache):
-        if impl == "kernels":
-            return hierkern.subset_attention(q, cache.k, cache.v)
+        if impl == "kernels":  # hierkern.subset_attention's op (see _write)
+            backend = _backend.select("subset_attention", None, q.device, dtype=q.dtype)
+            return cached_attention_op(q, cache.k, cache.v, cache.k.shape[1], self.head_dim ** -0.5, False, None,
+                                       backend)
         group = self.heads // self.kv_heads
         k = cache.k.repeat_interleave(group, dim=2).transpose(1, 2)
         v = cache.v.repeat_interleave(group, dim=2).transpose(1, 2)
