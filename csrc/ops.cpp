@@ -138,11 +138,13 @@ TORCH_LIBRARY(hierkern, m) {
   // Inference linear layers of the generation loops (hierkern/models/_linear.py, csrc/cpu/packed_linear.cpp):
   // pack_linear_weight(weight (N, K) float32) -> (ceil(N / 16), K, 16) panels (W^T in 16-column panels,
   // zero past N); packed_linear(x (..., K) float32 whose rows view as (rows, K) without a copy, packed,
-  // N, bias (N,)?, gelu, residual (..., N)?) -> (..., N) contiguous = residual + act(x W^T + bias), act
-  // the tanh-approximated GELU when gelu. CPU only, no autograd (generation runs without grad).
+  // N, bias (N,)?, gelu, residual (..., N)?, norm_weight (K,)?, norm_bias (K,)?, eps) -> (..., N)
+  // contiguous = residual + act(n(x) W^T + bias), act the tanh-approximated GELU when gelu, n the
+  // LayerNorm(K, eps) with norm_weight / norm_bias when norm_weight is given. CPU only, no autograd
+  // (generation runs without grad).
   m.def("pack_linear_weight(Tensor weight) -> Tensor");
-  m.def("packed_linear(Tensor x, Tensor packed, int out_features, Tensor? bias, bool gelu, Tensor? residual) "
-        "-> Tensor");
+  m.def("packed_linear(Tensor x, Tensor packed, int out_features, Tensor? bias, bool gelu, Tensor? residual, "
+        "Tensor? norm_weight, Tensor? norm_bias, float eps) -> Tensor");
 
   // Axial attention on channel-last (B, H, W, heads, D) tensors: attention along H inside each column
   // (axis = 1) or along W inside each row (axis = 2), causal along the axis when `causal`. k / v

@@ -8,8 +8,11 @@
 //
 // pack_linear_weight(w (N, K)) -> (ceil(N / 16), K, 16): panel j holds W^T[:, 16j : 16j + 16], the
 // columns past N zero.
-// packed_linear(x (..., K), packed, N, bias (N,)?, gelu, residual (..., N)?) -> (..., N):
-// residual + act(x W^T + bias), act PyTorch's GELU(approximate="tanh") when gelu, else the identity.
+// packed_linear(x (..., K), packed, N, bias (N,)?, gelu, residual (..., N)?, norm_weight (K,)?,
+// norm_bias (K,)?, eps) -> (..., N): residual + act(n(x) W^T + bias), act PyTorch's
+// GELU(approximate="tanh") when gelu, else the identity; n the LayerNorm(K, eps) with norm_weight /
+// norm_bias when norm_weight is given (a pre-norm block's norm and projection in one call), else the
+// identity.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -26,22 +29,30 @@ constexpr int64_t kRowBlock = 96;  // rows of one task's tile (a multiple of gem
 // slower with a second thread here (waking it costs more than half of the arithmetic).
 constexpr int64_t kSerialMacs = int64_t{1} << 22;
 
-// The row stride of t viewed as (rows, t.size(-1)) without a copy: the last dimension unit-stride and
-// the leading ones collapsing into one uniformly strided index.
-int64_t row_stride(const at::Tensor& t, const char* name) {
-  const int64_t d = t.dim();
-  TORCH_CHECK(d >= 1 && (t.size(-1) <= 1 || t.stride(-1) == 1), "hierkern::packed_linear: ", name,
+// The offset of each row of t viewed as (rows, t.size(-1)): any strides but a unit-stride last
+// dimension (a row is read as K contiguous floats). A slice of a batch of sequences (x[:, s:e]) is
+// not one uniformly strided matrix; the GEMM then reads a packed copy of its rows (see below).
+std::vector<int64_t> row_offsets(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() >= 1 && (t.size(-1) <= 1 || t.stride(-1) == 1), "hierkern::packed_linear: ", name,
               " must have a unit-stride last dimension, got sizes ", t.sizes(), " and strides ", t.strides());
-  int64_t ld = -1, expect = 0;
-  for (int64_t i = d - 2; i >= 0; --i) {
-    if (t.size(i) == 1) continue;  // its stride is arbitrary
-    TORCH_CHECK(ld < 0 || t.stride(i) == expect, "hierkern::packed_linear: ", name, " must view as (rows, ",
-                t.size(-1), ") without a copy (leading dimensions collapsible), got sizes ", t.sizes(),
-                " and strides ", t.strides());
-    if (ld < 0) ld = t.stride(i);
-    expect = t.stride(i) * t.size(i);
+  std::vector<int64_t> off{0};
+  for (int64_t i = t.dim() - 2; i >= 0; --i) {  // innermost leading dimension first
+    const size_t m = off.size();
+    off.resize(m * t.size(i));
+    for (int64_t r = t.size(i) - 1; r >= 0; --r)
+      for (size_t q = 0; q < m; ++q) off[r * m + q] = off[q] + r * t.stride(i);
   }
-  return ld < 0 ? t.size(-1) : ld;  // one row
+  return off;
+}
+
+// The common stride of rows at offsets off (0 for fewer than two rows), or -1 if they are not evenly
+// spaced.
+int64_t uniform_stride(const std::vector<int64_t>& off) {
+  if (off.size() < 2) return 0;
+  const int64_t ld = off[1] - off[0];
+  for (size_t i = 1; i < off.size(); ++i)
+    if (off[i] - off[i - 1] != ld) return -1;
+  return ld;
 }
 
 void check_f32_cpu(const at::Tensor& t, const char* name) {
@@ -108,7 +119,7 @@ struct Epilogue {
   const float* bias;  // (N,) dense, or nullptr
   bool gelu;
   const float* res;   // residual rows, or nullptr
-  int64_t ldr;
+  const int64_t* res_off;  // its row offsets
 };
 
 // out[i, j0 + c] = res + act(tile[i, c] + bias[j0 + c]) for the w <= 16 valid columns of a panel.
@@ -117,7 +128,7 @@ void finish_panel(const float* tile, int64_t rows, int64_t j0, int64_t w, const 
   for (int64_t i = 0; i < rows; ++i) {
     const float* t = tile + i * kPanel;
     float* o = out + (i0 + i) * ldo + j0;
-    const float* r = e.res ? e.res + (i0 + i) * e.ldr + j0 : nullptr;
+    const float* r = e.res ? e.res + e.res_off[i0 + i] + j0 : nullptr;
     int64_t c = 0;
 #ifdef HK_AVX2
     for (; c + 8 <= w; c += 8) {
@@ -136,9 +147,42 @@ void finish_panel(const float* tile, int64_t rows, int64_t j0, int64_t w, const 
   }
 }
 
+// dst[i, :] = LayerNorm(row i) * w + b (b optional) for rows [lo, hi) at src + off[i]: mean, then the variance
+// of the centred row (two passes over a row in L1), as torch.layer_norm in float32.
+void layer_norm_rows(const float* src, const int64_t* off, int64_t lo, int64_t hi, int64_t K, const float* w,
+                     const float* b, float eps, float* dst) {
+  for (int64_t i = lo; i < hi; ++i) {
+    const float* x = src + off[i];
+    float* y = dst + i * K;
+    double sum = 0.0;
+    for (int64_t k = 0; k < K; ++k) sum += x[k];
+    const float mean = static_cast<float>(sum / K);
+    double sq = 0.0;
+    for (int64_t k = 0; k < K; ++k) {
+      const float c = x[k] - mean;
+      sq += static_cast<double>(c) * c;
+    }
+    const float rstd = 1.f / std::sqrt(static_cast<float>(sq / K) + eps);
+#pragma omp simd
+    for (int64_t k = 0; k < K; ++k) y[k] = (x[k] - mean) * rstd * w[k] + (b ? b[k] : 0.f);
+  }
+}
+
+// A (d,) float32 vector as dense floats, checked against d.
+std::vector<float> dense_param(const at::Tensor& t, int64_t d, const char* name, const char* what) {
+  check_f32_cpu(t, name);
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == d, "hierkern::packed_linear: ", name, " must be (", what, ",) = (", d,
+              ",), got ", t.sizes());
+  std::vector<float> out(d);
+  const float* p = t.const_data_ptr<float>();
+  for (int64_t j = 0; j < d; ++j) out[j] = p[j * t.stride(0)];
+  return out;
+}
+
 at::Tensor packed_linear_cpu(const at::Tensor& x, const at::Tensor& packed, int64_t out_features,
                              const std::optional<at::Tensor>& bias, bool gelu_tanh_act,
-                             const std::optional<at::Tensor>& residual) {
+                             const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& norm_weight,
+                             const std::optional<at::Tensor>& norm_bias, double eps) {
   check_f32_cpu(x, "x");
   check_f32_cpu(packed, "packed");
   const int64_t K = x.size(-1), N = out_features, P = (N + kPanel - 1) / kPanel;
@@ -147,25 +191,26 @@ at::Tensor packed_linear_cpu(const at::Tensor& x, const at::Tensor& packed, int6
                   packed.is_contiguous(),
               "hierkern::packed_linear: packed must be pack_linear_weight's contiguous (", P, ", ", K, ", ", kPanel,
               ") panels for out_features ", N, " and x's in_features ", K, ", got ", packed.sizes());
-  const int64_t lda = row_stride(x, "x");
+  const std::vector<int64_t> xoff = row_offsets(x, "x");
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = N;
-  std::vector<float> b;
-  if (bias.has_value()) {
-    check_f32_cpu(*bias, "bias");
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "hierkern::packed_linear: bias must be (out_features,) = (",
-                N, ",), got ", bias->sizes());
-    b.resize(N);
-    const float* bp = bias->const_data_ptr<float>();
-    for (int64_t j = 0; j < N; ++j) b[j] = bp[j * bias->stride(0)];
-  }
-  Epilogue e{b.empty() ? nullptr : b.data(), gelu_tanh_act, nullptr, 0};
+  const std::vector<float> b = bias.has_value() ? dense_param(*bias, N, "bias", "out_features") : std::vector<float>();
+  TORCH_CHECK(!norm_weight.has_value() || K >= 1, "hierkern::packed_linear: the layer norm needs in_features >= 1");
+  TORCH_CHECK(norm_weight.has_value() || !norm_bias.has_value(),
+              "hierkern::packed_linear: norm_bias needs norm_weight (the layer norm runs when norm_weight is given)");
+  const std::vector<float> nw = norm_weight.has_value() ? dense_param(*norm_weight, K, "norm_weight", "in_features")
+                                                        : std::vector<float>();
+  const std::vector<float> nb = norm_bias.has_value() ? dense_param(*norm_bias, K, "norm_bias", "in_features")
+                                                      : std::vector<float>();
+  Epilogue e{b.empty() ? nullptr : b.data(), gelu_tanh_act, nullptr, nullptr};
+  std::vector<int64_t> roff;
   if (residual.has_value()) {
     check_f32_cpu(*residual, "residual");
     TORCH_CHECK(residual->sizes() == at::IntArrayRef(out_shape), "hierkern::packed_linear: residual must have the ",
                 "output's shape ", at::IntArrayRef(out_shape), ", got ", residual->sizes());
     e.res = residual->const_data_ptr<float>();
-    e.ldr = row_stride(*residual, "residual");
+    roff = row_offsets(*residual, "residual");
+    e.res_off = roff.data();
   }
   at::Tensor out = at::empty(out_shape, x.options());
   const int64_t M = K == 0 ? out.numel() / N : x.numel() / K;
@@ -175,14 +220,32 @@ at::Tensor packed_linear_cpu(const at::Tensor& x, const at::Tensor& packed, int6
   float* o = out.mutable_data_ptr<float>();
   const int64_t row_blocks = (M + kRowBlock - 1) / kRowBlock, tasks = row_blocks * P;
   // Panels outer, row blocks inner within a task range: consecutive tasks share a weight panel.
-  const int64_t grain = M * K * N < kSerialMacs ? tasks : 1;
+  const bool serial = M * K * N < kSerialMacs;
+  const int64_t grain = serial ? tasks : 1;
+  // A: x's rows in place when evenly spaced; else (a slice across a batch) or with the pre-norm, a
+  // packed (M, K) copy made once, before the panels read it.
+  int64_t ld = uniform_stride(xoff);
+  FloatBuf packed_rows;
+  if (!nw.empty() || ld < 0) {
+    packed_rows = scratch_floats(M * K);
+    float* dst = packed_rows.get();
+    at::parallel_for(0, M, serial ? M : 16, [&](int64_t lo, int64_t hi) {
+      if (!nw.empty())
+        layer_norm_rows(a, xoff.data(), lo, hi, K, nw.data(), nb.empty() ? nullptr : nb.data(),
+                        static_cast<float>(eps), dst);
+      else
+        for (int64_t i = lo; i < hi; ++i) std::memcpy(dst + i * K, a + xoff[i], K * sizeof(float));
+    });
+    a = dst;
+    ld = K;
+  }
   at::parallel_for(0, tasks, grain, [&](int64_t lo, int64_t hi) {
     float tile[kRowBlock * kPanel];
     for (int64_t t = lo; t < hi; ++t) {
       const int64_t j = t / row_blocks, i0 = (t % row_blocks) * kRowBlock;
       const int64_t rows = std::min(kRowBlock, M - i0);
       const float* next = t + 1 < hi && (t + 1) % row_blocks == 0 ? w + (j + 1) * K * kPanel : nullptr;
-      panel_gemm_prefetching(rows, K, a + i0 * lda, lda, w + j * K * kPanel, tile, next);
+      panel_gemm_prefetching(rows, K, a + i0 * ld, ld, w + j * K * kPanel, tile, next);
       finish_panel(tile, rows, j * kPanel, std::min(kPanel, N - j * kPanel), e, i0, o, N);
     }
   });

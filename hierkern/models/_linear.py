@@ -3,7 +3,8 @@ hierkern::packed_linear (csrc/cpu/packed_linear.cpp) and everything else through
 
 A cached diffusion-LM step pushes a 32-row block through every layer. At that size BLAS re-packs the
 weight on each call and the bias, GELU and residual add are separate passes over the output; the packed
-path packs the weight once (per generate call) and does all of it in one pass. It is taken for CPU
+path packs the weight once (per generate call) and does all of it in one pass, the pre-norm's layer
+norm included. It is taken for CPU
 float32 weights, at most ROWS_MAX rows and grad mode off (the op has no backward); larger row sets stay with BLAS, which is faster
 there with two threads. The two paths round differently (within float32 rounding, not bit-equal), so
 the choice depends only on the row count: the same rows always take the same path.
@@ -18,13 +19,15 @@ from .. import _backend
 ROWS_MAX = 64
 
 if _backend.has_compiled_ops():
+    _packed_linear = torch.ops.hierkern.packed_linear.default
+
     @torch.library.register_fake("hierkern::pack_linear_weight")
     def _fake_pack(weight):
         n, k = weight.shape
         return weight.new_empty(((n + 15) // 16, k, 16))
 
     @torch.library.register_fake("hierkern::packed_linear")
-    def _fake_packed_linear(x, packed, out_features, bias, gelu, residual):
+    def _fake_packed_linear(x, packed, out_features, bias, gelu, residual, norm_weight, norm_bias, eps):
         return x.new_empty((*x.shape[:-1], out_features))
 
 
@@ -45,11 +48,15 @@ class Linear:
                   and weight.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32))
         self.packed = torch.ops.hierkern.pack_linear_weight(weight.detach()) if usable else None
 
-    def __call__(self, x, gelu=False, residual=None):
-        """residual + act(x W^T + b), act the tanh GELU when gelu."""
-        rows = x.numel() // max(x.shape[-1], 1)
-        if self.packed is not None and rows <= ROWS_MAX and x.dtype == torch.float32 and not torch.is_grad_enabled():
-            return torch.ops.hierkern.packed_linear(x, self.packed, self.weight.shape[0], self.bias, gelu, residual)
+    def __call__(self, x, gelu=False, residual=None, norm=None):
+        """residual + act(n(x) W^T + b), act the tanh GELU when gelu, n the layer norm over the last
+        dimension with norm = (weight, bias, eps) (a pre-norm block's), else the identity."""
+        if (self.packed is not None and x.numel() <= ROWS_MAX * self.weight.shape[1] and x.dtype == torch.float32
+                and not torch.is_grad_enabled()):
+            nw, nb, eps = norm if norm is not None else (None, None, 0.0)
+            return _packed_linear(x, self.packed, self.weight.shape[0], self.bias, gelu, residual, nw, nb, eps)
+        if norm is not None:
+            x = torch.layer_norm(x, (x.shape[-1],), *norm)
         y = F.linear(x, self.weight, self.bias)
         if gelu:
             y = F.gelu(y, approximate="tanh")

@@ -179,9 +179,8 @@ class MaskedDiffusionLM(nn.Module):
         return out
 
     def _mlp(self, lw, x, residual=None):
-        """The block's MLP sub-layer output for rows x, plus residual when given."""
-        h = lw.fc1(torch.layer_norm(x, (self.width,), *lw.norm2), gelu=True)
-        return lw.fc2(h, residual=residual)
+        """The block's MLP sub-layer output for rows x (before its layer norm), plus residual when given."""
+        return lw.fc2(lw.fc1(x, gelu=True, norm=lw.norm2), residual=residual)
 
     def _write(self, impl, cache, idx, k, v, rope):
         """K/V rows (B, n, Hk, D) into slots idx (B, n), k rotated at its slot."""
@@ -209,16 +208,16 @@ class MaskedDiffusionLM(nn.Module):
             return hierkern.refresh_select(v_new, v_cached, n)
         return kv_ref.refresh_select_reference(v_new, v_cached, n)
 
-    def _attention_rows(self, impl, lw, xn, idx, cache, rope, rot, v=None, residual=None):
-        """Attention output (after the projection, plus residual when given) of rows xn (B, n, C)
-        sitting at slots idx, after writing their K/V; rot: rope.rows(idx); v: their V when already
-        computed."""
-        B, n, C = xn.shape
+    def _attention_rows(self, impl, lw, x, idx, cache, rope, rot, v=None, residual=None, norm=None):
+        """Attention output (after the projection, plus residual when given) of rows x (B, n, C)
+        sitting at slots idx, after writing their K/V; x is normalised by the projection when norm is
+        given, else already; rot: rope.rows(idx); v: their V when already computed."""
+        B, n, C = x.shape
         H, Hk, D = self.heads, self.kv_heads, self.head_dim
         if v is None:
-            q, k, v = lw.qkv(xn).view(B, n, H + 2 * Hk, D).split((H, Hk, Hk), dim=2)
+            q, k, v = lw.qkv(x, norm=norm).view(B, n, H + 2 * Hk, D).split((H, Hk, Hk), dim=2)
         else:  # V is known: project q and k only
-            q, k = lw.qk(xn).view(B, n, H + Hk, D).split((H, Hk), dim=2)
+            q, k = lw.qk(x, norm=norm).view(B, n, H + Hk, D).split((H, Hk), dim=2)
         self._write(impl, cache, idx, k, v, rope)
         o = self._attend(impl, rope.rotate(q, rot), cache)
         return lw.proj(o.reshape(B, n, self.width), residual=residual)
@@ -231,16 +230,15 @@ class MaskedDiffusionLM(nn.Module):
         idx, rot = rope.slots(a, n, B)
         x = F.embedding(ids, self.embed.weight)
         for lw, cache in zip(layers, caches):
-            xn = torch.layer_norm(x, (self.width,), *lw.norm1)
             if store:
-                ao = self._attention_rows(impl, lw, xn, idx, cache, rope, rot)
+                ao = self._attention_rows(impl, lw, x, idx, cache, rope, rot, norm=lw.norm1)
                 x = x + ao
                 mo = self._mlp(lw, x)
                 cache.attn[:, a:a + n] = ao
                 cache.mlp[:, a:a + n] = mo
                 x = x + mo
-            else:  # the residual adds ride in the projections' epilogue
-                x = self._attention_rows(impl, lw, xn, idx, cache, rope, rot, residual=x)
+            else:  # the residual adds ride in the projections (the packed path's epilogue)
+                x = self._attention_rows(impl, lw, x, idx, cache, rope, rot, residual=x, norm=lw.norm1)
                 x = self._mlp(lw, x, residual=x)
         return x
 
@@ -265,7 +263,7 @@ class MaskedDiffusionLM(nn.Module):
 
     def _logits(self, h, head):
         norm = self.norm
-        return head(torch.layer_norm(h, (self.width,), norm.weight, norm.bias, norm.eps))
+        return head(h, norm=(norm.weight, norm.bias, norm.eps))
 
     def _new_caches(self, B, L, adaptive):
         return [_LayerCache(B, L, self.kv_heads, self.head_dim, self.width, self.embed.weight.dtype,
