@@ -1,10 +1,10 @@
 // Inference linear layers for small row blocks (hierkern/models/_linear.py): the per-step blocks of
 // the diffusion LMs' cached strategies, 32 rows through a 128-wide model. At that size BLAS re-packs
 // the (N, K) weight on every call (as much time as its FMAs, measured in a dual-cache step) and the
-// bias, activation and residual add are three more passes over the output. Here the weight is packed
-// once per generation into the panel layout of gemm_panels (cpu_math.h) and every call is one pass:
-// per 16-column panel, the GEMM of all rows into an L1 tile, then bias, tanh-GELU and the residual
-// while the tile is hot.
+// pre-norm, bias, activation and residual add are four more calls. Here the weight is packed once per
+// generation into the panel layout of gemm_panels (cpu_math.h) and one call does the rest: the rows
+// normalised once (with the pre-norm) into a packed copy, then per 16-column panel the GEMM of all rows
+// into an L1 tile and bias, tanh-GELU and the residual while the tile is hot.
 //
 // pack_linear_weight(w (N, K)) -> (ceil(N / 16), K, 16): panel j holds W^T[:, 16j : 16j + 16], the
 // columns past N zero.
