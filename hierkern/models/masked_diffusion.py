@@ -19,8 +19,8 @@ interval; here prompt rows are candidates of the same similarity test, so they a
 impl="reference": the PyTorch composition research code uses (cosine + sort + gather + index writes +
 SDPA with repeated K/V heads); impl="kernels": hierkern.refresh_select, hierkern.scatter_kv (RoPE on
 write) and hierkern.subset_attention (the last two through their op layer: the model's own tensors need
-none of the public wrappers' checks), and in generate, row blocks of at most 64 rows run their linear
-layers through hierkern::packed_linear (_linear.py).
+none of the public wrappers' checks), and in generate, row sets of at most _linear.ROWS_MAX rows run
+their linear layers (with the pre-norms, GELU and residual adds) through hierkern::packed_linear.
 """
 import math
 import numbers
