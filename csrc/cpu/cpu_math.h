@@ -193,18 +193,29 @@ inline void panel_block(int64_t mr, int64_t k, float alpha, const float* a, int6
 }
 
 // C[m, 16 * n_panels] (= or +=) alpha * A[m, k] * B, B in panels (see above); A row-major.
+// prefetch: `prefetch_rows` panel rows (one cache line each) from there are requested into L2, a share
+// before each register block, for a caller whose next call streams B from memory (packed_linear: a
+// step's weights; the first row block of a panel would otherwise wait for its lines).
 inline void gemm_panels(int64_t m, int64_t n_panels, int64_t k, float alpha, const float* a,
                         int64_t lda, const float* bp, int64_t panel_stride, float* c, int64_t ldc,
-                        bool accumulate) {
+                        bool accumulate, const float* prefetch = nullptr, int64_t prefetch_rows = 0) {
   constexpr int64_t MR = 6;
+  const int64_t blocks = (m + MR - 1) / MR * n_panels * ((k + kPanelDepth - 1) / kPanelDepth);
+  const int64_t per_block = prefetch && blocks ? (prefetch_rows + blocks - 1) / blocks : 0;
+  int64_t line = 0;
   for (int64_t p0 = 0; p0 < k; p0 += kPanelDepth) {
     const int64_t kc = std::min(kPanelDepth, k - p0);
     const bool acc = accumulate || p0 > 0;
     for (int64_t j = 0; j < n_panels; ++j) {
       const float* b = bp + j * panel_stride + p0 * kPanel;
-      for (int64_t i0 = 0; i0 < m; i0 += MR)
+      for (int64_t i0 = 0; i0 < m; i0 += MR) {
+#ifdef HK_AVX2
+        for (const int64_t end = std::min(prefetch_rows, line + per_block); line < end; ++line)
+          _mm_prefetch(reinterpret_cast<const char*>(prefetch + line * kPanel), _MM_HINT_T1);
+#endif
         panel_block(std::min(MR, m - i0), kc, alpha, a + i0 * lda + p0, lda, b,
                     c + i0 * ldc + j * kPanel, ldc, acc);
+      }
     }
   }
 }

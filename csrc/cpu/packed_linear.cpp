@@ -91,30 +91,6 @@ inline __m256 gelu_tanh8(__m256 y) {
 }
 #endif
 
-// tile[rows, 16] = A[rows, K] * panel, and the K cache lines of `next` (the panel the following task
-// streams, or nullptr) requested into L2 a share before each 6-row block. A step's weights come from
-// memory (every layer's once per step); without this the first row block of each panel waits for its
-// lines and the other blocks find them in L1, so memory time and FMA time added up.
-void panel_gemm_prefetching(int64_t rows, int64_t K, const float* a, int64_t lda, const float* panel, float* tile,
-                            const float* next) {
-  constexpr int64_t MR = 6;
-  const int64_t blocks = (rows + MR - 1) / MR * ((K + kPanelDepth - 1) / kPanelDepth);
-  const int64_t per_block = next ? (K + blocks - 1) / blocks : 0;
-  int64_t line = 0;
-  if (K == 0) std::fill(tile, tile + rows * kPanel, 0.f);
-  for (int64_t p0 = 0; p0 < K; p0 += kPanelDepth) {
-    const int64_t kc = std::min(kPanelDepth, K - p0);
-    for (int64_t i0 = 0; i0 < rows; i0 += MR) {
-#ifdef HK_AVX2
-      for (int64_t end = std::min(K, line + per_block); line < end; ++line)
-        _mm_prefetch(reinterpret_cast<const char*>(next + line * kPanel), _MM_HINT_T1);
-#endif
-      panel_block(std::min(MR, rows - i0), kc, 1.f, a + i0 * lda + p0, lda, panel + p0 * kPanel, tile + i0 * kPanel,
-                  kPanel, p0 > 0);
-    }
-  }
-}
-
 struct Epilogue {
   const float* bias;  // (N,) dense, or nullptr
   bool gelu;
@@ -244,8 +220,10 @@ at::Tensor packed_linear_cpu(const at::Tensor& x, const at::Tensor& packed, int6
     for (int64_t t = lo; t < hi; ++t) {
       const int64_t j = t / row_blocks, i0 = (t % row_blocks) * kRowBlock;
       const int64_t rows = std::min(kRowBlock, M - i0);
+      // the weight panel the next task starts, fetched while this one computes
       const float* next = t + 1 < hi && (t + 1) % row_blocks == 0 ? w + (j + 1) * K * kPanel : nullptr;
-      panel_gemm_prefetching(rows, K, a + i0 * ld, ld, w + j * K * kPanel, tile, next);
+      if (K == 0) std::fill(tile, tile + rows * kPanel, 0.f);
+      gemm_panels(rows, 1, K, 1.f, a + i0 * ld, ld, w + j * K * kPanel, K * kPanel, tile, kPanel, false, next, K);
       finish_panel(tile, rows, j * kPanel, std::min(kPanel, N - j * kPanel), e, i0, o, N);
     }
   });

@@ -31,11 +31,6 @@ if _backend.has_compiled_ops():
         return x.new_empty((*x.shape[:-1], out_features))
 
 
-def gelu_tanh_reference(y):
-    """PyTorch's GELU(approximate="tanh") written out, in y's dtype (the tests' float64 reference)."""
-    return 0.5 * y * (1.0 + torch.tanh(0.7978845608028654 * (y + 0.044715 * y ** 3)))
-
-
 class Linear:
     """weight (N, K) and bias (N,) or None of one layer; `packed` is set when the packed path can serve
     them (CPU float32, hierkern._C built)."""
