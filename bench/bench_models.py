@@ -4,7 +4,8 @@ generation — the eager baseline), on the same weights.
 
     python -m bench.bench_models [--quick] [--device cpu|cuda] [--out results.json]
 
-Phases: "train" = one forward + cross-entropy + backward (model.train()); "generate" = a whole image,
+Phases: "train" = model.loss (forward + mean cross-entropy: F.cross_entropy for the reference as in
+VAR's trainer, hierkern's fused cross-entropy for the kernels) + backward (model.train()); "generate" = a whole image,
 every scale, classifier-free guidance (2B rows), top_k=900, top_p=0.96, seeded generator.
 Time is the median of single calls after a warm-up call, the two impls timed round-robin so machine
 noise hits both alike; peak memory is the peak extra memory of one call (bench/common.py's
@@ -81,8 +82,7 @@ def phase_fn(model, phase, impl, cfg, device):
 
         def train():
             model.train()
-            logits = model(tokens, labels, impl=impl)
-            F.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten()).backward()
+            model.loss(tokens, labels, impl=impl).backward()
             # free the gradients inside the call, so each call starts from none and its peak memory
             # counts the gradients it allocates, not buffers freed from the previous call
             model.zero_grad(set_to_none=True)

@@ -146,6 +146,29 @@ TORCH_LIBRARY(hierkern, m) {
   m.def("packed_linear(Tensor x, Tensor packed, int out_features, Tensor? bias, bool gelu, Tensor? residual, "
         "Tensor? norm_weight, Tensor? norm_bias, float eps) -> Tensor");
 
+  // Fused elementwise pieces of the AdaLN blocks' impl="kernels" path (hierkern/models/_fused.py,
+  // csrc/cpu/fused_block.cpp), float32, CPU, forward and backward: bias_gelu_fwd(h (..., N) contiguous,
+  // bias (N,)) = GELU_tanh(h + bias), with bias_gelu_bwd -> (dh, dbias); adaln_norm_fwd(x (B, L, C)
+  // contiguous, scale (B, C), shift (B, C), eps) = (LayerNorm(x) * (1 + scale) + shift, mean (B, L),
+  // rstd (B, L)), with adaln_norm_bwd -> (dx, dscale, dshift).
+  m.def("bias_gelu_fwd(Tensor h, Tensor bias) -> Tensor");
+  m.def("bias_gelu_bwd(Tensor grad, Tensor h, Tensor bias) -> (Tensor, Tensor)");
+  m.def("adaln_norm_fwd(Tensor x, Tensor scale, Tensor shift, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def("adaln_norm_bwd(Tensor grad, Tensor x, Tensor scale, Tensor mean, Tensor rstd) "
+        "-> (Tensor, Tensor, Tensor)");
+
+  // Cross-entropy of the next-scale models' impl="kernels" training loss (hierkern/models/_fused.py,
+  // csrc/cpu/cross_entropy.cpp), float32 CPU: cross_entropy_fwd(logits (R, V) contiguous, target (R,)
+  // int64 in [0, V)) -> (loss (R,), lse (R,)); cross_entropy_bwd(grad_loss (R,), logits, target, lse)
+  // -> dlogits (R, V) = grad_loss * (softmax - onehot).
+  m.def("cross_entropy_fwd(Tensor logits, Tensor target) -> (Tensor, Tensor)");
+  m.def("cross_entropy_bwd(Tensor grad_loss, Tensor logits, Tensor target, Tensor lse) -> Tensor");
+
+  // The cos-attention prologue's chain rule for float32 CPU tensors (csrc/cpu/cos_qk.cpp; the same math
+  // as hierkern/ops/attention/cos_attention.py's backward): cos_qk_bwd(q (B, L, H, D), k (B, Lk, Hk, D),
+  // temperature (H,), d_qhat, d_khat) -> (dq, dk, dtemperature (H,)).
+  m.def("cos_qk_bwd(Tensor q, Tensor k, Tensor temperature, Tensor d_qhat, Tensor d_khat) -> (Tensor, Tensor, Tensor)");
+
   // Axial attention on channel-last (B, H, W, heads, D) tensors: attention along H inside each column
   // (axis = 1) or along W inside each row (axis = 2), causal along the axis when `causal`. k / v
   // (B, H, W, kv_heads, D) with heads % kv_heads == 0 (GQA: q head i reads kv head i / (heads /

@@ -2,6 +2,7 @@
 float64 reference (F.normalize + exp(min(t, ln 100)) in PyTorch), forward and backward in q, k, v and
 temperature."""
 import math
+import re
 
 import pytest
 import torch
@@ -90,3 +91,56 @@ def test_cos_attention_bad_arguments():
         hierkern.next_scale_attention(q, k, v, lay, temperature=torch.zeros(2))
     with pytest.raises(TypeError, match="qk_norm must be a bool"):
         hierkern.next_scale_attention(q, k, v, lay, qk_norm=1, temperature=torch.zeros(2))
+
+
+@pytest.mark.skipif(not hierkern._backend.has_compiled_ops(), reason="hierkern._C not built")
+@pytest.mark.parametrize("B,L,H,Lk,Hk,D", [(1, 1, 1, 1, 1, 1), (2, 7, 3, 9, 1, 5), (2, 70, 4, 70, 4, 64),
+                                          (1, 130, 2, 3, 2, 33)])
+def test_cos_qk_bwd_matches_float64_chain_rule(B, L, H, Lk, Hk, D):
+    # hierkern::cos_qk_bwd (the chain rule behind the CPU float32 backward) against autograd through the
+    # float64 reference prologue: strided q / k / gradients, a zero q row and a zero k row (the 1e-12
+    # norm clamp), one temperature above the ln 100 clamp and one exactly at it
+    from hierkern.ops.attention import cos_attention
+    g = torch.Generator().manual_seed(B * L * H + D)
+    q = torch.randn(B, L, 2 * H, D, generator=g)[:, :, ::2]
+    k = torch.randn(B, Lk, Hk, D + 3, generator=g)[..., 2:D + 2]
+    q[0, 0, 0] = 0.0
+    k[-1, -1, -1] = 0.0
+    t = torch.randn(H, generator=g) * 0.3 + math.log(4.0)
+    t[0] = math.log(100.0) + 0.5
+    if H > 1:
+        t[1] = math.log(100.0)
+    dqh = torch.randn(B, L, H, D, generator=g).transpose(0, 1).contiguous().transpose(0, 1)
+    dkh = torch.randn(B, Lk, Hk, D, generator=g)
+    with poisoned_outputs():
+        got = torch.ops.hierkern.cos_qk_bwd(q, k, t, dqh, dkh)
+    # cos_attention.backward (the attention ops' autograd) takes the op for these float32 CPU tensors
+    assert all(torch.equal(a, b) for a, b in zip(got, cos_attention.backward(q, k, t, dqh, dkh)))
+
+    def chain(dt):
+        leaves = [x.detach().to(dt).requires_grad_() for x in (q, k, t)]
+        qh, kh = cos_attention.reference(*leaves)
+        return torch.autograd.grad((qh, kh), leaves, (dqh.to(dt), dkh.to(dt)))
+    r64, r32 = chain(torch.float64), cos_attention.backward_reference(q, k, t, dqh, dkh)
+    for name, a, b64, b32 in zip(("dq", "dk", "dtemperature"), got, r64, r32):
+        assert a.dtype == torch.float32 and a.shape == b64.shape
+        assert_close_rel(f"cos_qk_bwd {name}", a, b64, b32)
+    assert got[2][0] == 0.0
+
+
+def test_cos_qk_bwd_bad_input():
+    if not hierkern._backend.has_compiled_ops():
+        pytest.skip("hierkern._C not built")
+    q, k, t = torch.randn(1, 3, 2, 8), torch.randn(1, 4, 1, 8), torch.randn(2)
+    op = torch.ops.hierkern.cos_qk_bwd
+    cases = [
+        (lambda: op(q.double(), k, t, q, k), "q must be float32"),
+        (lambda: op(q, k, t, q[:, :2], k), "d_qhat must have q's shape"),
+        (lambda: op(q, k[..., :4], t, q, k[..., :4]), "k must be (1, seq, heads, 8) like q"),
+        (lambda: op(q, k, torch.randn(3), q, k), "temperature must be (heads,) = (2,)"),
+        (lambda: op(q[0], k, t, q[0], k), "q must be (batch, seq, heads, head_dim)"),
+    ]
+    for call, msg in cases:
+        with pytest.raises(RuntimeError, match=re.escape(msg)):
+            call()
+    torch.library.opcheck(op.default, (q, k, t, torch.randn(1, 3, 2, 8), torch.randn(1, 4, 1, 8)))

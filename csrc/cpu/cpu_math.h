@@ -242,6 +242,23 @@ inline float fast_exp(float x) {
   return underflow ? 0.0f : p * scale;
 }
 
+// PyTorch's GELU(approximate="tanh"): 0.5 y (1 + tanh(u)) = y s with s = 1 / (1 + exp(-2u)),
+// u = sqrt(2 / pi) (y + 0.044715 y^3); the second form has no cancellation near u = 0. Its derivative
+// is s + y * 2 s (1 - s) * du/dy (1 - tanh(u)^2 = 4 s (1 - s)).
+constexpr float kGeluC = 0.7978845608028654f, kGeluA = 0.044715f;
+
+inline float gelu_tanh(float y) {
+  const float u = kGeluC * (y + kGeluA * y * y * y);
+  return y / (1.f + fast_exp(-2.f * u));
+}
+
+inline float gelu_tanh_grad(float y) {
+  const float u = kGeluC * (y + kGeluA * y * y * y);
+  const float du = kGeluC * (1.f + 3.f * kGeluA * y * y);
+  const float s = 1.f / (1.f + fast_exp(-2.f * u));
+  return s + 2.f * y * s * (1.f - s) * du;
+}
+
 #ifdef HK_AVX2
 // Eight lanes of fast_exp (same polynomial, same error, same exact 0 below -87) for each of N vectors,
 // in place, stage by stage across the N. One exp8 is a ~45-cycle dependency chain of ~20 uops;
@@ -275,6 +292,25 @@ inline void exp8_n(__m256* x) {
 inline __m256 exp8(__m256 x) {
   exp8_n<1>(&x);
   return x;
+}
+
+inline __m256 gelu_tanh8(__m256 y) {
+  const __m256 y3 = _mm256_mul_ps(_mm256_mul_ps(y, y), y);
+  const __m256 u = _mm256_fmadd_ps(_mm256_set1_ps(kGeluA), y3, y);
+  const __m256 e = exp8(_mm256_mul_ps(_mm256_set1_ps(-2.f * kGeluC), u));
+  return _mm256_div_ps(y, _mm256_add_ps(_mm256_set1_ps(1.f), e));
+}
+
+inline __m256 gelu_tanh_grad8(__m256 y) {
+  const __m256 y2 = _mm256_mul_ps(y, y);
+  const __m256 u = _mm256_mul_ps(_mm256_fmadd_ps(_mm256_set1_ps(kGeluA), _mm256_mul_ps(y2, y), y),
+                                 _mm256_set1_ps(kGeluC));
+  const __m256 du = _mm256_mul_ps(_mm256_fmadd_ps(_mm256_set1_ps(3.f * kGeluA), y2, _mm256_set1_ps(1.f)),
+                                  _mm256_set1_ps(kGeluC));
+  const __m256 s = _mm256_div_ps(_mm256_set1_ps(1.f),
+                                 _mm256_add_ps(_mm256_set1_ps(1.f), exp8(_mm256_mul_ps(_mm256_set1_ps(-2.f), u))));
+  const __m256 ys1s2 = _mm256_mul_ps(_mm256_mul_ps(_mm256_add_ps(y, y), s), _mm256_sub_ps(_mm256_set1_ps(1.f), s));
+  return _mm256_fmadd_ps(ys1s2, du, s);
 }
 
 // dst[c * ldd + r] = src[r * lds + c] for an 8 x 8 block.

@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "cpu/cpu_math.h"
+#include "cpu/f32_args.h"
 
 namespace hierkern::cpu {
 namespace {
@@ -55,14 +56,10 @@ int64_t uniform_stride(const std::vector<int64_t>& off) {
   return ld;
 }
 
-void check_f32_cpu(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), "hierkern::packed_linear: ", name, " must be a CPU tensor, got ", t.device());
-  TORCH_CHECK(t.scalar_type() == at::kFloat, "hierkern::packed_linear: ", name, " must be float32, got ",
-              t.scalar_type());
-}
+constexpr const char* kOp = "hierkern::packed_linear";
 
 at::Tensor pack_linear_weight_cpu(const at::Tensor& w) {
-  check_f32_cpu(w, "weight");
+  check_f32_cpu("hierkern::pack_linear_weight", w, "weight");
   TORCH_CHECK(w.dim() == 2, "hierkern::pack_linear_weight: weight must be 2-D (out_features, in_features), got ",
               w.dim(), "-D");
   const int64_t N = w.size(0), K = w.size(1), P = (N + kPanel - 1) / kPanel;
@@ -74,22 +71,6 @@ at::Tensor pack_linear_weight_cpu(const at::Tensor& w) {
     for (int64_t k = 0; k < K; ++k) dst[((n / kPanel) * K + k) * kPanel + n % kPanel] = src[n * s0 + k * s1];
   return packed;
 }
-
-// y <- GELU(y) with the tanh approximation: 0.5 y (1 + tanh(u)) = y / (1 + exp(-2u)),
-// u = sqrt(2 / pi) (y + 0.044715 y^3); the second form has no cancellation near u = 0.
-inline float gelu_tanh(float y) {
-  const float u = 0.7978845608028654f * (y + 0.044715f * y * y * y);
-  return y / (1.f + fast_exp(-2.f * u));
-}
-
-#ifdef HK_AVX2
-inline __m256 gelu_tanh8(__m256 y) {
-  const __m256 y3 = _mm256_mul_ps(_mm256_mul_ps(y, y), y);
-  const __m256 u = _mm256_fmadd_ps(_mm256_set1_ps(0.044715f), y3, y);
-  const __m256 e = exp8(_mm256_mul_ps(_mm256_set1_ps(-2.f * 0.7978845608028654f), u));
-  return _mm256_div_ps(y, _mm256_add_ps(_mm256_set1_ps(1.f), e));
-}
-#endif
 
 struct Epilogue {
   const float* bias;  // (N,) dense, or nullptr
@@ -144,23 +125,12 @@ void layer_norm_rows(const float* src, const int64_t* off, int64_t lo, int64_t h
   }
 }
 
-// A (d,) float32 vector as dense floats, checked against d.
-std::vector<float> dense_param(const at::Tensor& t, int64_t d, const char* name, const char* what) {
-  check_f32_cpu(t, name);
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == d, "hierkern::packed_linear: ", name, " must be (", what, ",) = (", d,
-              ",), got ", t.sizes());
-  std::vector<float> out(d);
-  const float* p = t.const_data_ptr<float>();
-  for (int64_t j = 0; j < d; ++j) out[j] = p[j * t.stride(0)];
-  return out;
-}
-
 at::Tensor packed_linear_cpu(const at::Tensor& x, const at::Tensor& packed, int64_t out_features,
                              const std::optional<at::Tensor>& bias, bool gelu_tanh_act,
                              const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& norm_weight,
                              const std::optional<at::Tensor>& norm_bias, double eps) {
-  check_f32_cpu(x, "x");
-  check_f32_cpu(packed, "packed");
+  check_f32_cpu(kOp, x, "x");
+  check_f32_cpu(kOp, packed, "packed");
   const int64_t K = x.size(-1), N = out_features, P = (N + kPanel - 1) / kPanel;
   TORCH_CHECK(N >= 1, "hierkern::packed_linear: out_features must be >= 1, got ", N);
   TORCH_CHECK(packed.dim() == 3 && packed.size(0) == P && packed.size(1) == K && packed.size(2) == kPanel &&
@@ -170,18 +140,18 @@ at::Tensor packed_linear_cpu(const at::Tensor& x, const at::Tensor& packed, int6
   const std::vector<int64_t> xoff = row_offsets(x, "x");
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = N;
-  const std::vector<float> b = bias.has_value() ? dense_param(*bias, N, "bias", "out_features") : std::vector<float>();
+  const std::vector<float> b = bias.has_value() ? dense_param(kOp, *bias, N, "bias", "out_features") : std::vector<float>();
   TORCH_CHECK(!norm_weight.has_value() || K >= 1, "hierkern::packed_linear: the layer norm needs in_features >= 1");
   TORCH_CHECK(norm_weight.has_value() || !norm_bias.has_value(),
               "hierkern::packed_linear: norm_bias needs norm_weight (the layer norm runs when norm_weight is given)");
-  const std::vector<float> nw = norm_weight.has_value() ? dense_param(*norm_weight, K, "norm_weight", "in_features")
+  const std::vector<float> nw = norm_weight.has_value() ? dense_param(kOp, *norm_weight, K, "norm_weight", "in_features")
                                                         : std::vector<float>();
-  const std::vector<float> nb = norm_bias.has_value() ? dense_param(*norm_bias, K, "norm_bias", "in_features")
+  const std::vector<float> nb = norm_bias.has_value() ? dense_param(kOp, *norm_bias, K, "norm_bias", "in_features")
                                                       : std::vector<float>();
   Epilogue e{b.empty() ? nullptr : b.data(), gelu_tanh_act, nullptr, nullptr};
   std::vector<int64_t> roff;
   if (residual.has_value()) {
-    check_f32_cpu(*residual, "residual");
+    check_f32_cpu(kOp, *residual, "residual");
     TORCH_CHECK(residual->sizes() == at::IntArrayRef(out_shape), "hierkern::packed_linear: residual must have the ",
                 "output's shape ", at::IntArrayRef(out_shape), ", got ", residual->sizes());
     e.res = residual->const_data_ptr<float>();

@@ -12,6 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import _fused
+
 
 class CosSelfAttention(nn.Module):
     """Fused qkv projection with q and v biases (k has none, as in VAR) and a learned per-head
@@ -56,15 +58,19 @@ class AdaLNBlock(nn.Module):
             self.ada_gss = None
             self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
 
-    def forward(self, x, cond, attend):
+    def forward(self, x, cond, attend, fused=False):
         """x: (B, L, C). cond: the class embedding (B, C), or with shared AdaLN the shared projection
         (B, 6C); or (B, n, C) with n dividing L, row j conditioning tokens [jL/n, (j+1)L/n) (ACDiT's
-        per-block timesteps)."""
+        per-block timesteps). fused: the AdaLN norms and the MLP's bias + GELU through hierkern's
+        fused ops (impl="kernels"); else VAR's own PyTorch code."""
         if self.ada_lin is None:
             ada = cond.view(-1, 1, 6, self.width) + self.ada_gss
         else:
             ada = _modulation(project(self.ada_lin, cond), 6, self.width, x.shape[1])
         gamma1, gamma2, scale1, scale2, shift1, shift2 = ada.unbind(2)
+        if fused:
+            x = x + self.attn(_fused.adaln_norm(x, scale1, shift1, self.norm.eps), attend) * gamma1
+            return x + _fused.mlp(self.mlp, _fused.adaln_norm(x, scale2, shift2, self.norm.eps)) * gamma2
         x = x + self.attn(self.norm(x) * (scale1 + 1) + shift1, attend) * gamma1
         return x + self.mlp(self.norm(x) * (scale2 + 1) + shift2) * gamma2
 
@@ -79,9 +85,11 @@ class AdaLNHead(nn.Module):
         self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
         self.out = nn.Linear(width, vocab_size)
 
-    def forward(self, x, cond_emb):
-        """cond_emb: (B, C), or (B, n, C) per group of L/n tokens as in AdaLNBlock."""
+    def forward(self, x, cond_emb, fused=False):
+        """cond_emb: (B, C), or (B, n, C) per group of L/n tokens as in AdaLNBlock. fused: as there."""
         scale, shift = _modulation(project(self.ada_lin, cond_emb), 2, self.width, x.shape[1]).unbind(2)
+        if fused:
+            return self.out(_fused.adaln_norm(x, scale, shift, self.norm.eps))
         return self.out(self.norm(x) * (scale + 1) + shift)
 
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from hierkern.layouts import VAR_256, ScaleLayout
 
-from . import _attention
+from . import _attention, _fused
 from ._blocks import AdaLNBlock, AdaLNHead, ReusedCondition, trunc_normal_init_
 from ._sampling import sample
 
@@ -183,6 +183,20 @@ class NextScaleTransformer(nn.Module):
                 raise ValueError(f"{owner}: {name} must hold token ids in [0, {self.vocab_size}), got values "
                                  f"in [{lo}, {hi}]")
 
+    def loss(self, tokens, labels, impl=None, **forward_kwargs):
+        """Training loss: the mean cross-entropy of forward(tokens, labels, impl=impl, **forward_kwargs)'s
+        logits against the tokens (VAR's trainer with uniform weights, no label smoothing), every
+        position. impl="reference" takes F.cross_entropy over float32 logits as VAR's trainer does;
+        impl="kernels" hierkern's fused cross-entropy (no (B*L, V) log-probabilities) where it has a
+        kernel (CPU float32), else the same F.cross_entropy."""
+        owner = f"{type(self).__name__}.loss"
+        impl = self._resolve_impl(owner, impl)
+        target = self._check_tokens(owner, tokens).flatten()
+        logits = self(tokens, labels, impl=impl, **forward_kwargs).flatten(0, 1)
+        if impl == "kernels":
+            return _fused.cross_entropy(logits, target)
+        return F.cross_entropy(logits.float(), target)
+
     # ------------------------------------------------------------------------------------------
     # embedding, blocks, head
     # ------------------------------------------------------------------------------------------
@@ -228,16 +242,17 @@ class NextScaleTransformer(nn.Module):
             labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
         return labels
 
-    def run_blocks(self, x, block_cond, attend_for_layer):
+    def run_blocks(self, x, block_cond, attend_for_layer, impl):
+        fused = impl == "kernels"  # the AdaLN norms and MLP bias + GELU as hierkern's fused ops
         for i, block in enumerate(self.blocks):
-            x = block(x, block_cond, attend_for_layer(i))
+            x = block(x, block_cond, attend_for_layer(i), fused=fused)
         return x
 
     def sequence_logits(self, x, cond, block_cond, layout, impl):
         """Logits of a whole sequence laid out as `layout`, attention pattern self.pattern."""
         def attend(q, k, v, temperature):
             return _attention.sequence_attention(q, k, v, temperature, layout, self.pattern, impl, self._masks)
-        return self.head(self.run_blocks(x, block_cond, lambda i: attend), cond)
+        return self.head(self.run_blocks(x, block_cond, lambda i: attend, impl), cond, fused=impl == "kernels")
 
     def cfg_condition(self, labels):
         """Conditions of the 2B generation rows (the labels, then the null class): (the class embedding,

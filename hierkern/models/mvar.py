@@ -71,11 +71,11 @@ class MVAR(NextScaleTransformer):
             else:
                 h, states[i] = mamba(norm(x), impl, state=states[i], return_state=True)
                 x = x + h
-            x = block(x, block_cond, attend)
+            x = block(x, block_cond, attend, fused=impl == "kernels")
         return x
 
     def sequence_logits(self, x, cond, block_cond, layout, impl, states=None):
-        return self.head(self.run_layers(x, block_cond, layout, impl, states), cond)
+        return self.head(self.run_layers(x, block_cond, layout, impl, states), cond, fused=impl == "kernels")
 
     # ------------------------------------------------------------------------------------------
     # training and generation

@@ -67,7 +67,8 @@ class VAR(NextScaleTransformer):
                     caches.extend(_attention.make_kv_cache(impl, x.shape[0], self.layout.L, self.heads,
                                                            self.width // self.heads, x.dtype, x.device)
                                   for _ in self.blocks)
-                return self.head(self.run_blocks(x, block_cond, lambda i: caches[i].attend), cond)
+                return self.head(self.run_blocks(x, block_cond, lambda i: caches[i].attend, impl), cond,
+                                 fused=impl == "kernels")
         else:
             scale_logits = self.prefix_recompute(impl)
         return self.sample_scales(labels, cfg, top_k, top_p, generator, cfg_ramp, scale_logits)

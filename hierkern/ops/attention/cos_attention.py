@@ -8,6 +8,9 @@ import math
 
 import torch
 
+from ... import _backend
+from ..._autograd import below_autograd
+
 MAX_LOG_MULTIPLIER = math.log(100.0)
 NORM_EPS = 1e-12  # F.normalize's clamp on the norm
 
@@ -67,8 +70,26 @@ def _normalize_backward(x, g):
     return torch.where(clamped, g * inv, grad)
 
 
+if _backend.has_compiled_ops():
+    _COS_QK_BWD = below_autograd(torch.ops.hierkern.cos_qk_bwd)
+
+    @torch.library.register_fake("hierkern::cos_qk_bwd")
+    def _fake_cos_qk_bwd(q, k, temperature, d_qhat, d_khat):
+        return torch.empty_like(q), torch.empty_like(k), temperature.new_empty(temperature.shape)
+
+
 def backward(q, k, temperature, d_qhat, d_khat):
-    """(dq, dk, dtemperature) from the gradients with respect to q_hat and k_hat."""
+    """(dq, dk, dtemperature) from the gradients with respect to q_hat and k_hat. Float32 CPU tensors
+    go through hierkern::cos_qk_bwd (csrc/cpu/cos_qk.cpp: the same math in one pass over the rows);
+    everything else runs it here in PyTorch."""
+    if (d_khat is not None and _backend.has_compiled_ops()
+            and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (q, k, temperature, d_qhat, d_khat))):
+        return _COS_QK_BWD(q, k, temperature, d_qhat, d_khat)
+    return backward_reference(q, k, temperature, d_qhat, d_khat)
+
+
+def backward_reference(q, k, temperature, d_qhat, d_khat):
+    """backward in PyTorch ops (float32 math): the specification of the chain rule."""
     mult = multiplier(temperature.float())[:, None]                     # (H, 1)
     qn = torch.nn.functional.normalize(q.float(), dim=-1, eps=NORM_EPS)
     dq = _normalize_backward(q, d_qhat.float() * mult).to(q.dtype)

@@ -1,0 +1,131 @@
+"""Fused pieces of the next-scale models' impl="kernels" path besides attention: the AdaLN
+LayerNorm-and-modulate and bias + tanh-GELU after the MLP's bias-free first GEMM (one C++ pass forward
+and one backward each, hierkern::adaln_norm_fwd / _bwd and bias_gelu_fwd / _bwd in
+csrc/cpu/fused_block.cpp, where PyTorch runs a LayerNorm, a multiply and an add (five kernels
+backward), or an addmm that first copies the broadcast bias and a GELU that costs ~13x an add here),
+and the training loss's cross-entropy (hierkern::cross_entropy_fwd / _bwd, csrc/cpu/cross_entropy.cpp:
+no (R, V) log-probabilities, one pass over the logits each way).
+
+These are model internals, not public ops. The fused kernels exist for CPU float32 only; on other
+devices and dtypes, for per-token modulation (ACDiT's per-block timesteps) and without hierkern._C the
+functions compute the same math with the PyTorch ops impl="reference" uses. Forward and backward
+agree with that composition to float32 rounding (tests/test_fused_block.py).
+"""
+import torch
+import torch.nn.functional as F
+
+from .. import _backend
+from .._autograd import below_autograd, call_op
+
+_COMPILED = _backend.has_compiled_ops()
+
+
+def _bias_gelu_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _bias_gelu_backward(ctx, grad):
+    h, bias = ctx.saved_tensors
+    # autograd may hand over an expanded or strided gradient; the kernel reads contiguous rows
+    return _BIAS_GELU_BWD(grad.contiguous(), h, bias)
+
+
+def _adaln_setup(ctx, inputs, output):
+    x, scale, _, _ = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, scale, mean, rstd)
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _adaln_backward(ctx, grad, _grad_mean, _grad_rstd):
+    x, scale, mean, rstd = ctx.saved_tensors
+    dx, dscale, dshift = _ADALN_BWD(grad.contiguous(), x, scale, mean, rstd)
+    return dx, dscale, dshift, None
+
+
+def _ce_setup(ctx, inputs, output):
+    logits, target = inputs
+    ctx.save_for_backward(logits, target, output[1])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _ce_backward(ctx, grad_loss, _grad_lse):
+    logits, target, lse = ctx.saved_tensors
+    return _CE_BWD(grad_loss, logits, target, lse), None
+
+
+if _COMPILED:
+    _CE = torch.ops.hierkern.cross_entropy_fwd
+    _CE_BWD = below_autograd(torch.ops.hierkern.cross_entropy_bwd)
+    _BIAS_GELU = torch.ops.hierkern.bias_gelu_fwd
+    _ADALN = torch.ops.hierkern.adaln_norm_fwd
+    _BIAS_GELU_BWD = below_autograd(torch.ops.hierkern.bias_gelu_bwd)
+    _ADALN_BWD = below_autograd(torch.ops.hierkern.adaln_norm_bwd)
+
+    @torch.library.register_fake("hierkern::bias_gelu_fwd")
+    def _fake_bias_gelu(h, bias):
+        return torch.empty_like(h)
+
+    @torch.library.register_fake("hierkern::bias_gelu_bwd")
+    def _fake_bias_gelu_bwd(grad, h, bias):
+        return torch.empty_like(h), h.new_empty(h.shape[-1:])
+
+    @torch.library.register_fake("hierkern::adaln_norm_fwd")
+    def _fake_adaln(x, scale, shift, eps):
+        return torch.empty_like(x), x.new_empty(x.shape[:2]), x.new_empty(x.shape[:2])
+
+    @torch.library.register_fake("hierkern::adaln_norm_bwd")
+    def _fake_adaln_bwd(grad, x, scale, mean, rstd):
+        return torch.empty_like(x), x.new_empty(scale.shape), x.new_empty(scale.shape)
+
+    @torch.library.register_fake("hierkern::cross_entropy_fwd")
+    def _fake_ce(logits, target):
+        return logits.new_empty(logits.shape[:1]), logits.new_empty(logits.shape[:1])
+
+    @torch.library.register_fake("hierkern::cross_entropy_bwd")
+    def _fake_ce_bwd(grad_loss, logits, target, lse):
+        return torch.empty_like(logits)
+
+    torch.library.register_autograd("hierkern::cross_entropy_fwd", _ce_backward, setup_context=_ce_setup)
+    torch.library.register_autograd("hierkern::bias_gelu_fwd", _bias_gelu_backward, setup_context=_bias_gelu_setup)
+    torch.library.register_autograd("hierkern::adaln_norm_fwd", _adaln_backward, setup_context=_adaln_setup)
+
+
+def _fusable(*tensors):
+    return _COMPILED and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+
+
+def bias_gelu(h, bias):
+    """GELU(h + bias, approximate="tanh"); h is x W^T without the bias."""
+    if _fusable(h, bias) and h.is_contiguous():
+        return call_op(_BIAS_GELU, _bias_gelu_setup, _bias_gelu_backward, h, bias,
+                       eager=below_autograd(_BIAS_GELU))
+    return F.gelu(h + bias, approximate="tanh")
+
+
+def mlp(seq, x):
+    """seq = nn.Sequential(Linear, GELU(approximate="tanh"), Linear) applied to x, the bias and GELU
+    fused after the first GEMM."""
+    fc1, _, fc2 = seq
+    return fc2(bias_gelu(F.linear(x, fc1.weight), fc1.bias))
+
+
+def adaln_norm(x, scale, shift, eps):
+    """LayerNorm(x) without affine parameters, times (1 + scale), plus shift. x (B, L, C); scale and
+    shift (B, 1, C) (one modulation per sequence) or anything broadcasting to x (composed in PyTorch)."""
+    if (_fusable(x, scale, shift) and x.dim() == 3 and x.is_contiguous() and scale.dim() == shift.dim() == 3
+            and scale.shape == shift.shape == (x.shape[0], 1, x.shape[2])):
+        y, _, _ = call_op(_ADALN, _adaln_setup, _adaln_backward, x, scale[:, 0], shift[:, 0], eps,
+                          eager=below_autograd(_ADALN))
+        return y
+    return F.layer_norm(x, x.shape[-1:], eps=eps) * (scale + 1) + shift
+
+
+def cross_entropy(logits, target):
+    """F.cross_entropy(logits, target) (mean over rows) for (R, V) logits and (R,) int64 class
+    indices; float32 CPU logits go through the fused op, anything else through F.cross_entropy on
+    float32 logits (as the models' training step computes it)."""
+    if _fusable(logits) and logits.dim() == 2 and logits.is_contiguous() and target.device.type == "cpu":
+        loss, _ = call_op(_CE, _ce_setup, _ce_backward, logits, target, eager=below_autograd(_CE))
+        return loss.mean()
+    return F.cross_entropy(logits.float(), target)
