@@ -11,7 +11,8 @@ scale, classifier-free guidance (2B rows), top_k=900, top_p=0.96, a generator se
 every call, so carried and recomputed runs must return the same tokens (checked, reported as
 same_tokens). Network: the same per-scale forwards on teacher-forced 2B rows without sampling
 (VAR's top-k / top-p sampler over the 4096-token vocabulary costs the same in both modes, about a
-third of a carried generation at the CPU config). Training step: forward + cross-entropy + backward (model.train()).
+third of a carried generation at the CPU config). Training step: model.loss (forward + mean
+cross-entropy, hierkern's fused one for the kernels) + backward (model.train()).
 Time: median of single calls after a warm-up call, the contenders of one comparison timed
 round-robin so machine noise hits them alike (bench_models.measure_pair); peak memory as
 bench/common.py defines it. speedup = slower contender / faster one as named in each row.
@@ -29,7 +30,6 @@ import json
 import sys
 
 import torch
-import torch.nn.functional as F
 
 from bench.bench_models import fmt_mb, fmt_time, measure_pair
 from bench.common import default_device
@@ -100,8 +100,7 @@ def network_fn(model, tokens, labels, impl, state_carry, device):
 def train_fn(model, tokens, labels, impl):
     def train():
         model.train()
-        logits = model(tokens, labels, impl=impl)
-        F.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten()).backward()
+        model.loss(tokens, labels, impl=impl).backward()
         model.zero_grad(set_to_none=True)
     return train
 

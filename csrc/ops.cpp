@@ -163,6 +163,8 @@ TORCH_LIBRARY(hierkern, m) {
   // -> dlogits (R, V) = grad_loss * (softmax - onehot).
   m.def("cross_entropy_fwd(Tensor logits, Tensor target) -> (Tensor, Tensor)");
   m.def("cross_entropy_bwd(Tensor grad_loss, Tensor logits, Tensor target, Tensor lse) -> Tensor");
+  // ... and written over the logits (for a caller that owns them and backpropagates once)
+  m.def("cross_entropy_bwd_(Tensor grad_loss, Tensor(a!) logits, Tensor target, Tensor lse) -> ()");
 
   // The cos-attention prologue's chain rule for float32 CPU tensors (csrc/cpu/cos_qk.cpp; the same math
   // as hierkern/ops/attention/cos_attention.py's backward): cos_qk_bwd(q (B, L, H, D), k (B, Lk, Hk, D),

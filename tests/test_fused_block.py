@@ -101,6 +101,23 @@ def test_cross_entropy_large_and_masked_logits():
            lambda x: F.cross_entropy(x, target), [logits], torch.tensor(1.0))
 
 
+def test_cross_entropy_overwrite_logits_backpropagates_once():
+    # the gradient written over the logits equals the out-of-place one; a second backward through the
+    # same graph raises instead of reading the overwritten logits
+    g = torch.Generator().manual_seed(5)
+    w, x = torch.randn(9, 6, generator=g, requires_grad=True), torch.randn(5, 6, generator=g)
+    target = torch.randint(0, 9, (5,), generator=g)
+    grads = []
+    for overwrite in (False, True):
+        loss = _fused.cross_entropy(x @ w.t(), target, overwrite_logits=overwrite)
+        grads.append(torch.autograd.grad(loss, w, retain_graph=True)[0])
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="runs once"):
+        loss.backward()
+    opcheck_args = (torch.randn(5), (x @ w.t()).detach(), target, torch.randn(5))
+    torch.library.opcheck(torch.ops.hierkern.cross_entropy_bwd_.default, opcheck_args)
+
+
 def test_parameter_gradients_do_not_depend_on_the_thread_count():
     g = torch.Generator().manual_seed(0)
     h, bias, gh = torch.randn(300, 72, generator=g), torch.randn(72, generator=g), torch.randn(300, 72, generator=g)

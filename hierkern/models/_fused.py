@@ -47,6 +47,7 @@ def _ce_setup(ctx, inputs, output):
     logits, target = inputs
     ctx.save_for_backward(logits, target, output[1])
     ctx.mark_non_differentiable(output[1])
+    ctx.logits_overwritten = False
 
 
 def _ce_backward(ctx, grad_loss, _grad_lse):
@@ -54,9 +55,20 @@ def _ce_backward(ctx, grad_loss, _grad_lse):
     return _CE_BWD(grad_loss, logits, target, lse), None
 
 
+def _ce_backward_overwrite(ctx, grad_loss, _grad_lse):
+    if ctx.logits_overwritten:
+        raise RuntimeError("hierkern cross_entropy(overwrite_logits=True): its backward writes the gradient over "
+                           "the logits, so it runs once; use overwrite_logits=False to backpropagate twice")
+    logits, target, lse = ctx.saved_tensors
+    _CE_BWD_(grad_loss, logits, target, lse)
+    ctx.logits_overwritten = True
+    return logits, None
+
+
 if _COMPILED:
     _CE = torch.ops.hierkern.cross_entropy_fwd
     _CE_BWD = below_autograd(torch.ops.hierkern.cross_entropy_bwd)
+    _CE_BWD_ = below_autograd(torch.ops.hierkern.cross_entropy_bwd_)
     _BIAS_GELU = torch.ops.hierkern.bias_gelu_fwd
     _ADALN = torch.ops.hierkern.adaln_norm_fwd
     _BIAS_GELU_BWD = below_autograd(torch.ops.hierkern.bias_gelu_bwd)
@@ -85,6 +97,10 @@ if _COMPILED:
     @torch.library.register_fake("hierkern::cross_entropy_bwd")
     def _fake_ce_bwd(grad_loss, logits, target, lse):
         return torch.empty_like(logits)
+
+    @torch.library.register_fake("hierkern::cross_entropy_bwd_")
+    def _fake_ce_bwd_(grad_loss, logits, target, lse):
+        return None
 
     torch.library.register_autograd("hierkern::cross_entropy_fwd", _ce_backward, setup_context=_ce_setup)
     torch.library.register_autograd("hierkern::bias_gelu_fwd", _bias_gelu_backward, setup_context=_bias_gelu_setup)
@@ -121,11 +137,14 @@ def adaln_norm(x, scale, shift, eps):
     return F.layer_norm(x, x.shape[-1:], eps=eps) * (scale + 1) + shift
 
 
-def cross_entropy(logits, target):
+def cross_entropy(logits, target, overwrite_logits=False):
     """F.cross_entropy(logits, target) (mean over rows) for (R, V) logits and (R,) int64 class
     indices; float32 CPU logits go through the fused op, anything else through F.cross_entropy on
-    float32 logits (as the models' training step computes it)."""
+    float32 logits (as the models' training step computes it). overwrite_logits: the eager backward
+    writes the gradient over the logits instead of a fresh (R, V) buffer, for a caller that owns
+    them (model.loss); it then runs once (a second backward raises)."""
     if _fusable(logits) and logits.dim() == 2 and logits.is_contiguous() and target.device.type == "cpu":
-        loss, _ = call_op(_CE, _ce_setup, _ce_backward, logits, target, eager=below_autograd(_CE))
+        loss, _ = call_op(_CE, _ce_setup, _ce_backward_overwrite if overwrite_logits else _ce_backward, logits,
+                          target, eager=below_autograd(_CE))
         return loss.mean()
     return F.cross_entropy(logits.float(), target)

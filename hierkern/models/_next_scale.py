@@ -193,8 +193,8 @@ class NextScaleTransformer(nn.Module):
         impl = self._resolve_impl(owner, impl)
         target = self._check_tokens(owner, tokens).flatten()
         logits = self(tokens, labels, impl=impl, **forward_kwargs).flatten(0, 1)
-        if impl == "kernels":
-            return _fused.cross_entropy(logits, target)
+        if impl == "kernels":  # the logits are this call's own: their memory takes the gradient
+            return _fused.cross_entropy(logits, target, overwrite_logits=True)
         return F.cross_entropy(logits.float(), target)
 
     # ------------------------------------------------------------------------------------------
