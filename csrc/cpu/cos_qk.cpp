@@ -21,7 +21,7 @@
 #include <vector>
 
 #include "cpu/cpu_math.h"
-#include "cpu/f32_args.h"
+#include "cpu/f32_rows.h"
 
 namespace hierkern::cpu {
 namespace {
@@ -116,7 +116,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cos_qk_bwd_cpu(const at::Tensor& 
   const float* gp = d_khat.const_data_ptr<float>();
   float* dp = dk.mutable_data_ptr<float>();
   const auto ks = k.strides(), gs = d_khat.strides();
-  at::parallel_for(0, krows, std::max<int64_t>(1, 4096 / std::max<int64_t>(D, 1)), [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, krows, rows_per_task(D), [&](int64_t lo, int64_t hi) {
     for (int64_t r = lo; r < hi; ++r) {
       const int64_t h = r % Hk, l = (r / Hk) % Lk, b = r / (Hk * Lk);
       row_backward(kp + b * ks[0] + l * ks[1] + h * ks[2], ks[3], gp + b * gs[0] + l * gs[1] + h * gs[2], gs[3], D, 1.f,

@@ -18,13 +18,10 @@
 #include <vector>
 
 #include "cpu/cpu_math.h"
-#include "cpu/f32_args.h"
+#include "cpu/f32_rows.h"
 
 namespace hierkern::cpu {
 namespace {
-
-// Rows per parallel task: a 4096-wide row is ~2 us of work.
-int64_t row_grain(int64_t V) { return std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(V, 1)); }
 
 std::vector<int64_t> checked_targets(const char* op, const at::Tensor& logits, const at::Tensor& target) {
   check_f32_cpu(op, logits, "logits");
@@ -59,7 +56,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_cpu(const at::Tensor& logit
   const float* x = logits.const_data_ptr<float>();
   float* lp = loss.mutable_data_ptr<float>();
   float* sp = lse.mutable_data_ptr<float>();
-  at::parallel_for(0, R, row_grain(V), [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, R, rows_per_task(V), [&](int64_t lo, int64_t hi) {
     std::vector<float> row(V);  // exp_sub_sum works in place: a copy of the row, in L1
     for (int64_t r = lo; r < hi; ++r) {
       const float* xr = x + r * V;
@@ -85,7 +82,7 @@ void cross_entropy_bwd_rows(const char* op, const at::Tensor& grad_loss, const a
   const float* gp = grad_loss.const_data_ptr<float>();
   const float* sp = lse.const_data_ptr<float>();
   const int64_t gs = grad_loss.stride(0), ss = lse.stride(0);
-  at::parallel_for(0, R, row_grain(V), [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, R, rows_per_task(V), [&](int64_t lo, int64_t hi) {
     for (int64_t r = lo; r < hi; ++r) {
       float* dr = out + r * V;
       const float g = gp[r * gs];

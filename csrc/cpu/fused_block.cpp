@@ -24,21 +24,18 @@
 #include <vector>
 
 #include "cpu/cpu_math.h"
-#include "cpu/f32_args.h"
+#include "cpu/f32_rows.h"
 
 namespace hierkern::cpu {
 namespace {
 
 constexpr int64_t kChunkRows = 64;
-constexpr int64_t kGrainElems = 1 << 14;  // elements per parallel task (a few microseconds)
 
 void check_rows(const char* op, const at::Tensor& t, const char* name) {
   check_f32_cpu(op, t, name);
   TORCH_CHECK(t.dim() >= 1 && t.is_contiguous(), op, ": ", name, " must be contiguous with at least one "
               "dimension, got sizes ", t.sizes(), " and strides ", t.strides());
 }
-
-int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(cols, 1)); }
 
 // Sums `chunks` partial rows of n floats (row k at part + k * n) into out, in chunk order.
 void sum_chunks(const float* part, int64_t chunks, int64_t n, float* out) {
@@ -62,7 +59,7 @@ at::Tensor bias_gelu_fwd_cpu(const at::Tensor& h, const at::Tensor& bias) {
   at::Tensor y = at::empty_like(h);
   const float* hp = h.const_data_ptr<float>();
   float* yp = y.mutable_data_ptr<float>();
-  at::parallel_for(0, M, row_grain(N), [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, M, rows_per_task(N), [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
       const float* hr = hp + i * N;
       float* yr = yp + i * N;
@@ -166,7 +163,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> adaln_norm_fwd_cpu(const at::Tens
   float* rp = rstd.mutable_data_ptr<float>();
   const int64_t C = d.C;
   const float inv_c = 1.f / static_cast<float>(C), feps = static_cast<float>(eps);
-  at::parallel_for(0, d.B * d.L, row_grain(C), [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, d.B * d.L, rows_per_task(C), [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
       const float* xr = xp + i * C;
       const float* ar = a.data() + (i / d.L) * C;

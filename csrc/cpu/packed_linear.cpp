@@ -20,7 +20,7 @@
 #include <vector>
 
 #include "cpu/cpu_math.h"
-#include "cpu/f32_args.h"
+#include "cpu/f32_rows.h"
 
 namespace hierkern::cpu {
 namespace {

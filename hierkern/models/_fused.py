@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _backend
-from .._autograd import below_autograd, call_op
+from .._autograd import below_autograd, call_op, dispatch
 
 _COMPILED = _backend.has_compiled_ops()
 
@@ -27,7 +27,7 @@ def _bias_gelu_setup(ctx, inputs, output):
 def _bias_gelu_backward(ctx, grad):
     h, bias = ctx.saved_tensors
     # autograd may hand over an expanded or strided gradient; the kernel reads contiguous rows
-    return _BIAS_GELU_BWD(grad.contiguous(), h, bias)
+    return dispatch(_BIAS_GELU_BWD_OP, _BIAS_GELU_BWD, grad.contiguous(), h, bias)
 
 
 def _adaln_setup(ctx, inputs, output):
@@ -39,7 +39,7 @@ def _adaln_setup(ctx, inputs, output):
 
 def _adaln_backward(ctx, grad, _grad_mean, _grad_rstd):
     x, scale, mean, rstd = ctx.saved_tensors
-    dx, dscale, dshift = _ADALN_BWD(grad.contiguous(), x, scale, mean, rstd)
+    dx, dscale, dshift = dispatch(_ADALN_BWD_OP, _ADALN_BWD, grad.contiguous(), x, scale, mean, rstd)
     return dx, dscale, dshift, None
 
 
@@ -52,7 +52,7 @@ def _ce_setup(ctx, inputs, output):
 
 def _ce_backward(ctx, grad_loss, _grad_lse):
     logits, target, lse = ctx.saved_tensors
-    return _CE_BWD(grad_loss, logits, target, lse), None
+    return dispatch(_CE_BWD_OP, _CE_BWD, grad_loss, logits, target, lse), None
 
 
 def _ce_backward_overwrite(ctx, grad_loss, _grad_lse):
@@ -60,19 +60,22 @@ def _ce_backward_overwrite(ctx, grad_loss, _grad_lse):
         raise RuntimeError("hierkern cross_entropy(overwrite_logits=True): its backward writes the gradient over "
                            "the logits, so it runs once; use overwrite_logits=False to backpropagate twice")
     logits, target, lse = ctx.saved_tensors
-    _CE_BWD_(grad_loss, logits, target, lse)
+    dispatch(_CE_BWD__OP, _CE_BWD_, grad_loss, logits, target, lse)
     ctx.logits_overwritten = True
     return logits, None
 
 
 if _COMPILED:
+    # the backward ops, and their eager shortcut below the Autograd key (hierkern/_autograd.py)
     _CE = torch.ops.hierkern.cross_entropy_fwd
-    _CE_BWD = below_autograd(torch.ops.hierkern.cross_entropy_bwd)
-    _CE_BWD_ = below_autograd(torch.ops.hierkern.cross_entropy_bwd_)
+    _CE_BWD_OP = torch.ops.hierkern.cross_entropy_bwd
+    _CE_BWD__OP = torch.ops.hierkern.cross_entropy_bwd_
     _BIAS_GELU = torch.ops.hierkern.bias_gelu_fwd
     _ADALN = torch.ops.hierkern.adaln_norm_fwd
-    _BIAS_GELU_BWD = below_autograd(torch.ops.hierkern.bias_gelu_bwd)
-    _ADALN_BWD = below_autograd(torch.ops.hierkern.adaln_norm_bwd)
+    _BIAS_GELU_BWD_OP = torch.ops.hierkern.bias_gelu_bwd
+    _ADALN_BWD_OP = torch.ops.hierkern.adaln_norm_bwd
+    _CE_BWD, _CE_BWD_, _BIAS_GELU_BWD, _ADALN_BWD = (below_autograd(op) for op in (
+        _CE_BWD_OP, _CE_BWD__OP, _BIAS_GELU_BWD_OP, _ADALN_BWD_OP))
 
     @torch.library.register_fake("hierkern::bias_gelu_fwd")
     def _fake_bias_gelu(h, bias):

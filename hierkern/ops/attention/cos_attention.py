@@ -9,7 +9,7 @@ import math
 import torch
 
 from ... import _backend
-from ..._autograd import below_autograd
+from ..._autograd import below_autograd, dispatch
 
 MAX_LOG_MULTIPLIER = math.log(100.0)
 NORM_EPS = 1e-12  # F.normalize's clamp on the norm
@@ -71,7 +71,8 @@ def _normalize_backward(x, g):
 
 
 if _backend.has_compiled_ops():
-    _COS_QK_BWD = below_autograd(torch.ops.hierkern.cos_qk_bwd)
+    _COS_QK_BWD_OP = torch.ops.hierkern.cos_qk_bwd
+    _COS_QK_BWD = below_autograd(_COS_QK_BWD_OP)
 
     @torch.library.register_fake("hierkern::cos_qk_bwd")
     def _fake_cos_qk_bwd(q, k, temperature, d_qhat, d_khat):
@@ -84,7 +85,7 @@ def backward(q, k, temperature, d_qhat, d_khat):
     everything else runs it here in PyTorch."""
     if (d_khat is not None and _backend.has_compiled_ops()
             and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (q, k, temperature, d_qhat, d_khat))):
-        return _COS_QK_BWD(q, k, temperature, d_qhat, d_khat)
+        return dispatch(_COS_QK_BWD_OP, _COS_QK_BWD, q, k, temperature, d_qhat, d_khat)
     return backward_reference(q, k, temperature, d_qhat, d_khat)
 
 

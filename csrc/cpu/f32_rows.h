@@ -1,8 +1,10 @@
-// Argument checks of the float32-only CPU ops behind the models' layers (packed_linear.cpp,
-// fused_block.cpp): every message names the op and the argument.
+// Shared pieces of the float32-only row-wise CPU ops behind the models' layers (packed_linear.cpp,
+// fused_block.cpp, cross_entropy.cpp, cos_qk.cpp): argument checks whose messages name the op and the
+// argument, dense copies of strided parameter vectors, and the rows per parallel task.
 #pragma once
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <vector>
 
 namespace hierkern::cpu {
@@ -23,5 +25,9 @@ inline std::vector<float> dense_param(const char* op, const at::Tensor& t, int64
   for (int64_t j = 0; j < d; ++j) out[j] = p[j * t.stride(0)];
   return out;
 }
+
+// Rows of `cols` floats per at::parallel_for task: ~16K elements, a few microseconds of elementwise work
+// (fewer and the task overhead shows; more and a 2-row call runs on one thread).
+inline int64_t rows_per_task(int64_t cols) { return std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(cols, 1)); }
 
 }  // namespace hierkern::cpu
