@@ -156,6 +156,10 @@ TORCH_LIBRARY(hierkern, m) {
   m.def("adaln_norm_fwd(Tensor x, Tensor scale, Tensor shift, float eps) -> (Tensor, Tensor, Tensor)");
   m.def("adaln_norm_bwd(Tensor grad, Tensor x, Tensor scale, Tensor mean, Tensor rstd) "
         "-> (Tensor, Tensor, Tensor)");
+  // gated_residual_fwd(x (B, L, C), y (B, L, C) contiguous, bias (C,), gamma (B, C)) = x + (y + bias) * gamma,
+  // with gated_residual_bwd(grad, y, bias, gamma) -> (dy, dbias, dgamma) (dx is grad).
+  m.def("gated_residual_fwd(Tensor x, Tensor y, Tensor bias, Tensor gamma) -> Tensor");
+  m.def("gated_residual_bwd(Tensor grad, Tensor y, Tensor bias, Tensor gamma) -> (Tensor, Tensor, Tensor)");
 
   // Cross-entropy of the next-scale models' impl="kernels" training loss (hierkern/models/_fused.py,
   // csrc/cpu/cross_entropy.cpp), float32 CPU: cross_entropy_fwd(logits (R, V) contiguous, target (R,)

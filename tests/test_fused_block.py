@@ -1,6 +1,6 @@
-"""hierkern::bias_gelu_fwd / _bwd, adaln_norm_fwd / _bwd and cross_entropy_fwd / _bwd (the
-next-scale models' fused pieces, hierkern/models/_fused.py) against float64 references, forward and
-backward: sizes off the 8-lane vectors and the 64-row reduction chunks, one row, one channel, one
+"""hierkern::bias_gelu_fwd / _bwd, adaln_norm_fwd / _bwd, gated_residual_fwd / _bwd and
+cross_entropy_fwd / _bwd (the next-scale models' fused pieces, hierkern/models/_fused.py) against
+float64 references, forward and backward: sizes off the 8-lane vectors and the 64-row reduction chunks, one row, one channel, one
 class, strided scale / shift / bias / targets; sums independent of the thread count; bad input;
 opcheck; the wrappers' choice of path."""
 import re
@@ -78,6 +78,16 @@ def test_adaln_norm_constant_rows_use_eps():
            lambda x, s, t: _adaln_ref(x, s, t, 1e-5), [x, scale, shift], torch.randn(1, 3, 16))
 
 
+@pytest.mark.parametrize("B,L,C", [(1, 1, 1), (2, 5, 7), (3, 130, 257), (2, 64, 256)])
+def test_gated_residual_matches_float64(B, L, C):
+    g = torch.Generator().manual_seed(B * 100 + L + C)
+    x, y = torch.randn(B, L, C, generator=g), torch.randn(B, L, C, generator=g)
+    bias = torch.randn(2, C, generator=g)[1]
+    gamma = torch.randn(B, 1, 6, C, generator=g)[:, :, 0]  # a strided unbind view, as the block's
+    _check("gated_residual", _fused.gated_residual, lambda x, y, b, t: x + (y + b) * t, [x, y, bias, gamma],
+           torch.randn(B, L, C, generator=g))
+
+
 @pytest.mark.parametrize("R,V", [(1, 1), (3, 7), (130, 1030), (5, 4096), (64, 33)])
 def test_cross_entropy_matches_float64(R, V):
     g = torch.Generator().manual_seed(R * 100 + V)
@@ -128,7 +138,8 @@ def test_parameter_gradients_do_not_depend_on_the_thread_count():
     def run():
         _, mean, rstd = torch.ops.hierkern.adaln_norm_fwd(x, scale, shift, 1e-6)
         return (torch.ops.hierkern.bias_gelu_bwd(gh, h, bias)
-                + torch.ops.hierkern.adaln_norm_bwd(gx, x, scale, mean, rstd))
+                + torch.ops.hierkern.adaln_norm_bwd(gx, x, scale, mean, rstd)
+                + torch.ops.hierkern.gated_residual_bwd(gx, x, shift[0], scale))
     try:
         torch.set_num_threads(1)
         one = run()
@@ -160,6 +171,13 @@ def test_bad_input_names_the_argument():
          "adaln_norm_bwd: mean must be (batch, seq) = (2, 3)"),
         (lambda: ops.adaln_norm_bwd(torch.randn(2, 2, 8), x, s, torch.randn(2, 3), torch.randn(2, 3)),
          "adaln_norm_bwd: grad must have x's shape"),
+        (lambda: ops.gated_residual_fwd(x, x[:, :2].contiguous(), s[0], s), "gated_residual_fwd: y must be (batch, seq, "
+         "channels) = (2, 3, 8)"),
+        (lambda: ops.gated_residual_fwd(x, x, torch.randn(7), s), "gated_residual_fwd: bias must be (channels,) = (8,)"),
+        (lambda: ops.gated_residual_fwd(x, x, s[0], s[:1]), "gated_residual_fwd: gamma must be (batch, channels)"),
+        (lambda: ops.gated_residual_fwd(x, x.transpose(1, 2).contiguous().transpose(1, 2), s[0], s),
+         "gated_residual_fwd: y must be contiguous"),
+        (lambda: ops.gated_residual_bwd(h, x, s[0], s), "gated_residual_bwd: grad must be (batch, seq, channels)"),
         (lambda: ops.cross_entropy_fwd(h, torch.tensor([0, 1, 8, 2])), "cross_entropy_fwd: target[2] = 8 is not a "
          "class index in [0, 8)"),
         (lambda: ops.cross_entropy_fwd(h, torch.tensor([0, 1, -1, 2])), "target[2] = -1 is not a class index"),
@@ -188,6 +206,10 @@ def test_opcheck():
     torch.library.opcheck(ops.adaln_norm_fwd.default, (x, s, t, 1e-6))
     _, mean, rstd = ops.adaln_norm_fwd(x.detach(), s.detach(), t.detach(), 1e-6)
     torch.library.opcheck(ops.adaln_norm_bwd.default, (torch.randn(2, 5, 24), x.detach(), s.detach(), mean, rstd))
+    y, b, gam = torch.randn(2, 5, 24, requires_grad=True), torch.randn(24, requires_grad=True), torch.randn(2, 24)
+    torch.library.opcheck(ops.gated_residual_fwd.default, (x, y, b, gam.requires_grad_()))
+    torch.library.opcheck(ops.gated_residual_bwd.default, (torch.randn(2, 5, 24), y.detach(), b.detach(),
+                                                           gam.detach()))
     logits, target = torch.randn(6, 11, requires_grad=True), torch.randint(0, 11, (6,))
     torch.library.opcheck(ops.cross_entropy_fwd.default, (logits, target))
     _, lse = ops.cross_entropy_fwd(logits.detach(), target)
@@ -202,8 +224,9 @@ def test_wrappers_fuse_only_what_the_kernels_take(monkeypatch):
     _fused.adaln_norm(x, s, s, 1e-6)
     _fused.bias_gelu(x, s[0, 0])
     _fused.cross_entropy(x[0], torch.zeros(4, dtype=torch.long))
+    _fused.gated_residual(x, x, s[0, 0], s)
     assert calls == [torch.ops.hierkern.adaln_norm_fwd, torch.ops.hierkern.bias_gelu_fwd,
-                     torch.ops.hierkern.cross_entropy_fwd]
+                     torch.ops.hierkern.cross_entropy_fwd, torch.ops.hierkern.gated_residual_fwd]
     calls.clear()
     per_token = torch.randn(2, 4, 8)  # ACDiT-style per-token modulation: composed in PyTorch
     torch.testing.assert_close(_fused.adaln_norm(x, per_token, s, 1e-6), _adaln_ref(x, per_token, s, 1e-6))
@@ -212,4 +235,5 @@ def test_wrappers_fuse_only_what_the_kernels_take(monkeypatch):
     _fused.bias_gelu(x.transpose(1, 2), torch.randn(4))  # strided h: composed
     target = torch.zeros(4, dtype=torch.long)
     torch.testing.assert_close(_fused.cross_entropy(x[0].double(), target), F.cross_entropy(x[0].float(), target))
+    torch.testing.assert_close(_fused.gated_residual(x, x, s[0, 0], per_token), x + (x + s[0, 0]) * per_token)
     assert calls == []

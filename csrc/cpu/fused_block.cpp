@@ -11,8 +11,12 @@
 // adaln_norm_fwd(x (B, L, C), scale (B, C), shift (B, C), eps) -> (y, mean (B, L), rstd (B, L)):
 //   y = LayerNorm(x) * (1 + scale[b]) + shift[b], the LayerNorm without affine parameters.
 // adaln_norm_bwd(grad, x, scale, mean, rstd) -> (dx, dscale (B, C), dshift (B, C)).
+// gated_residual_fwd(x (B, L, C), y (B, L, C), bias (C,), gamma (B, C)) -> x + (y + bias) * gamma[b]:
+//   a block's residual add of its gated sub-layer output, y the bias-free output projection (so the
+//   addmm's bias copy and the bias gradient's separate sum go too).
+// gated_residual_bwd(grad, y, bias, gamma) -> (dy, dbias (C,), dgamma (B, C)); dx is grad itself.
 //
-// x, h and grad are contiguous; scale, shift and bias any strides. The parameter gradients are sums
+// x, y, h and grad are contiguous; scale, shift and bias any strides. The parameter gradients are sums
 // over rows taken in fixed chunks of kChunkRows rows, added in chunk order: the same bits for any
 // thread count.
 #include <ATen/ATen.h>
@@ -258,6 +262,99 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> adaln_norm_bwd_cpu(const at::Tens
   return {dx, dscale, dshift};
 }
 
+// ---------------------------------------------------------------------------------------------
+// gated residual: x + (y + bias) * gamma
+// ---------------------------------------------------------------------------------------------
+
+void check_gated(const char* op, const at::Tensor& y, const at::Tensor& gamma, const AdaLNDims& d) {
+  check_rows(op, y, "y");
+  TORCH_CHECK(y.dim() == 3 && y.size(0) == d.B && y.size(1) == d.L && y.size(2) == d.C, op,
+              ": y must be (batch, seq, channels) = (", d.B, ", ", d.L, ", ", d.C, "), got ", y.sizes());
+  check_f32_cpu(op, gamma, "gamma");
+  TORCH_CHECK(gamma.dim() == 2 && gamma.size(0) == d.B && gamma.size(1) == d.C, op,
+              ": gamma must be (batch, channels) = (", d.B, ", ", d.C, "), got ", gamma.sizes());
+}
+
+at::Tensor gated_residual_fwd_cpu(const at::Tensor& x, const at::Tensor& y, const at::Tensor& bias,
+                                  const at::Tensor& gamma) {
+  constexpr const char* op = "hierkern::gated_residual_fwd";
+  check_rows(op, x, "x");
+  TORCH_CHECK(x.dim() == 3, op, ": x must be (batch, seq, channels), got ", x.dim(), "-D");
+  const AdaLNDims d{x.size(0), x.size(1), x.size(2)};
+  check_gated(op, y, gamma, d);
+  const std::vector<float> b = dense_param(op, bias, d.C, "bias", "channels");
+  const std::vector<float> g = dense_bc(gamma, 0.f);
+  at::Tensor out = at::empty_like(x);
+  const float* xp = x.const_data_ptr<float>();
+  const float* yp = y.const_data_ptr<float>();
+  float* outp = out.mutable_data_ptr<float>();
+  const int64_t C = d.C;
+  at::parallel_for(0, d.B * d.L, rows_per_task(C), [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      const float* gr = g.data() + (i / d.L) * C;
+      const float* xr = xp + i * C;
+      const float* yr = yp + i * C;
+      float* orow = outp + i * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) orow[c] = xr[c] + (yr[c] + b[c]) * gr[c];
+    }
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_residual_bwd_cpu(const at::Tensor& grad, const at::Tensor& y,
+                                                                      const at::Tensor& bias,
+                                                                      const at::Tensor& gamma) {
+  constexpr const char* op = "hierkern::gated_residual_bwd";
+  check_rows(op, grad, "grad");
+  TORCH_CHECK(grad.dim() == 3, op, ": grad must be (batch, seq, channels), got ", grad.dim(), "-D");
+  const AdaLNDims d{grad.size(0), grad.size(1), grad.size(2)};
+  check_gated(op, y, gamma, d);
+  const int64_t C = d.C;
+  const std::vector<float> b = dense_param(op, bias, C, "bias", "channels");
+  const std::vector<float> g = dense_bc(gamma, 0.f);
+  at::Tensor dy = at::empty_like(y);
+  at::Tensor dbias = at::empty({C}, y.options());
+  at::Tensor dgamma = at::empty({d.B, C}, y.options());
+  const int64_t per_b = (d.L + kChunkRows - 1) / kChunkRows, chunks = d.B * per_b;
+  std::vector<float> part(chunks * 2 * C);  // chunk k: sum of grad, then sum of grad * (y + bias)
+  const float* gp = grad.const_data_ptr<float>();
+  const float* yp = y.const_data_ptr<float>();
+  float* dp = dy.mutable_data_ptr<float>();
+  at::parallel_for(0, chunks, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t k = lo; k < hi; ++k) {
+      const int64_t bb = k / per_b, l0 = (k % per_b) * kChunkRows, l1 = std::min(d.L, l0 + kChunkRows);
+      float* pg = part.data() + k * 2 * C;
+      float* py = pg + C;
+      std::fill(pg, pg + 2 * C, 0.f);
+      const float* gr = g.data() + bb * C;
+      for (int64_t l = l0; l < l1; ++l) {
+        const int64_t i = bb * d.L + l;
+        const float* grow = gp + i * C;
+        const float* yr = yp + i * C;
+        float* drow = dp + i * C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) {
+          drow[c] = grow[c] * gr[c];
+          pg[c] += grow[c];
+          py[c] += grow[c] * (yr[c] + b[c]);
+        }
+      }
+    }
+  });
+  // per batch: sum_l grad (G) and dgamma; dbias = sum_b gamma[b] * G[b]
+  float* dbp = dbias.mutable_data_ptr<float>();
+  float* dgp = dgamma.mutable_data_ptr<float>();
+  std::fill(dbp, dbp + C, 0.f);
+  std::vector<float> tmp(2 * C);
+  for (int64_t bb = 0; bb < d.B; ++bb) {
+    sum_chunks(part.data() + bb * per_b * 2 * C, per_b, 2 * C, tmp.data());
+    for (int64_t c = 0; c < C; ++c) dbp[c] += g[bb * C + c] * tmp[c];
+    std::copy(tmp.begin() + C, tmp.end(), dgp + bb * C);
+  }
+  return {dy, dbias, dgamma};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(hierkern, CPU, m) {
@@ -265,6 +362,8 @@ TORCH_LIBRARY_IMPL(hierkern, CPU, m) {
   m.impl("bias_gelu_bwd", &bias_gelu_bwd_cpu);
   m.impl("adaln_norm_fwd", &adaln_norm_fwd_cpu);
   m.impl("adaln_norm_bwd", &adaln_norm_bwd_cpu);
+  m.impl("gated_residual_fwd", &gated_residual_fwd_cpu);
+  m.impl("gated_residual_bwd", &gated_residual_bwd_cpu);
 }
 
 }  // namespace hierkern::cpu

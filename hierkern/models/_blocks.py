@@ -31,12 +31,15 @@ class CosSelfAttention(nn.Module):
         self.proj = nn.Linear(width, width)
 
     def forward(self, x, attend):
+        return self.proj(self.heads_output(x, attend))
+
+    def heads_output(self, x, attend):
+        """The attention output (B, L, C) before the output projection."""
         B, L, C = x.shape
         bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
         qkv = F.linear(x, self.qkv.weight, bias).view(B, L, 3, self.heads, self.head_dim)
         q, k, v = qkv.unbind(2)  # (B, L, H, D) strided views: the kernels take them without copies
-        out = attend(q, k, v, self.temperature)
-        return self.proj(out.reshape(B, L, C))
+        return attend(q, k, v, self.temperature).reshape(B, L, C)
 
 
 class AdaLNBlock(nn.Module):
@@ -61,16 +64,19 @@ class AdaLNBlock(nn.Module):
     def forward(self, x, cond, attend, fused=False):
         """x: (B, L, C). cond: the class embedding (B, C), or with shared AdaLN the shared projection
         (B, 6C); or (B, n, C) with n dividing L, row j conditioning tokens [jL/n, (j+1)L/n) (ACDiT's
-        per-block timesteps). fused: the AdaLN norms and the MLP's bias + GELU through hierkern's
-        fused ops (impl="kernels"); else VAR's own PyTorch code."""
+        per-block timesteps). fused: the AdaLN norms, the MLP's bias + GELU and the gated residual adds
+        through hierkern's fused ops (impl="kernels"; the attention must be a CosSelfAttention); else
+        VAR's own PyTorch code."""
         if self.ada_lin is None:
             ada = cond.view(-1, 1, 6, self.width) + self.ada_gss
         else:
             ada = _modulation(project(self.ada_lin, cond), 6, self.width, x.shape[1])
         gamma1, gamma2, scale1, scale2, shift1, shift2 = ada.unbind(2)
-        if fused:
-            x = x + self.attn(_fused.adaln_norm(x, scale1, shift1, self.norm.eps), attend) * gamma1
-            return x + _fused.mlp(self.mlp, _fused.adaln_norm(x, scale2, shift2, self.norm.eps)) * gamma2
+        if fused:  # the output projections' biases are added inside the gated residual adds
+            h = self.attn.heads_output(_fused.adaln_norm(x, scale1, shift1, self.norm.eps), attend)
+            x = _fused.gated_residual(x, F.linear(h, self.attn.proj.weight), self.attn.proj.bias, gamma1)
+            h = _fused.mlp_without_bias(self.mlp, _fused.adaln_norm(x, scale2, shift2, self.norm.eps))
+            return _fused.gated_residual(x, h, self.mlp[2].bias, gamma2)
         x = x + self.attn(self.norm(x) * (scale1 + 1) + shift1, attend) * gamma1
         return x + self.mlp(self.norm(x) * (scale2 + 1) + shift2) * gamma2
 

@@ -1,6 +1,7 @@
 """Fused pieces of the next-scale models' impl="kernels" path besides attention: the AdaLN
-LayerNorm-and-modulate and bias + tanh-GELU after the MLP's bias-free first GEMM (one C++ pass forward
-and one backward each, hierkern::adaln_norm_fwd / _bwd and bias_gelu_fwd / _bwd in
+LayerNorm-and-modulate, bias + tanh-GELU after the MLP's bias-free first GEMM and the gated residual add
+of a sub-layer's bias-free output projection (one C++ pass forward and one backward each,
+hierkern::adaln_norm_fwd / _bwd, bias_gelu_fwd / _bwd and gated_residual_fwd / _bwd in
 csrc/cpu/fused_block.cpp, where PyTorch runs a LayerNorm, a multiply and an add (five kernels
 backward), or an addmm that first copies the broadcast bias and a GELU that costs ~13x an add here),
 and the training loss's cross-entropy (hierkern::cross_entropy_fwd / _bwd, csrc/cpu/cross_entropy.cpp:
@@ -43,6 +44,18 @@ def _adaln_backward(ctx, grad, _grad_mean, _grad_rstd):
     return dx, dscale, dshift, None
 
 
+def _gated_setup(ctx, inputs, output):
+    _, y, bias, gamma = inputs
+    ctx.save_for_backward(y, bias, gamma)
+
+
+def _gated_backward(ctx, grad):
+    y, bias, gamma = ctx.saved_tensors
+    grad = grad.contiguous()
+    dy, dbias, dgamma = dispatch(_GATED_BWD_OP, _GATED_BWD, grad, y, bias, gamma)
+    return grad, dy, dbias, dgamma
+
+
 def _ce_setup(ctx, inputs, output):
     logits, target = inputs
     ctx.save_for_backward(logits, target, output[1])
@@ -74,8 +87,10 @@ if _COMPILED:
     _ADALN = torch.ops.hierkern.adaln_norm_fwd
     _BIAS_GELU_BWD_OP = torch.ops.hierkern.bias_gelu_bwd
     _ADALN_BWD_OP = torch.ops.hierkern.adaln_norm_bwd
-    _CE_BWD, _CE_BWD_, _BIAS_GELU_BWD, _ADALN_BWD = (below_autograd(op) for op in (
-        _CE_BWD_OP, _CE_BWD__OP, _BIAS_GELU_BWD_OP, _ADALN_BWD_OP))
+    _GATED = torch.ops.hierkern.gated_residual_fwd
+    _GATED_BWD_OP = torch.ops.hierkern.gated_residual_bwd
+    _CE_BWD, _CE_BWD_, _BIAS_GELU_BWD, _ADALN_BWD, _GATED_BWD = (below_autograd(op) for op in (
+        _CE_BWD_OP, _CE_BWD__OP, _BIAS_GELU_BWD_OP, _ADALN_BWD_OP, _GATED_BWD_OP))
 
     @torch.library.register_fake("hierkern::bias_gelu_fwd")
     def _fake_bias_gelu(h, bias):
@@ -105,6 +120,15 @@ if _COMPILED:
     def _fake_ce_bwd_(grad_loss, logits, target, lse):
         return None
 
+    @torch.library.register_fake("hierkern::gated_residual_fwd")
+    def _fake_gated(x, y, bias, gamma):
+        return torch.empty_like(x)
+
+    @torch.library.register_fake("hierkern::gated_residual_bwd")
+    def _fake_gated_bwd(grad, y, bias, gamma):
+        return torch.empty_like(y), y.new_empty(bias.shape), y.new_empty(gamma.shape)
+
+    torch.library.register_autograd("hierkern::gated_residual_fwd", _gated_backward, setup_context=_gated_setup)
     torch.library.register_autograd("hierkern::cross_entropy_fwd", _ce_backward, setup_context=_ce_setup)
     torch.library.register_autograd("hierkern::bias_gelu_fwd", _bias_gelu_backward, setup_context=_bias_gelu_setup)
     torch.library.register_autograd("hierkern::adaln_norm_fwd", _adaln_backward, setup_context=_adaln_setup)
@@ -122,11 +146,21 @@ def bias_gelu(h, bias):
     return F.gelu(h + bias, approximate="tanh")
 
 
-def mlp(seq, x):
-    """seq = nn.Sequential(Linear, GELU(approximate="tanh"), Linear) applied to x, the bias and GELU
-    fused after the first GEMM."""
+def mlp_without_bias(seq, x):
+    """seq = nn.Sequential(Linear, GELU(approximate="tanh"), Linear) applied to x, without the second
+    Linear's bias (gated_residual adds it); the first bias and the GELU fused after the first GEMM."""
     fc1, _, fc2 = seq
-    return fc2(bias_gelu(F.linear(x, fc1.weight), fc1.bias))
+    return F.linear(bias_gelu(F.linear(x, fc1.weight), fc1.bias), fc2.weight)
+
+
+def gated_residual(x, y, bias, gamma):
+    """x + (y + bias) * gamma: a block's residual add of its gated sub-layer output, y the output
+    projection without its bias. x, y (B, L, C); bias (C,); gamma (B, 1, C) (one gate per sequence)
+    or anything broadcasting to x (composed in PyTorch)."""
+    if (_fusable(x, y, bias, gamma) and x.dim() == 3 and x.is_contiguous() and y.shape == x.shape
+            and y.is_contiguous() and gamma.dim() == 3 and gamma.shape == (x.shape[0], 1, x.shape[2])):
+        return call_op(_GATED, _gated_setup, _gated_backward, x, y, bias, gamma[:, 0], eager=below_autograd(_GATED))
+    return x + (y + bias) * gamma
 
 
 def adaln_norm(x, scale, shift, eps):
