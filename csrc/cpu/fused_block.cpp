@@ -51,6 +51,28 @@ void sum_chunks(const float* part, int64_t chunks, int64_t n, float* out) {
   }
 }
 
+// For the (batch, seq, channels) ops' parameter gradients: calls row(b, i, p, scratch) for every row
+// i = b * L + l, in fixed chunks of kChunkRows rows of one batch row, p the chunk's 2 * C partial sums
+// (zeroed) and scratch 2 * C floats of the task's; returns each batch row's sums of its chunks' partials,
+// (B, 2C), added in chunk order.
+template <typename Row>
+std::vector<float> per_batch_row_sums(int64_t B, int64_t L, int64_t C, const Row& row) {
+  const int64_t per_b = (L + kChunkRows - 1) / kChunkRows, chunks = B * per_b;
+  std::vector<float> part(chunks * 2 * C);
+  at::parallel_for(0, chunks, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<float> scratch(2 * C);
+    for (int64_t k = lo; k < hi; ++k) {
+      const int64_t b = k / per_b, l0 = (k % per_b) * kChunkRows, l1 = std::min(L, l0 + kChunkRows);
+      float* p = part.data() + k * 2 * C;
+      std::fill(p, p + 2 * C, 0.f);
+      for (int64_t l = l0; l < l1; ++l) row(b, b * L + l, p, scratch.data());
+    }
+  });
+  std::vector<float> sums(B * 2 * C);
+  for (int64_t b = 0; b < B; ++b) sum_chunks(part.data() + b * per_b * 2 * C, per_b, 2 * C, sums.data() + b * 2 * C);
+  return sums;
+}
+
 // ---------------------------------------------------------------------------------------------
 // bias + tanh-GELU
 // ---------------------------------------------------------------------------------------------
@@ -207,57 +229,45 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> adaln_norm_bwd_cpu(const at::Tens
   at::Tensor dx = at::empty_like(x);
   at::Tensor dscale = at::empty({d.B, C}, x.options());
   at::Tensor dshift = at::empty({d.B, C}, x.options());
-  const int64_t per_b = (d.L + kChunkRows - 1) / kChunkRows, chunks = d.B * per_b;
-  std::vector<float> part(chunks * 2 * C);  // chunk k: its dscale partial, then its dshift partial
   const float* xp = x.const_data_ptr<float>();
   const float* gp = grad.const_data_ptr<float>();
   const float* mp = mean.const_data_ptr<float>();
   const float* rp = rstd.const_data_ptr<float>();
   float* dp = dx.mutable_data_ptr<float>();
   const float inv_c = 1.f / static_cast<float>(C);
-  at::parallel_for(0, chunks, 1, [&](int64_t lo, int64_t hi) {
-    // g (1 + scale) and xhat of one row, rounded to float once: the second pass then subtracts
-    // exactly the values the means were taken of (a one-channel row gives dx = 0 exactly, as torch)
-    std::vector<float> gxb(C), xhb(C);
-    float* gxr = gxb.data();
-    float* xhr = xhb.data();
-    for (int64_t k = lo; k < hi; ++k) {
-      const int64_t b = k / per_b, l0 = (k % per_b) * kChunkRows, l1 = std::min(d.L, l0 + kChunkRows);
-      float* ps = part.data() + k * 2 * C;
-      float* pt = ps + C;
-      std::fill(ps, ps + 2 * C, 0.f);
-      const float* ar = a.data() + b * C;
-      for (int64_t l = l0; l < l1; ++l) {
-        const int64_t i = b * d.L + l;
-        const float* xr = xp + i * C;
-        const float* gr = gp + i * C;
-        float* dr = dp + i * C;
-        const float mu = mp[i], r = rp[i];
-        // dL/dxhat = g (1 + scale); dx = r (gx - mean(gx) - xhat mean(gx xhat))
-        float m1 = 0.f, m2 = 0.f;
+  // partials: dscale, then dshift. scratch: g (1 + scale) and xhat of the row, rounded to float once:
+  // the second pass then subtracts exactly the values the means were taken of (a one-channel row gives
+  // dx = 0 exactly, as torch)
+  const std::vector<float> sums = per_batch_row_sums(d.B, d.L, C, [&](int64_t b, int64_t i, float* ps, float* scratch) {
+    float* pt = ps + C;
+    float* gxr = scratch;
+    float* xhr = scratch + C;
+    const float* ar = a.data() + b * C;
+    const float* xr = xp + i * C;
+    const float* gr = gp + i * C;
+    float* dr = dp + i * C;
+    const float mu = mp[i], r = rp[i];
+    // dL/dxhat = g (1 + scale); dx = r (gx - mean(gx) - xhat mean(gx xhat))
+    float m1 = 0.f, m2 = 0.f;
 #pragma omp simd reduction(+ : m1, m2)
-        for (int64_t c = 0; c < C; ++c) {
-          xhr[c] = (xr[c] - mu) * r;
-          gxr[c] = gr[c] * ar[c];
-          m1 += gxr[c];
-          m2 += gxr[c] * xhr[c];
-          ps[c] += gr[c] * xhr[c];
-          pt[c] += gr[c];
-        }
-        m1 *= inv_c;
-        m2 *= inv_c;
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) dr[c] = r * (gxr[c] - m1 - xhr[c] * m2);
-      }
+    for (int64_t c = 0; c < C; ++c) {
+      xhr[c] = (xr[c] - mu) * r;
+      gxr[c] = gr[c] * ar[c];
+      m1 += gxr[c];
+      m2 += gxr[c] * xhr[c];
+      ps[c] += gr[c] * xhr[c];
+      pt[c] += gr[c];
     }
+    m1 *= inv_c;
+    m2 *= inv_c;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) dr[c] = r * (gxr[c] - m1 - xhr[c] * m2);
   });
   float* dsp = dscale.mutable_data_ptr<float>();
   float* dtp = dshift.mutable_data_ptr<float>();
-  std::vector<float> tmp(2 * C);
   for (int64_t b = 0; b < d.B; ++b) {
-    sum_chunks(part.data() + b * per_b * 2 * C, per_b, 2 * C, tmp.data());
-    std::copy(tmp.begin(), tmp.begin() + C, dsp + b * C);
-    std::copy(tmp.begin() + C, tmp.end(), dtp + b * C);
+    std::copy(sums.begin() + b * 2 * C, sums.begin() + b * 2 * C + C, dsp + b * C);
+    std::copy(sums.begin() + b * 2 * C + C, sums.begin() + (b + 1) * 2 * C, dtp + b * C);
   }
   return {dx, dscale, dshift};
 }
@@ -266,22 +276,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> adaln_norm_bwd_cpu(const at::Tens
 // gated residual: x + (y + bias) * gamma
 // ---------------------------------------------------------------------------------------------
 
-void check_gated(const char* op, const at::Tensor& y, const at::Tensor& gamma, const AdaLNDims& d) {
+// The dims of `lead` (x forward, grad backward), checked with y and gamma against them.
+AdaLNDims check_gated(const char* op, const at::Tensor& lead, const char* lead_name, const at::Tensor& y,
+                      const at::Tensor& gamma) {
+  check_rows(op, lead, lead_name);
+  TORCH_CHECK(lead.dim() == 3, op, ": ", lead_name, " must be (batch, seq, channels), got ", lead.dim(), "-D");
+  const AdaLNDims d{lead.size(0), lead.size(1), lead.size(2)};
   check_rows(op, y, "y");
   TORCH_CHECK(y.dim() == 3 && y.size(0) == d.B && y.size(1) == d.L && y.size(2) == d.C, op,
               ": y must be (batch, seq, channels) = (", d.B, ", ", d.L, ", ", d.C, "), got ", y.sizes());
   check_f32_cpu(op, gamma, "gamma");
   TORCH_CHECK(gamma.dim() == 2 && gamma.size(0) == d.B && gamma.size(1) == d.C, op,
               ": gamma must be (batch, channels) = (", d.B, ", ", d.C, "), got ", gamma.sizes());
+  return d;
 }
 
 at::Tensor gated_residual_fwd_cpu(const at::Tensor& x, const at::Tensor& y, const at::Tensor& bias,
                                   const at::Tensor& gamma) {
   constexpr const char* op = "hierkern::gated_residual_fwd";
-  check_rows(op, x, "x");
-  TORCH_CHECK(x.dim() == 3, op, ": x must be (batch, seq, channels), got ", x.dim(), "-D");
-  const AdaLNDims d{x.size(0), x.size(1), x.size(2)};
-  check_gated(op, y, gamma, d);
+  const AdaLNDims d = check_gated(op, x, "x", y, gamma);
   const std::vector<float> b = dense_param(op, bias, d.C, "bias", "channels");
   const std::vector<float> g = dense_bc(gamma, 0.f);
   at::Tensor out = at::empty_like(x);
@@ -306,51 +319,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_residual_bwd_cpu(const at::
                                                                       const at::Tensor& bias,
                                                                       const at::Tensor& gamma) {
   constexpr const char* op = "hierkern::gated_residual_bwd";
-  check_rows(op, grad, "grad");
-  TORCH_CHECK(grad.dim() == 3, op, ": grad must be (batch, seq, channels), got ", grad.dim(), "-D");
-  const AdaLNDims d{grad.size(0), grad.size(1), grad.size(2)};
-  check_gated(op, y, gamma, d);
+  const AdaLNDims d = check_gated(op, grad, "grad", y, gamma);
   const int64_t C = d.C;
   const std::vector<float> b = dense_param(op, bias, C, "bias", "channels");
   const std::vector<float> g = dense_bc(gamma, 0.f);
   at::Tensor dy = at::empty_like(y);
   at::Tensor dbias = at::empty({C}, y.options());
   at::Tensor dgamma = at::empty({d.B, C}, y.options());
-  const int64_t per_b = (d.L + kChunkRows - 1) / kChunkRows, chunks = d.B * per_b;
-  std::vector<float> part(chunks * 2 * C);  // chunk k: sum of grad, then sum of grad * (y + bias)
   const float* gp = grad.const_data_ptr<float>();
   const float* yp = y.const_data_ptr<float>();
   float* dp = dy.mutable_data_ptr<float>();
-  at::parallel_for(0, chunks, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t k = lo; k < hi; ++k) {
-      const int64_t bb = k / per_b, l0 = (k % per_b) * kChunkRows, l1 = std::min(d.L, l0 + kChunkRows);
-      float* pg = part.data() + k * 2 * C;
-      float* py = pg + C;
-      std::fill(pg, pg + 2 * C, 0.f);
-      const float* gr = g.data() + bb * C;
-      for (int64_t l = l0; l < l1; ++l) {
-        const int64_t i = bb * d.L + l;
-        const float* grow = gp + i * C;
-        const float* yr = yp + i * C;
-        float* drow = dp + i * C;
+  // partials: the sum of grad (G), then of grad * (y + bias) (dgamma)
+  const std::vector<float> sums = per_batch_row_sums(d.B, d.L, C, [&](int64_t bb, int64_t i, float* pg, float*) {
+    float* py = pg + C;
+    const float* gr = g.data() + bb * C;
+    const float* grow = gp + i * C;
+    const float* yr = yp + i * C;
+    float* drow = dp + i * C;
 #pragma omp simd
-        for (int64_t c = 0; c < C; ++c) {
-          drow[c] = grow[c] * gr[c];
-          pg[c] += grow[c];
-          py[c] += grow[c] * (yr[c] + b[c]);
-        }
-      }
+    for (int64_t c = 0; c < C; ++c) {
+      drow[c] = grow[c] * gr[c];
+      pg[c] += grow[c];
+      py[c] += grow[c] * (yr[c] + b[c]);
     }
   });
-  // per batch: sum_l grad (G) and dgamma; dbias = sum_b gamma[b] * G[b]
+  // dbias = sum_b gamma[b] * G[b]
   float* dbp = dbias.mutable_data_ptr<float>();
   float* dgp = dgamma.mutable_data_ptr<float>();
   std::fill(dbp, dbp + C, 0.f);
-  std::vector<float> tmp(2 * C);
   for (int64_t bb = 0; bb < d.B; ++bb) {
-    sum_chunks(part.data() + bb * per_b * 2 * C, per_b, 2 * C, tmp.data());
-    for (int64_t c = 0; c < C; ++c) dbp[c] += g[bb * C + c] * tmp[c];
-    std::copy(tmp.begin() + C, tmp.end(), dgp + bb * C);
+    const float* sb = sums.data() + bb * 2 * C;
+    for (int64_t c = 0; c < C; ++c) dbp[c] += g[bb * C + c] * sb[c];
+    std::copy(sb + C, sb + 2 * C, dgp + bb * C);
   }
   return {dy, dbias, dgamma};
 }
