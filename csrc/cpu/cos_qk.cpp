@@ -28,7 +28,6 @@ namespace {
 
 constexpr const char* kOp = "hierkern::cos_qk_bwd";
 constexpr float kNormEps = 1e-12f;
-constexpr int64_t kChunk = 64;  // (b, l) positions per dtemperature partial: fixed, thread-count independent
 
 void check_pair(const at::Tensor& x, const char* xname, const at::Tensor& g, const char* gname) {
   check_f32_cpu(kOp, x, xname);
@@ -82,34 +81,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cos_qk_bwd_cpu(const at::Tensor& 
   at::Tensor dk = at::empty(k.sizes(), k.options());
   at::Tensor dt = at::empty({H}, q.options());
 
-  // q rows, with per-chunk dtemperature partials
-  const int64_t positions = B * L, chunks = (positions + kChunk - 1) / kChunk;
-  std::vector<float> part(chunks * H);
-  {
-    const float* qp = q.const_data_ptr<float>();
-    const float* gp = d_qhat.const_data_ptr<float>();
-    float* dp = dq.mutable_data_ptr<float>();
-    const auto qs = q.strides(), gs = d_qhat.strides();
-    at::parallel_for(0, chunks, 1, [&](int64_t lo, int64_t hi) {
-      for (int64_t c = lo; c < hi; ++c) {
-        float* pc = part.data() + c * H;
-        std::fill(pc, pc + H, 0.f);
-        for (int64_t p = c * kChunk; p < std::min(positions, (c + 1) * kChunk); ++p) {
-          const int64_t b = p / L, l = p % L;
-          for (int64_t h = 0; h < H; ++h)
-            pc[h] += row_backward(qp + b * qs[0] + l * qs[1] + h * qs[2], qs[3], gp + b * gs[0] + l * gs[1] + h * gs[2],
-                                  gs[3], D, mult[h], dp + ((p * H) + h) * D);
-        }
-      }
-    });
-  }
+  // q rows, each position's heads adding to the per-head sums of d_qhat . n
+  const float* qp = q.const_data_ptr<float>();
+  const float* gq = d_qhat.const_data_ptr<float>();
+  float* dqp = dq.mutable_data_ptr<float>();
+  const auto qs = q.strides(), gqs = d_qhat.strides();
+  const std::vector<float> sums = chunked_row_sums(1, B * L, H, [&](int64_t, int64_t p, float* acc, float*) {
+    const int64_t b = p / L, l = p % L;
+    for (int64_t h = 0; h < H; ++h)
+      acc[h] += row_backward(qp + b * qs[0] + l * qs[1] + h * qs[2], qs[3], gq + b * gqs[0] + l * gqs[1] + h * gqs[2],
+                             gqs[3], D, mult[h], dqp + (p * H + h) * D);
+  });
   float* dtp = dt.mutable_data_ptr<float>();
-  for (int64_t h = 0; h < H; ++h) {
-    float s = 0.f;
-    for (int64_t c = 0; c < chunks; ++c) s += part[c * H + h];
-    // d q_hat / d t = q_hat while t < ln 100; the clamp passes the gradient at equality, as torch's
-    dtp[h] = t[h] <= std::log(100.f) ? s * mult[h] : 0.f;
-  }
+  // d q_hat / d t = q_hat while t < ln 100; the clamp passes the gradient at equality, as torch's
+  for (int64_t h = 0; h < H; ++h)
+    dtp[h] = t[h] <= std::log(100.f) ? sums[h] * mult[h] : 0.f;
 
   const int64_t Lk = k.size(1), Hk = k.size(2), krows = B * Lk * Hk;
   const float* kp = k.const_data_ptr<float>();

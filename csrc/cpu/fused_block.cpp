@@ -33,44 +33,10 @@
 namespace hierkern::cpu {
 namespace {
 
-constexpr int64_t kChunkRows = 64;
-
 void check_rows(const char* op, const at::Tensor& t, const char* name) {
   check_f32_cpu(op, t, name);
   TORCH_CHECK(t.dim() >= 1 && t.is_contiguous(), op, ": ", name, " must be contiguous with at least one "
               "dimension, got sizes ", t.sizes(), " and strides ", t.strides());
-}
-
-// Sums `chunks` partial rows of n floats (row k at part + k * n) into out, in chunk order.
-void sum_chunks(const float* part, int64_t chunks, int64_t n, float* out) {
-  std::fill(out, out + n, 0.f);
-  for (int64_t k = 0; k < chunks; ++k) {
-    const float* p = part + k * n;
-#pragma omp simd
-    for (int64_t c = 0; c < n; ++c) out[c] += p[c];
-  }
-}
-
-// For the (batch, seq, channels) ops' parameter gradients: calls row(b, i, p, scratch) for every row
-// i = b * L + l, in fixed chunks of kChunkRows rows of one batch row, p the chunk's 2 * C partial sums
-// (zeroed) and scratch 2 * C floats of the task's; returns each batch row's sums of its chunks' partials,
-// (B, 2C), added in chunk order.
-template <typename Row>
-std::vector<float> per_batch_row_sums(int64_t B, int64_t L, int64_t C, const Row& row) {
-  const int64_t per_b = (L + kChunkRows - 1) / kChunkRows, chunks = B * per_b;
-  std::vector<float> part(chunks * 2 * C);
-  at::parallel_for(0, chunks, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<float> scratch(2 * C);
-    for (int64_t k = lo; k < hi; ++k) {
-      const int64_t b = k / per_b, l0 = (k % per_b) * kChunkRows, l1 = std::min(L, l0 + kChunkRows);
-      float* p = part.data() + k * 2 * C;
-      std::fill(p, p + 2 * C, 0.f);
-      for (int64_t l = l0; l < l1; ++l) row(b, b * L + l, p, scratch.data());
-    }
-  });
-  std::vector<float> sums(B * 2 * C);
-  for (int64_t b = 0; b < B; ++b) sum_chunks(part.data() + b * per_b * 2 * C, per_b, 2 * C, sums.data() + b * 2 * C);
-  return sums;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -110,37 +76,29 @@ std::tuple<at::Tensor, at::Tensor> bias_gelu_bwd_cpu(const at::Tensor& grad, con
   const std::vector<float> b = dense_param(op, bias, N, "bias", "h.size(-1)");
   at::Tensor dh = at::empty_like(h);
   at::Tensor db = at::empty({N}, h.options());
-  const int64_t chunks = (M + kChunkRows - 1) / kChunkRows;
-  std::vector<float> part(chunks * N);
   const float* hp = h.const_data_ptr<float>();
   const float* gp = grad.const_data_ptr<float>();
   float* dp = dh.mutable_data_ptr<float>();
-  at::parallel_for(0, chunks, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t k = lo; k < hi; ++k) {
-      float* acc = part.data() + k * N;
-      std::fill(acc, acc + N, 0.f);
-      for (int64_t i = k * kChunkRows; i < std::min(M, (k + 1) * kChunkRows); ++i) {
-        const float* hr = hp + i * N;
-        const float* gr = gp + i * N;
-        float* dr = dp + i * N;
-        int64_t c = 0;
+  const std::vector<float> sums = chunked_row_sums(1, M, N, [&](int64_t, int64_t i, float* acc, float*) {
+    const float* hr = hp + i * N;
+    const float* gr = gp + i * N;
+    float* dr = dp + i * N;
+    int64_t c = 0;
 #ifdef HK_AVX2
-        for (; c + 8 <= N; c += 8) {
-          const __m256 d = _mm256_mul_ps(
-              _mm256_loadu_ps(gr + c),
-              gelu_tanh_grad8(_mm256_add_ps(_mm256_loadu_ps(hr + c), _mm256_loadu_ps(b.data() + c))));
-          _mm256_storeu_ps(dr + c, d);
-          _mm256_storeu_ps(acc + c, _mm256_add_ps(_mm256_loadu_ps(acc + c), d));
-        }
+    for (; c + 8 <= N; c += 8) {
+      const __m256 d = _mm256_mul_ps(
+          _mm256_loadu_ps(gr + c),
+          gelu_tanh_grad8(_mm256_add_ps(_mm256_loadu_ps(hr + c), _mm256_loadu_ps(b.data() + c))));
+      _mm256_storeu_ps(dr + c, d);
+      _mm256_storeu_ps(acc + c, _mm256_add_ps(_mm256_loadu_ps(acc + c), d));
+    }
 #endif
-        for (; c < N; ++c) {
-          dr[c] = gr[c] * gelu_tanh_grad(hr[c] + b[c]);
-          acc[c] += dr[c];
-        }
-      }
+    for (; c < N; ++c) {
+      dr[c] = gr[c] * gelu_tanh_grad(hr[c] + b[c]);
+      acc[c] += dr[c];
     }
   });
-  sum_chunks(part.data(), chunks, N, db.mutable_data_ptr<float>());
+  std::copy(sums.begin(), sums.end(), db.mutable_data_ptr<float>());
   return {dh, db};
 }
 
@@ -238,7 +196,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> adaln_norm_bwd_cpu(const at::Tens
   // partials: dscale, then dshift. scratch: g (1 + scale) and xhat of the row, rounded to float once:
   // the second pass then subtracts exactly the values the means were taken of (a one-channel row gives
   // dx = 0 exactly, as torch)
-  const std::vector<float> sums = per_batch_row_sums(d.B, d.L, C, [&](int64_t b, int64_t i, float* ps, float* scratch) {
+  const std::vector<float> sums = chunked_row_sums(d.B, d.L, 2 * C, [&](int64_t b, int64_t i, float* ps,
+                                                                        float* scratch) {
     float* pt = ps + C;
     float* gxr = scratch;
     float* xhr = scratch + C;
@@ -330,7 +289,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gated_residual_bwd_cpu(const at::
   const float* yp = y.const_data_ptr<float>();
   float* dp = dy.mutable_data_ptr<float>();
   // partials: the sum of grad (G), then of grad * (y + bias) (dgamma)
-  const std::vector<float> sums = per_batch_row_sums(d.B, d.L, C, [&](int64_t bb, int64_t i, float* pg, float*) {
+  const std::vector<float> sums = chunked_row_sums(d.B, d.L, 2 * C, [&](int64_t bb, int64_t i, float* pg, float*) {
     float* py = pg + C;
     const float* gr = g.data() + bb * C;
     const float* grow = gp + i * C;
