@@ -170,6 +170,18 @@ def test_channel_tiles_over_time_blocks():
     check_inputs(x, softplus)
 
 
+def test_channel_tiles_exp_out_of_range():
+    # A tile's exp(dt * A) skips its clamp on steps whose dt * A all lie in [-87, 88]; steps with a
+    # huge dt put some of a tile's products below -87 (exp exactly 0, the state forgets) and some
+    # not, in one channel only or across the tile.
+    x, softplus = make_inputs(b=1, d=16, n=16, l=40, B_kind="var")
+    with torch.no_grad():
+        x["delta"][0, 3, 9] = 120.0      # dt * A in [-264, -24]: mixed within the channel
+        x["delta"][0, :8, 21] = 400.0    # every channel of the first tile out of range
+        x["delta"][0, 12, 30] = 45.0     # dt * A in [-99, -9]
+    check_inputs(x, softplus)
+
+
 def test_many_channels_split_into_chunks():
     # Enough channels for several backward tasks per group, so partial dB / dC panels are reduced.
     check_case(b=2, d=64, n=16, l=21, B_kind="grouped")

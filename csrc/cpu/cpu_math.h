@@ -265,27 +265,37 @@ inline float gelu_tanh_grad(float y) {
 // issued one after another, the out-of-order window holds only two or three of them, so a loop of
 // single exps runs well below the FMA throughput. Interleaving N chains in program order hands the
 // core N independent uops at every stage; the result is bit-identical for any N. N = 4 keeps the
-// working set (x, n, f, p of each) inside the 16 ymm registers.
-template <int N>
+// working set (x, t, f, p of each) inside the 16 ymm registers.
+// n = round(x log2 e) comes from adding and subtracting 1.5 * 2^23 (round to nearest even, as
+// nearbyint) and 2^n from the low bits of that sum: two adds on the FADD ports instead of vroundps
+// and vcvtps2dq, which share a port with the polynomial's FMAs. Same n, same bits.
+// Clamp = false skips the clamp to [-87, 88] and the underflow mask: for callers that have checked
+// that every input lies in that range, where both are the identity (same bits again).
+template <int N, bool Clamp = true>
 inline void exp8_n(__m256* x) {
-  __m256 under[N], n[N], f[N], p[N];
-  _Pragma("GCC unroll 8") for (int i = 0; i < N; ++i) {
-    under[i] = _mm256_cmp_ps(x[i], _mm256_set1_ps(-87.0f), _CMP_LT_OQ);
-    x[i] = _mm256_min_ps(_mm256_max_ps(x[i], _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+  const __m256 magic = _mm256_set1_ps(12582912.f);  // 1.5 * 2^23
+  __m256 under[N], t[N], f[N], p[N];
+  if constexpr (Clamp) {
+    _Pragma("GCC unroll 8") for (int i = 0; i < N; ++i) {
+      under[i] = _mm256_cmp_ps(x[i], _mm256_set1_ps(-87.0f), _CMP_LT_OQ);
+      x[i] = _mm256_min_ps(_mm256_max_ps(x[i], _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+    }
   }
   _Pragma("GCC unroll 8") for (int i = 0; i < N; ++i)
-    n[i] = _mm256_round_ps(_mm256_mul_ps(x[i], _mm256_set1_ps(1.44269504088896341f)),
-                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    t[i] = _mm256_add_ps(_mm256_mul_ps(x[i], _mm256_set1_ps(1.44269504088896341f)), magic);
   _Pragma("GCC unroll 8") for (int i = 0; i < N; ++i) {
-    f[i] = _mm256_fnmadd_ps(n[i], _mm256_set1_ps(0.693145751953125f), x[i]);  // Cody-Waite
-    f[i] = _mm256_fnmadd_ps(n[i], _mm256_set1_ps(1.428606765330187e-06f), f[i]);
+    const __m256 n = _mm256_sub_ps(t[i], magic);
+    f[i] = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x[i]);  // Cody-Waite
+    f[i] = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), f[i]);
   }
   _Pragma("GCC unroll 8") for (int i = 0; i < N; ++i) p[i] = _mm256_set1_ps(1.3888889e-3f);
   for (float c : {8.3333338e-3f, 4.1666668e-2f, 1.6666667e-1f, 0.5f, 1.0f, 1.0f})
     _Pragma("GCC unroll 8") for (int i = 0; i < N; ++i) p[i] = _mm256_fmadd_ps(p[i], f[i], _mm256_set1_ps(c));
   _Pragma("GCC unroll 8") for (int i = 0; i < N; ++i) {
-    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n[i]), _mm256_set1_epi32(127)), 23);
-    x[i] = _mm256_andnot_ps(under[i], _mm256_mul_ps(p[i], _mm256_castsi256_ps(e)));
+    // The sum's low mantissa bits hold n (two's complement); << 23 keeps n + 127 as the exponent.
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_castps_si256(t[i]), _mm256_set1_epi32(127)), 23);
+    x[i] = _mm256_mul_ps(p[i], _mm256_castsi256_ps(e));
+    if constexpr (Clamp) x[i] = _mm256_andnot_ps(under[i], x[i]);
   }
 }
 

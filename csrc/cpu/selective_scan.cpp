@@ -419,6 +419,71 @@ void fwd_channel(const at::Tensor& u, const at::Tensor& delta, const float* Ad, 
 }
 
 #ifdef HK_AVX2
+constexpr int64_t kExpSteps = 8;  // steps whose exp(dt * A) fwd_lanes8 computes ahead of their updates
+
+// The state updates of nt steps of an 8-channel tile (see fwd_lanes8), kExpSteps at a time: first
+// every exp(dt_t * A_k) of those steps in one pass (E, kExpSteps * n vectors), then the updates.
+// Computing the exps inside the update loop kept their temporaries and the update's live values in
+// the same 16 registers: the compiler spilled both to the stack and the step ran 2x slower. VarB /
+// VarC: B / C are one row per step broadcast to the lanes (else per-channel rows B8 / C8); as
+// template arguments the choice leaves the inner loop instead of testing a pointer per state.
+// Amin / Amax: per lane, the least and greatest A_k. zz: the gate silu(z) per step, or null.
+template <bool VarB, bool VarC>
+void lanes8_steps(int64_t nt, int64_t n, const float* dt, const float* cf, const float* uu, const float* zz,
+                  __m256 Dv, const float* A8, __m256 Amin, __m256 Amax, const float* B8, const float* C8,
+                  const float* Bb, const float* Cb, float* X, float* E, float* Y) {
+  constexpr int64_t L = 8;
+  for (int64_t s0 = 0; s0 < nt; s0 += kExpSteps) {
+    const int64_t ns = std::min(kExpSteps, nt - s0);
+    for (int64_t i = 0; i < ns; ++i) {
+      const __m256 dtv = _mm256_loadu_ps(dt + (s0 + i) * L);
+      float* e = E + i * n * L;
+      // Rounded products are monotonic in A, so every dt * A_k of the step lies between these two;
+      // inside [-87, 88] exp needs no clamp (same bits without it). NaN fails the test.
+      const __m256 p0 = _mm256_mul_ps(dtv, Amin), p1 = _mm256_mul_ps(dtv, Amax);
+      const __m256 ok = _mm256_and_ps(_mm256_cmp_ps(_mm256_min_ps(p0, p1), _mm256_set1_ps(-87.f), _CMP_GE_OQ),
+                                      _mm256_cmp_ps(_mm256_max_ps(p0, p1), _mm256_set1_ps(88.f), _CMP_LE_OQ));
+      const bool in_range = _mm256_movemask_ps(ok) == 0xff;
+      int64_t k = 0;
+      for (; k + 4 <= n; k += 4) {
+        __m256 a[4];
+        for (int j = 0; j < 4; ++j) a[j] = _mm256_mul_ps(dtv, _mm256_loadu_ps(A8 + (k + j) * L));
+        if (in_range) exp8_n<4, false>(a);
+        else exp8_n<4>(a);
+        for (int j = 0; j < 4; ++j) _mm256_storeu_ps(e + (k + j) * L, a[j]);
+      }
+      for (; k < n; ++k) _mm256_storeu_ps(e + k * L, exp8(_mm256_mul_ps(dtv, _mm256_loadu_ps(A8 + k * L))));
+    }
+    for (int64_t i = 0; i < ns; ++i) {
+      const int64_t t = s0 + i;
+      const __m256 cv = _mm256_loadu_ps(cf + t * L);
+      const float* e = E + i * n * L;
+      const float* Bt = Bb + (VarB ? t * n : 0);
+      const float* Ct = Cb + (VarC ? t * n : 0);
+      // Four partial sums for y: one accumulator would chain n FMA latencies per step.
+      __m256 y[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+      auto update = [&](int64_t k, __m256& acc) {
+        const __m256 bk = VarB ? _mm256_broadcast_ss(Bt + k) : _mm256_loadu_ps(B8 + k * L);
+        const __m256 ck = VarC ? _mm256_broadcast_ss(Ct + k) : _mm256_loadu_ps(C8 + k * L);
+        const __m256 xk = _mm256_fmadd_ps(_mm256_loadu_ps(e + k * L), _mm256_loadu_ps(X + k * L),
+                                          _mm256_mul_ps(cv, bk));
+        _mm256_storeu_ps(X + k * L, xk);
+        acc = _mm256_fmadd_ps(ck, xk, acc);
+      };
+      int64_t k = 0;
+      for (; k + 4 <= n; k += 4)
+        for (int j = 0; j < 4; ++j) update(k + j, y[j]);
+      for (; k < n; ++k) update(k, y[0]);
+      __m256 yv = _mm256_add_ps(_mm256_add_ps(y[0], y[1]), _mm256_add_ps(y[2], y[3]));
+      yv = _mm256_add_ps(yv, _mm256_mul_ps(Dv, _mm256_loadu_ps(uu + t * L)));
+      if (zz) yv = _mm256_mul_ps(yv, _mm256_loadu_ps(zz + t * L));
+      _mm256_storeu_ps(Y + t * L, yv);
+    }
+  }
+}
+#endif
+
+#ifdef HK_AVX2
 // Eight channels of one batch, one per AVX2 lane: the forward's fast path. Vectorising over the
 // states (fwd_channel) leaves each step a serial chain through the state's store and reload plus an
 // 8-lane horizontal sum for y; across channels every lane is independent, y needs no reduction
@@ -436,7 +501,7 @@ void fwd_lanes8(const at::Tensor& u, const at::Tensor& delta, const std::vector<
   constexpr int64_t L = 8;
   const int64_t n = s.n;
   float *X = sc[0], *A8 = sc[1], *B8 = sc[2], *C8 = sc[3], *dt = sc[4], *cf = sc[5], *uu = sc[6];
-  float *zz = sc[7], *Y = sc[8];
+  float *zz = sc[7], *Y = sc[8], *E = sc[9];
   const bool has_z = present(z);
   Seq<T> us[L], ds[L], zs[L];
   for (int64_t c = 0; c < L; ++c) {
@@ -457,6 +522,11 @@ void fwd_lanes8(const at::Tensor& u, const at::Tensor& delta, const std::vector<
     for (int64_t c = 0; c < L; ++c) { tmp[0][c] = D[d0 + c]; tmp[1][c] = bias[d0 + c]; }
     Dv = _mm256_loadu_ps(tmp[0]);
     biasv = _mm256_loadu_ps(tmp[1]);
+  }
+  __m256 Amin = _mm256_loadu_ps(A8), Amax = Amin;
+  for (int64_t k = 1; k < n; ++k) {
+    Amin = _mm256_min_ps(Amin, _mm256_loadu_ps(A8 + k * L));
+    Amax = _mm256_max_ps(Amax, _mm256_loadu_ps(A8 + k * L));
   }
   const float* Bg = Bp.var ? Bp.channel(b, d0) : nullptr;
   const float* Cg = Cp.var ? Cp.channel(b, d0) : nullptr;
@@ -486,35 +556,18 @@ void fwd_lanes8(const at::Tensor& u, const at::Tensor& delta, const std::vector<
     if (softplus) softplus_inplace(dt, nt * L);
     for (int64_t i = 0; i < nt; ++i)
       _mm256_storeu_ps(cf + i * L, _mm256_mul_ps(_mm256_loadu_ps(dt + i * L), _mm256_loadu_ps(uu + i * L)));
-    for (int64_t i = 0; i < nt; ++i) {
-      const __m256 dtv = _mm256_loadu_ps(dt + i * L), cv = _mm256_loadu_ps(cf + i * L);
-      const float* Bt = Bg ? Bg + (t0 + i) * n : nullptr;
-      const float* Ct = Cg ? Cg + (t0 + i) * n : nullptr;
-      // Four partial sums for y: one accumulator would chain n FMA latencies per step.
-      __m256 y[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-      auto update = [&](int64_t k, __m256 a, __m256& acc) {
-        const __m256 bk = Bt ? _mm256_broadcast_ss(Bt + k) : _mm256_loadu_ps(B8 + k * L);
-        const __m256 ck = Ct ? _mm256_broadcast_ss(Ct + k) : _mm256_loadu_ps(C8 + k * L);
-        const __m256 xk = _mm256_fmadd_ps(a, _mm256_loadu_ps(X + k * L), _mm256_mul_ps(cv, bk));
-        _mm256_storeu_ps(X + k * L, xk);
-        acc = _mm256_fmadd_ps(ck, xk, acc);
-      };
-      int64_t k = 0;
-      for (; k + 4 <= n; k += 4) {
-        __m256 a[4];
-        for (int j = 0; j < 4; ++j) a[j] = _mm256_mul_ps(dtv, _mm256_loadu_ps(A8 + (k + j) * L));
-        exp8_n<4>(a);
-        for (int j = 0; j < 4; ++j) update(k + j, a[j], y[j]);
-      }
-      for (; k < n; ++k) update(k, exp8(_mm256_mul_ps(dtv, _mm256_loadu_ps(A8 + k * L))), y[0]);
-      __m256 yv = _mm256_add_ps(_mm256_add_ps(y[0], y[1]), _mm256_add_ps(y[2], y[3]));
-      yv = _mm256_add_ps(yv, _mm256_mul_ps(Dv, _mm256_loadu_ps(uu + i * L)));
-      if (has_z) {
+    if (has_z)  // the gate silu(z) = z * sigmoid(z), in place
+      for (int64_t i = 0; i < nt; ++i) {
         const __m256 zv = _mm256_loadu_ps(zz + i * L);
-        yv = _mm256_mul_ps(yv, _mm256_mul_ps(zv, sigmoid8(zv)));
+        _mm256_storeu_ps(zz + i * L, _mm256_mul_ps(zv, sigmoid8(zv)));
       }
-      _mm256_storeu_ps(Y + i * L, yv);
-    }
+    const float* Bb = Bg ? Bg + t0 * n : nullptr;
+    const float* Cb = Cg ? Cg + t0 * n : nullptr;
+    const float* zb = has_z ? zz : nullptr;
+    if (Bb && Cb) lanes8_steps<true, true>(nt, n, dt, cf, uu, zb, Dv, A8, Amin, Amax, B8, C8, Bb, Cb, X, E, Y);
+    else if (Bb) lanes8_steps<true, false>(nt, n, dt, cf, uu, zb, Dv, A8, Amin, Amax, B8, C8, Bb, Cb, X, E, Y);
+    else if (Cb) lanes8_steps<false, true>(nt, n, dt, cf, uu, zb, Dv, A8, Amin, Amax, B8, C8, Bb, Cb, X, E, Y);
+    else lanes8_steps<false, false>(nt, n, dt, cf, uu, zb, Dv, A8, Amin, Amax, B8, C8, Bb, Cb, X, E, Y);
     int64_t j0 = 0;
     if constexpr (std::is_same_v<T, float>) {
       if (os2 == 1)
@@ -550,7 +603,7 @@ void fwd_kernel(const at::Tensor& u, const at::Tensor& delta, const std::vector<
     const Scratch sc{s.n, kTimeBlock * s.n, kTimeBlock, kTimeBlock, kTimeBlock, kTimeBlock};
 #ifdef HK_AVX2
     const int64_t t8 = kTimeBlock * 8;
-    const Scratch sc8{8 * s.n, 8 * s.n, 8 * s.n, 8 * s.n, t8, t8, t8, t8, std::max(t8, s.n)};
+    const Scratch sc8{8 * s.n, 8 * s.n, 8 * s.n, 8 * s.n, t8, t8, t8, t8, std::max(t8, s.n), kExpSteps * 8 * s.n};
 #endif
     for (int64_t task = lo; task < hi; ++task) {
       const int64_t b = task / per_b, r = task % per_b;
