@@ -133,7 +133,9 @@ TORCH_LIBRARY(hierkern, m) {
   // float32 logits (R, V), keep the top_k largest (ties with the k-th included; 0 or >= V: all), then
   // top-p's smallest set reaching top_p (0 or 1: off), and draw by inverse CDF in vocabulary order
   // with the uniform u[r] in [0, 1). Returns (ids (R,) int64, their probability (R,) float32).
-  m.def("sample_top_k_top_p(Tensor logits, Tensor u, int top_k, float top_p) -> (Tensor, Tensor)");
+  // With uncond (R, V), each row is first classifier-free guided: (1 + cfg_ratio) * logits - cfg_ratio *
+  // uncond, rounded as that PyTorch expression is.
+  m.def("sample_top_k_top_p(Tensor logits, Tensor u, int top_k, float top_p, Tensor? uncond=None, float cfg_ratio=0.0) -> (Tensor, Tensor)");
 
   // Inference linear layers of the generation loops (hierkern/models/_linear.py, csrc/cpu/packed_linear.cpp):
   // pack_linear_weight(weight (N, K) float32) -> (ceil(N / 16), K, 16) panels (W^T in 16-column panels,

@@ -51,6 +51,38 @@ def test_sampling_matches_the_filtered_distribution_empirically(top_k, top_p, ti
     torch.testing.assert_close(conf, want[ids], atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("top_k,top_p", [(0, 0.0), (5, 0.9)])
+def test_guided_sampling_equals_sampling_the_guided_logits(top_k, top_p, monkeypatch, path):
+    # cfg_ratio: (2B, n, V) conditional-then-null rows; the C++ sampler forms each guided row itself
+    # with the roundings of guide(), so it draws exactly what sampling guide(logits) draws
+    logits = torch.randn(4, 30, 33, dtype=torch.bfloat16) * 3
+    monkeypatch.setattr(_sampling, "_CHUNK_LOGITS", 33 * 7)  # chunks of 7 rows: cond and null chunked alike
+    for ratio in (0.0, 1.5, 3.25):
+        want = _sampling.sample(_sampling.guide(logits, ratio), top_k, top_p, torch.Generator().manual_seed(4))
+        got = _sampling.sample(logits, top_k, top_p, torch.Generator().manual_seed(4), cfg_ratio=ratio)
+        assert got[0].shape == (2, 30)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.skipif(not _backend.has_compiled_ops(), reason="hierkern._C not built")
+def test_cpu_sampler_guidance_arguments():
+    op = torch.ops.hierkern.sample_top_k_top_p
+    logits, uncond, u = torch.randn(4, 10), torch.randn(4, 10), torch.rand(4)
+    torch.library.opcheck(op.default, (logits, u, 3, 0.9, uncond, 1.5))
+    guided = (2.5 * logits - 1.5 * uncond).contiguous()
+    assert all(torch.equal(a, b) for a, b in zip(op(logits, u, 3, 0.9, uncond, 1.5), op(guided, u, 3, 0.9)))
+    with pytest.raises(RuntimeError, match="uncond must be a float32 CPU tensor of logits' shape"):
+        op(logits, u, 3, 0.9, uncond[:3], 1.5)
+    with pytest.raises(RuntimeError, match="uncond must be a float32 CPU tensor"):
+        op(logits, u, 3, 0.9, uncond.double(), 1.5)
+    with pytest.raises(RuntimeError, match="cfg_ratio must be finite"):
+        op(logits, u, 3, 0.9, uncond, float("nan"))
+    bad = uncond.clone()
+    bad[2, 5] = float("nan")
+    with pytest.raises(RuntimeError, match="row 2 contains NaN"):
+        op(logits, u, 3, 0.9, bad, 1.5)
+
+
 def test_generator_stream_does_not_depend_on_the_logits(path):
     # one uniform per row whatever the path (top_k candidates, tied k-th value, full filter): a cached
     # and a recomputed generation whose logits differ by rounding draw the same random numbers

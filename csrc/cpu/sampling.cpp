@@ -8,7 +8,8 @@
 //   4. an inverse-CDF draw with the caller's uniform u, accumulated in vocabulary order (so two
 //      candidates whose logits differ by rounding between runs do not reorder the draw).
 // The torch version sorts the k candidates twice and runs ~20 ops per chunk of rows; here a row
-// costs one copy, one selection and one pass over the candidates.
+// costs one copy, one selection and one pass over the candidates. With classifier-free guidance the
+// guided row is formed here from the conditional and null rows (the copy), not as a (B, n, V) tensor.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -19,6 +20,7 @@
 #include <cstring>
 #include <functional>
 #include <limits>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -28,7 +30,7 @@ namespace hierkern::cpu {
 namespace {
 
 struct Scratch {
-  std::vector<float> e;
+  std::vector<float> e, guided;
   std::vector<uint32_t> keys;
   std::vector<int64_t> id;
   std::vector<uint64_t> heap;
@@ -65,6 +67,14 @@ uint32_t kth_largest(uint32_t* keys, int64_t n, int64_t k) {
     n = m;
   }
   return keys[0];  // every key left agrees on all four bytes (or one is left)
+}
+
+// g[i] = (1 + r) * c[i] - r * n[i] with the float32 roundings of PyTorch's
+// `(1 + ratio) * cond - ratio * uncond` (two products, then the difference): no FMA contraction.
+__attribute__((optimize("fp-contract=off"))) void guide_row(const float* c, int64_t sc, const float* n,
+                                                             int64_t sn, int64_t V, double ratio, float* g) {
+  const float a = static_cast<float>(1.0 + ratio), b = static_cast<float>(ratio);
+  for (int64_t i = 0; i < V; ++i) g[i] = a * c[i * sc] - b * n[i * sn];
 }
 
 // (vocabulary id, probability) of the token drawn from row x (V logits at stride sx).
@@ -141,7 +151,9 @@ std::pair<int64_t, float> sample_row(const float* x, int64_t sx, int64_t V, int6
 }
 
 std::tuple<at::Tensor, at::Tensor> sample_top_k_top_p_cpu(const at::Tensor& logits, const at::Tensor& u,
-                                                          int64_t top_k, double top_p) {
+                                                          int64_t top_k, double top_p,
+                                                          const std::optional<at::Tensor>& uncond,
+                                                          double cfg_ratio) {
   const char* name = "hierkern::sample_top_k_top_p";
   TORCH_CHECK(logits.dim() == 2 && logits.size(1) >= 1, name, ": logits must be 2-D (rows, vocab) with vocab >= 1, got ",
               logits.sizes());
@@ -153,6 +165,15 @@ std::tuple<at::Tensor, at::Tensor> sample_top_k_top_p_cpu(const at::Tensor& logi
   TORCH_CHECK(top_p >= 0.0 && top_p <= 1.0, name, ": top_p must be in [0, 1] (0 or 1 disables it), got ", top_p);
   const int64_t R = logits.size(0), V = logits.size(1);
   TORCH_CHECK(V < std::numeric_limits<int32_t>::max(), name, ": vocab must be < 2^31, got ", V);
+  const bool guided = uncond.has_value() && uncond->defined();
+  if (guided) {
+    TORCH_CHECK(uncond->sizes() == logits.sizes() && uncond->scalar_type() == at::kFloat && uncond->device().is_cpu(),
+                name, " (cpu): uncond must be a float32 CPU tensor of logits' shape ", logits.sizes(), ", got ",
+                uncond->scalar_type(), " ", uncond->sizes(), " on ", uncond->device());
+    TORCH_CHECK(std::isfinite(cfg_ratio), name, ": cfg_ratio must be finite, got ", cfg_ratio);
+  }
+  const float* np = guided ? uncond->const_data_ptr<float>() : nullptr;
+  const int64_t n0 = guided ? uncond->stride(0) : 0, n1 = guided ? uncond->stride(1) : 0;
   auto ids = at::empty({R}, logits.options().dtype(at::kLong));
   auto conf = at::empty({R}, logits.options());
   const float* lp = logits.const_data_ptr<float>();
@@ -164,7 +185,13 @@ std::tuple<at::Tensor, at::Tensor> sample_top_k_top_p_cpu(const at::Tensor& logi
   at::parallel_for(0, R, 4, [&](int64_t begin, int64_t end) {
     Scratch s;
     for (int64_t r = begin; r < end; ++r) {
-      std::tie(ip[r], cp[r]) = sample_row(lp + r * s0, s1, V, top_k, top_p, up[r * su], r, s);
+      if (guided) {  // the guided row, built once in the scratch instead of two full-tensor passes
+        s.guided.resize(V);
+        guide_row(lp + r * s0, s1, np + r * n0, n1, V, cfg_ratio, s.guided.data());
+        std::tie(ip[r], cp[r]) = sample_row(s.guided.data(), 1, V, top_k, top_p, up[r * su], r, s);
+      } else {
+        std::tie(ip[r], cp[r]) = sample_row(lp + r * s0, s1, V, top_k, top_p, up[r * su], r, s);
+      }
     }
   });
   return {ids, conf};

@@ -285,7 +285,7 @@ class NextScaleTransformer(nn.Module):
         out = []
         for si in range(n_scales):
             logits = scale_logits(si, x, head_cond, block_cond)
-            ids, _ = sample(self.guide(logits, self.cfg_ratio(cfg, si, cfg_ramp)), top_k, top_p, generator)
+            ids, _ = sample(logits, top_k, top_p, generator, cfg_ratio=self.cfg_ratio(cfg, si, cfg_ramp))
             out.append(ids)
             if si + 1 < n_scales:
                 x = self.next_scale_input(ids, si + 1).repeat(2, 1, 1) + self.level_pos(off[si + 1], off[si + 2])
@@ -303,11 +303,6 @@ class NextScaleTransformer(nn.Module):
             return logits[:, self.layout.offsets[si]:]
         return scale_logits
 
-    @staticmethod
-    def guide(logits, ratio):
-        """(2B, n, V) conditional-then-null logits -> (B, n, V) guided logits, as VAR combines them."""
-        cond, uncond = logits.float().chunk(2)
-        return (1 + ratio) * cond - ratio * uncond
 
 
 def _check_positive_int(owner, name, value):

@@ -15,7 +15,7 @@ from .. import _backend
 
 if _backend.has_compiled_ops():
     @torch.library.register_fake("hierkern::sample_top_k_top_p")
-    def _fake_sample(logits, u, top_k, top_p):
+    def _fake_sample(logits, u, top_k, top_p, uncond=None, cfg_ratio=0.0):
         rows = logits.shape[0]
         return logits.new_empty((rows,), dtype=torch.long), logits.new_empty((rows,))
 
@@ -29,6 +29,13 @@ def check_sampling_args(owner, cfg, top_k, top_p, generator):
         raise ValueError(f"{owner}: top_p must be in [0, 1] (0 or 1 disables it), got {top_p!r}")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"{owner}: generator must be a torch.Generator or None, got {type(generator).__name__}")
+
+
+def guide(logits, ratio):
+    """(2B, n, V) conditional-then-null logits -> (B, n, V) classifier-free guided logits, as VAR
+    combines them."""
+    cond, uncond = logits.float().chunk(2)
+    return (1 + ratio) * cond - ratio * uncond
 
 
 def filter_logits(logits, top_k, top_p):
@@ -118,23 +125,33 @@ def uses_cpu_kernel(device):
     return device.type == "cpu" and _backend.has_compiled_ops()
 
 
-def sample(logits, top_k, top_p, generator):
+def sample(logits, top_k, top_p, generator, cfg_ratio=None):
     """(B, n, V) logits -> (ids (B, n) int64, probability of each sampled id (B, n) float32), from
     softmax(filter_logits(logits)). One uniform number per row, drawn up front: the generator's
     stream does not depend on the logits, so two runs whose logits differ by rounding (a cached and a
-    recomputed generation) stay in step."""
+    recomputed generation) stay in step.
+
+    cfg_ratio: logits are (2B, n, V) conditional-then-null rows, sampled as guide(logits, cfg_ratio)
+    (the C++ sampler forms each guided row itself: no (B, n, V) guided tensor)."""
     V = logits.shape[-1]
+    kernel = uses_cpu_kernel(logits.device)
+    uncond = None
+    if cfg_ratio is not None:
+        if not kernel:
+            return sample(guide(logits, cfg_ratio), top_k, top_p, generator)
+        logits, uncond = logits.chunk(2)
+        uncond = uncond.reshape(-1, V)
     flat = logits.reshape(-1, V)
     u = torch.rand((flat.shape[0], 1), generator=generator, device=logits.device)
     ids = torch.empty(flat.shape[0], dtype=torch.long, device=logits.device)
     conf = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
-    kernel = uses_cpu_kernel(logits.device)
     rows = max(1, _CHUNK_LOGITS // V)
     for start in range(0, flat.shape[0], rows):
         chunk, uc = flat[start:start + rows].float(), u[start:start + rows]
         if kernel:
+            guided = () if uncond is None else (uncond[start:start + rows].float(), float(cfg_ratio))
             ids[start:start + rows], conf[start:start + rows] = torch.ops.hierkern.sample_top_k_top_p(
-                chunk, uc[:, 0], top_k, float(top_p))
+                chunk, uc[:, 0], top_k, float(top_p), *guided)
         else:
             ids[start:start + rows], conf[start:start + rows] = _sample_rows(chunk, top_k, top_p, uc)
     return ids.view(logits.shape[:-1]), conf.view(logits.shape[:-1])

@@ -116,7 +116,7 @@ class HMAR(NextScaleTransformer):
             for t in range(1, total + 1):
                 x = base + self.own_token_input(ids, hidden).repeat(2, 1, 1)
                 logits = self.sequence_logits(x, head_cond, block_cond, layout, impl)
-                new_ids, conf = sample(self.guide(logits, ratio), top_k, top_p, generator)
+                new_ids, conf = sample(logits, top_k, top_p, generator, cfg_ratio=ratio)
                 n_hidden = int(hidden[0].sum())  # the same in every row: each step reveals equally many
                 keep = 0 if t == total else max(min(math.floor(n * math.cos(math.pi / 2 * t / total)), n_hidden - 1),
                                                 total - t)
