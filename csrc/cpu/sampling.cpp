@@ -185,13 +185,15 @@ std::tuple<at::Tensor, at::Tensor> sample_top_k_top_p_cpu(const at::Tensor& logi
   at::parallel_for(0, R, 4, [&](int64_t begin, int64_t end) {
     Scratch s;
     for (int64_t r = begin; r < end; ++r) {
+      const float* row = lp + r * s0;
+      int64_t stride = s1;
       if (guided) {  // the guided row, built once in the scratch instead of two full-tensor passes
         s.guided.resize(V);
-        guide_row(lp + r * s0, s1, np + r * n0, n1, V, cfg_ratio, s.guided.data());
-        std::tie(ip[r], cp[r]) = sample_row(s.guided.data(), 1, V, top_k, top_p, up[r * su], r, s);
-      } else {
-        std::tie(ip[r], cp[r]) = sample_row(lp + r * s0, s1, V, top_k, top_p, up[r * su], r, s);
+        guide_row(row, s1, np + r * n0, n1, V, cfg_ratio, s.guided.data());
+        row = s.guided.data();
+        stride = 1;
       }
+      std::tie(ip[r], cp[r]) = sample_row(row, stride, V, top_k, top_p, up[r * su], r, s);
     }
   });
   return {ids, conf};

@@ -304,7 +304,6 @@ class NextScaleTransformer(nn.Module):
         return scale_logits
 
 
-
 def _check_positive_int(owner, name, value):
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
         raise ValueError(f"{owner}: {name} must be a positive int, got {value!r}")
