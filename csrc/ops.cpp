@@ -164,13 +164,16 @@ TORCH_LIBRARY(hierkern, m) {
   m.def("gated_residual_bwd(Tensor grad, Tensor y, Tensor bias, Tensor gamma) -> (Tensor, Tensor, Tensor)");
 
   // Cross-entropy of the next-scale models' impl="kernels" training loss (hierkern/models/_fused.py,
-  // csrc/cpu/cross_entropy.cpp), float32 CPU: cross_entropy_fwd(logits (R, V) contiguous, target (R,)
-  // int64 in [0, V)) -> (loss (R,), lse (R,)); cross_entropy_bwd(grad_loss (R,), logits, target, lse)
-  // -> dlogits (R, V) = grad_loss * (softmax - onehot).
-  m.def("cross_entropy_fwd(Tensor logits, Tensor target) -> (Tensor, Tensor)");
-  m.def("cross_entropy_bwd(Tensor grad_loss, Tensor logits, Tensor target, Tensor lse) -> Tensor");
-  // ... and written over the logits (for a caller that owns them and backpropagates once)
-  m.def("cross_entropy_bwd_(Tensor grad_loss, Tensor(a!) logits, Tensor target, Tensor lse) -> ()");
+  // csrc/cpu/cross_entropy.cpp), float32 CPU, of z = logits + bias (bias optional, (V,)):
+  // cross_entropy_fwd(logits (R, V) contiguous, target (R,) int64 in [0, V), bias) -> (loss (R,), lse (R,));
+  // cross_entropy_bwd(grad_loss (R,), logits, target, lse, bias) -> (dlogits (R, V) =
+  // grad_loss * (softmax(z) - onehot), dbias (V,) = dlogits summed over rows, or (0,) without a bias).
+  m.def("cross_entropy_fwd(Tensor logits, Tensor target, Tensor? bias=None) -> (Tensor, Tensor)");
+  m.def("cross_entropy_bwd(Tensor grad_loss, Tensor logits, Tensor target, Tensor lse, Tensor? bias=None) "
+        "-> (Tensor, Tensor)");
+  // ... dlogits written over the logits (for a caller that owns them and backpropagates once) -> dbias
+  m.def("cross_entropy_bwd_(Tensor grad_loss, Tensor(a!) logits, Tensor target, Tensor lse, Tensor? bias=None) "
+        "-> Tensor");
 
   // The cos-attention prologue's chain rule for float32 CPU tensors (csrc/cpu/cos_qk.cpp; the same math
   // as hierkern/ops/attention/cos_attention.py's backward): cos_qk_bwd(q (B, L, H, D), k (B, Lk, Hk, D),

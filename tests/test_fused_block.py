@@ -102,6 +102,39 @@ def test_cross_entropy_matches_float64(R, V):
     assert_close_rel("cross_entropy lse", lse, logits.double().logsumexp(1), logits.logsumexp(1))
 
 
+@pytest.mark.parametrize("R,V", [(1, 1), (3, 7), (130, 1030), (65, 4096)])
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_cross_entropy_with_bias_matches_float64(R, V, overwrite):
+    # the head's bias taken by the fused op (model.loss): z = logits + bias, dbias summed over rows in
+    # 64-row chunks (130 and 65 rows: a partial last chunk)
+    g = torch.Generator().manual_seed(R * 10 + V)
+    logits = torch.randn(R, V, generator=g) * 4
+    bias = torch.randn(2, V, generator=g)[1] * 3  # a view with an offset
+    target = torch.randint(0, V, (R,), generator=g)
+    fused = (lambda x, b: _fused.cross_entropy(x.clone(), target, bias=b, overwrite_logits=True)) if overwrite \
+        else (lambda x, b: _fused.cross_entropy(x, target, bias=b))
+    _check("cross_entropy bias", fused, lambda x, b: F.cross_entropy(x + b, target), [logits, bias],
+           torch.tensor(0.9))
+    loss, lse = torch.ops.hierkern.cross_entropy_fwd(logits, target, bias)
+    z = logits.double() + bias.double()
+    assert_close_rel("cross_entropy bias rows", loss, F.cross_entropy(z, target, reduction="none"),
+                     F.cross_entropy(logits + bias, target, reduction="none"))
+    assert_close_rel("cross_entropy bias lse", lse, z.logsumexp(1), (logits + bias).logsumexp(1))
+
+
+def test_cross_entropy_bias_falls_back_outside_the_kernel():
+    # float64 logits take F.cross_entropy(logits + bias): same loss and gradients as composing it
+    g = torch.Generator().manual_seed(3)
+    logits, bias = torch.randn(6, 9, generator=g, dtype=torch.float64), torch.randn(9, generator=g, dtype=torch.float64)
+    target = torch.randint(0, 9, (6,), generator=g)
+    a = [t.clone().requires_grad_() for t in (logits, bias)]
+    b = [t.clone().requires_grad_() for t in (logits, bias)]
+    _fused.cross_entropy(a[0], target, bias=a[1]).backward()
+    F.cross_entropy((b[0] + b[1]).float(), target).backward()
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x.grad, y.grad)
+
+
 def test_cross_entropy_large_and_masked_logits():
     # logits far from 0 (the max is subtracted) and -inf at classes other than the target
     logits = torch.randn(4, 40) * 50 + 1000
@@ -126,6 +159,7 @@ def test_cross_entropy_overwrite_logits_backpropagates_once():
         loss.backward()
     opcheck_args = (torch.randn(5), (x @ w.t()).detach(), target, torch.randn(5))
     torch.library.opcheck(torch.ops.hierkern.cross_entropy_bwd_.default, opcheck_args)
+    torch.library.opcheck(torch.ops.hierkern.cross_entropy_bwd_.default, opcheck_args + (torch.randn(9),))
 
 
 def test_parameter_gradients_do_not_depend_on_the_thread_count():
@@ -133,13 +167,16 @@ def test_parameter_gradients_do_not_depend_on_the_thread_count():
     h, bias, gh = torch.randn(300, 72, generator=g), torch.randn(72, generator=g), torch.randn(300, 72, generator=g)
     x, gx = torch.randn(3, 200, 40, generator=g), torch.randn(3, 200, 40, generator=g)
     scale, shift = torch.randn(3, 40, generator=g), torch.randn(3, 40, generator=g)
+    target = torch.randint(0, 72, (300,), generator=g)
     threads = torch.get_num_threads()
 
     def run():
         _, mean, rstd = torch.ops.hierkern.adaln_norm_fwd(x, scale, shift, 1e-6)
+        _, lse = torch.ops.hierkern.cross_entropy_fwd(h, target, bias)
         return (torch.ops.hierkern.bias_gelu_bwd(gh, h, bias)
                 + torch.ops.hierkern.adaln_norm_bwd(gx, x, scale, mean, rstd)
-                + torch.ops.hierkern.gated_residual_bwd(gx, x, shift[0], scale))
+                + torch.ops.hierkern.gated_residual_bwd(gx, x, shift[0], scale)
+                + torch.ops.hierkern.cross_entropy_bwd(gh[:, 0], h, target, lse, bias))
     try:
         torch.set_num_threads(1)
         one = run()
@@ -190,6 +227,12 @@ def test_bad_input_names_the_argument():
          "cross_entropy_bwd: grad_loss must be (rows,) = (4,)"),
         (lambda: ops.cross_entropy_bwd(torch.randn(4), h, torch.zeros(4, dtype=torch.long), torch.randn(4, 1)),
          "cross_entropy_bwd: lse must be (rows,) = (4,)"),
+        (lambda: ops.cross_entropy_fwd(h, torch.zeros(4, dtype=torch.long), torch.randn(7)),
+         "cross_entropy_fwd: bias must be (classes,) = (8,)"),
+        (lambda: ops.cross_entropy_fwd(h, torch.zeros(4, dtype=torch.long), b.double()),
+         "cross_entropy_fwd: bias must be float32"),
+        (lambda: ops.cross_entropy_bwd_(torch.randn(4), h.clone(), torch.zeros(4, dtype=torch.long), torch.randn(4),
+                                        torch.randn(1, 8)), "cross_entropy_bwd_: bias must be (classes,) = (8,)"),
     ]
     for call, msg in cases:
         with pytest.raises(RuntimeError, match=re.escape(msg)):
@@ -214,6 +257,10 @@ def test_opcheck():
     torch.library.opcheck(ops.cross_entropy_fwd.default, (logits, target))
     _, lse = ops.cross_entropy_fwd(logits.detach(), target)
     torch.library.opcheck(ops.cross_entropy_bwd.default, (torch.randn(6), logits.detach(), target, lse))
+    bias = torch.randn(11, requires_grad=True)
+    torch.library.opcheck(ops.cross_entropy_fwd.default, (logits, target, bias))
+    _, lse = ops.cross_entropy_fwd(logits.detach(), target, bias.detach())
+    torch.library.opcheck(ops.cross_entropy_bwd.default, (torch.randn(6), logits.detach(), target, lse, bias.detach()))
 
 
 def test_wrappers_fuse_only_what_the_kernels_take(monkeypatch):

@@ -68,6 +68,32 @@ def test_kernels_match_reference(state_carry):
         assert gk[name].abs().max() > 0, f"{name} receives no gradient"
 
 
+@needs_kernels
+@pytest.mark.parametrize("state_carry", [False, True], ids=["whole", "carried"])
+def test_loss_kernels_match_reference(state_carry):
+    # model.loss on impl="kernels": the fused cross-entropy takes the head's bias (the head's GEMM runs
+    # without it), also through the scale-by-scale forward; loss and every gradient against float64
+    model = make()
+    tokens, labels = tokens_labels(model)
+
+    def loss_and_grads(impl, **kw):
+        model.zero_grad()
+        loss = model.loss(tokens, labels, impl=impl, **kw)
+        loss.backward()
+        return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    model.double()
+    l64, g64 = loss_and_grads("reference")
+    model.float()
+    l32, g32 = loss_and_grads("reference")
+    lk, gk = loss_and_grads("kernels", state_carry=state_carry)
+    assert not model.head._bias_deferred
+    assert_close_rel("loss", lk, l64, l32)
+    assert gk["head.out.bias"].abs().max() > 0
+    for name in g64:
+        wide = name.endswith(("temperature", "A_log", "dt_bias"))  # see test_kernels_match_reference
+        assert_close_rel(f"loss grad {name}", gk[name], g64[name], g32[name], factor=16.0 if wide else 2.0)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_carried_teacher_forcing_equals_whole_forward(impl):
     """Scale by scale from the carried Mamba states (generate's computation) gives every scale the

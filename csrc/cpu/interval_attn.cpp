@@ -28,6 +28,11 @@ int64_t env_block(const char* name, int64_t dflt) {
 const int64_t kBlockQ = env_block("HIERKERN_CPU_BLOCK_Q", 128);
 const int64_t kBlockK = env_block("HIERKERN_CPU_BLOCK_K", 512);
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+// Row stride of the score tiles: block_k plus one cache line. At block_k = 512 a 2 KiB row stride maps
+// every row of a column walk (P^T dO, dS^T Q: six floats of each of 128 rows) to the same 2 of the
+// L1's 64 sets, so each pass refetched them from L2; perf put those GEMMs 28% slower per flop than
+// the others.
+int64_t score_stride(int64_t block_k) { return block_k + 16; }
 // Skip-causal blocks up to this size take the forward's small-block pass (block_size 1-16, where a
 // 128-row tile would spend at least 7/8 of its block-diagonal work on masked keys).
 constexpr int64_t kSmallBlock = 16;
@@ -240,7 +245,7 @@ void fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const auto qs = q.strides(), ks = k.strides(), vs = v.strides(), os = out.strides();
   const auto qblocks = query_tiles(off, nseg, pattern, kBlockQ);
   const int64_t n_qt = (int64_t)qblocks.size();
-  const int64_t block_k = (kBlockK + kPanel - 1) / kPanel * kPanel;
+  const int64_t block_k = (kBlockK + kPanel - 1) / kPanel * kPanel, lds = score_stride(block_k);
   // Small skip-causal blocks: a noisy tile's block-diagonal term would cost a full tile of keys for
   // block_size useful ones per row; the forward computes it block by block instead (see query_tile).
   const bool small_blocks = is_skip_pattern(pattern) && block_size <= kSmallBlock;
@@ -260,7 +265,7 @@ void fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     RowRanges rr;
   };
   auto make_scratch = [&] {
-    return Scratch{std::vector<float>(kBlockQ * d.D), std::vector<float>(kBlockQ * block_k),
+    return Scratch{std::vector<float>(kBlockQ * d.D), std::vector<float>(kBlockQ * lds),
                    std::vector<float>(kBlockQ * ldacc), std::vector<float>(kBlockQ),
                    std::vector<float>(kBlockQ), RowRanges{}};
   };
@@ -281,11 +286,11 @@ void fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     std::fill(w.l.begin(), w.l.end(), 0.f);
     float* const m = w.m.data();
     float* const l = w.l.data();
-    // Online-softmax update of tile rows [i0, i1) with their scores s (row stride block_k) for keys
+    // Online-softmax update of tile rows [i0, i1) with their scores s (row stride lds) for keys
     // [c0, c0 + nc), then acc += P V.
     auto absorb = [&](int64_t i0, int64_t i1, float* s, int64_t c0, int64_t nc) {
       for (int64_t i = i0; i < i1; ++i) {
-        float* si = s + (i - i0) * block_k;
+        float* si = s + (i - i0) * lds;
         const float m_new = std::max(m[i], row_max(si, nc));
         if (m_new == kNegInf) {  // row sees nothing yet: keep P = 0
           std::fill(si, si + nc, 0.f);
@@ -299,15 +304,15 @@ void fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         l[i] = l[i] * alpha + sum;
         m[i] = m_new;
       }
-      gemm_panels(i1 - i0, v_panels, nc, 1.f, s, block_k, vpanels + c0 * kPanel, d.Lk * kPanel,
+      gemm_panels(i1 - i0, v_panels, nc, 1.f, s, lds, vpanels + c0 * kPanel, d.Lk * kPanel,
                   acc + i0 * ldacc, ldacc, /*accumulate=*/true);
     };
     // Key tiles start on a panel boundary; keys left of a row's range are masked like any other.
     rr.for_each_key_tile(block_k, [&](int64_t c0, int64_t c1, TileKind kind) {
       const int64_t nc = c1 - c0;
       gemm_panels(nr, (nc + kPanel - 1) / kPanel, d.D, scale, qt_ptr, ldq, kpanels + c0 * d.D,
-                  d.D * kPanel, sp, block_k, /*accumulate=*/false);
-      if (kind == TileKind::kPartial) rr.mask(sp, block_k, c0, c1);
+                  d.D * kPanel, sp, lds, /*accumulate=*/false);
+      if (kind == TileKind::kPartial) rr.mask(sp, lds, c0, c1);
       absorb(0, nr, sp, c0, nc);
     });
     // Small-block pass: each run of rows sharing an own block attends that block alone (its panels
@@ -319,8 +324,8 @@ void fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       if (b0 >= 0) {
         const int64_t c0 = b0 / kPanel * kPanel, nc = b0 + block_size - c0;
         gemm_panels(i1 - i0, (nc + kPanel - 1) / kPanel, d.D, scale, qt_ptr + i0 * ldq, ldq,
-                    kpanels + c0 * d.D, d.D * kPanel, sp, block_k, /*accumulate=*/false);
-        for (int64_t i = 0; i < i1 - i0; ++i) std::fill(sp + i * block_k, sp + i * block_k + (b0 - c0), kNegInf);
+                    kpanels + c0 * d.D, d.D * kPanel, sp, lds, /*accumulate=*/false);
+        for (int64_t i = 0; i < i1 - i0; ++i) std::fill(sp + i * lds, sp + i * lds + (b0 - c0), kNegInf);
         absorb(i0, i1, sp, c0, nc);
       }
       i0 = i1;
@@ -393,13 +398,13 @@ void bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k
   const auto qs = q.strides(), ks = k.strides(), vs = v.strides(), os = out.strides(),
              gs = dout.strides(), dqs = dq.strides(), dks = dk.strides(), dvs = dv.strides();
   const auto qblocks = query_tiles(off, nseg, pattern, kBlockQ);
-  const int64_t block_k = (kBlockK + kPanel - 1) / kPanel * kPanel;
+  const int64_t block_k = (kBlockK + kPanel - 1) / kPanel * kPanel, lds = score_stride(block_k);
   const int64_t k_panels = (d.Lk + kPanel - 1) / kPanel;
 
   at::parallel_for(0, d.B * d.Hk, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qbuf(kBlockQ * d.D), gbuf(kBlockQ * d.Dv), obuf(kBlockQ * d.Dv);
     std::vector<float> kbuf(block_k * d.D);
-    std::vector<float> p(kBlockQ * block_k), dp(kBlockQ * block_k), dqa(kBlockQ * d.D);
+    std::vector<float> p(kBlockQ * lds), dp(kBlockQ * lds), dqa(kBlockQ * d.D);
     std::vector<float> dka(d.Lk * d.D), dva(d.Lk * d.Dv), lrow(kBlockQ), delta(kBlockQ);
     // K^T and V^T panels as the forward packs them: S = Q K^T is then recomputed with the very same
     // arithmetic as the forward, so P = exp(S - lse) is consistent with the stored lse to the last
@@ -437,7 +442,6 @@ void bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k
             const float* kt = load_tile(kp + b * ks[0] + c0 * ks[1] + hk * ks[2], nc, d.D, ks[1],
                                         ks[3], kbuf.data(), &ldk, /*pack=*/true, temp != nullptr);
             if (temp) normalize_rows(kbuf.data(), nc, d.D, ldk, 1.f);
-            const int64_t lds = block_k;
             gemm_panels(nr, np, d.D, scale, qt_ptr, ldq, ktp.data() + c0 * d.D, d.D * kPanel, p.data(), lds,
                         /*accumulate=*/false);
             if (kind == TileKind::kPartial) rr.mask(p.data(), lds, c0, c1);

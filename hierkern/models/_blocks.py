@@ -6,6 +6,7 @@ A block does not know how its attention is computed: it gets an `attend` callabl
 (`attend(q, k, v, temperature)` for cos attention, `attend(q, k, v)` for GQASelfAttention), so the
 same weights run whole-sequence training (any mask pattern, either impl) and cached generation.
 """
+import contextlib
 import math
 
 import torch
@@ -90,12 +91,25 @@ class AdaLNHead(nn.Module):
         self.norm = nn.LayerNorm(width, eps=eps, elementwise_affine=False)
         self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
         self.out = nn.Linear(width, vocab_size)
+        self._bias_deferred = False
+
+    @contextlib.contextmanager
+    def bias_deferred(self):
+        """Inside, the fused forward returns the logits without self.out's bias: model.loss hands the
+        bias to the fused cross-entropy, which adds it as it reads the logits (no broadcast copy of it
+        into the (B*L, V) output, no separate sum of its gradient)."""
+        self._bias_deferred = True
+        try:
+            yield
+        finally:
+            self._bias_deferred = False
 
     def forward(self, x, cond_emb, fused=False):
         """cond_emb: (B, C), or (B, n, C) per group of L/n tokens as in AdaLNBlock. fused: as there."""
         scale, shift = _modulation(project(self.ada_lin, cond_emb), 2, self.width, x.shape[1]).unbind(2)
         if fused:
-            return self.out(_fused.adaln_norm(x, scale, shift, self.norm.eps))
+            h = _fused.adaln_norm(x, scale, shift, self.norm.eps)
+            return F.linear(h, self.out.weight) if self._bias_deferred else self.out(h)
         return self.out(self.norm(x) * (scale + 1) + shift)
 
 

@@ -57,25 +57,26 @@ def _gated_backward(ctx, grad):
 
 
 def _ce_setup(ctx, inputs, output):
-    logits, target = inputs
-    ctx.save_for_backward(logits, target, output[1])
+    logits, target, bias = inputs
+    ctx.save_for_backward(logits, target, output[1], bias)
     ctx.mark_non_differentiable(output[1])
     ctx.logits_overwritten = False
 
 
 def _ce_backward(ctx, grad_loss, _grad_lse):
-    logits, target, lse = ctx.saved_tensors
-    return dispatch(_CE_BWD_OP, _CE_BWD, grad_loss, logits, target, lse), None
+    logits, target, lse, bias = ctx.saved_tensors
+    dlogits, dbias = dispatch(_CE_BWD_OP, _CE_BWD, grad_loss, logits, target, lse, bias)
+    return dlogits, None, (dbias if bias is not None else None)
 
 
 def _ce_backward_overwrite(ctx, grad_loss, _grad_lse):
     if ctx.logits_overwritten:
         raise RuntimeError("hierkern cross_entropy(overwrite_logits=True): its backward writes the gradient over "
                            "the logits, so it runs once; use overwrite_logits=False to backpropagate twice")
-    logits, target, lse = ctx.saved_tensors
-    dispatch(_CE_BWD__OP, _CE_BWD_, grad_loss, logits, target, lse)
+    logits, target, lse, bias = ctx.saved_tensors
+    dbias = dispatch(_CE_BWD__OP, _CE_BWD_, grad_loss, logits, target, lse, bias)
     ctx.logits_overwritten = True
-    return logits, None
+    return logits, None, (dbias if bias is not None else None)
 
 
 if _COMPILED:
@@ -109,16 +110,19 @@ if _COMPILED:
         return torch.empty_like(x), x.new_empty(scale.shape), x.new_empty(scale.shape)
 
     @torch.library.register_fake("hierkern::cross_entropy_fwd")
-    def _fake_ce(logits, target):
+    def _fake_ce(logits, target, bias=None):
         return logits.new_empty(logits.shape[:1]), logits.new_empty(logits.shape[:1])
 
+    def _fake_dbias(logits, bias):
+        return logits.new_empty(logits.shape[1:] if bias is not None else (0,))
+
     @torch.library.register_fake("hierkern::cross_entropy_bwd")
-    def _fake_ce_bwd(grad_loss, logits, target, lse):
-        return torch.empty_like(logits)
+    def _fake_ce_bwd(grad_loss, logits, target, lse, bias=None):
+        return torch.empty_like(logits), _fake_dbias(logits, bias)
 
     @torch.library.register_fake("hierkern::cross_entropy_bwd_")
-    def _fake_ce_bwd_(grad_loss, logits, target, lse):
-        return None
+    def _fake_ce_bwd_(grad_loss, logits, target, lse, bias=None):
+        return _fake_dbias(logits, bias)
 
     @torch.library.register_fake("hierkern::gated_residual_fwd")
     def _fake_gated(x, y, bias, gamma):
@@ -174,14 +178,23 @@ def adaln_norm(x, scale, shift, eps):
     return F.layer_norm(x, x.shape[-1:], eps=eps) * (scale + 1) + shift
 
 
-def cross_entropy(logits, target, overwrite_logits=False):
-    """F.cross_entropy(logits, target) (mean over rows) for (R, V) logits and (R,) int64 class
-    indices; float32 CPU logits go through the fused op, anything else through F.cross_entropy on
-    float32 logits (as the models' training step computes it). overwrite_logits: the eager backward
-    writes the gradient over the logits instead of a fresh (R, V) buffer, for a caller that owns
-    them (model.loss); it then runs once (a second backward raises)."""
-    if _fusable(logits) and logits.dim() == 2 and logits.is_contiguous() and target.device.type == "cpu":
+def cross_entropy(logits, target, bias=None, overwrite_logits=False):
+    """F.cross_entropy(logits + bias, target) (mean over rows) for (R, V) logits, (R,) int64 class
+    indices and an optional (V,) bias (that of the linear layer that made the logits, left out of its
+    GEMM: the fused op adds it while it reads each row and sums its gradient in the same pass);
+    float32 CPU tensors go through the fused op, anything else through F.cross_entropy on float32
+    logits (as the models' training step computes it). overwrite_logits: the eager backward writes the
+    gradient over the logits instead of a fresh (R, V) buffer, for a caller that owns them
+    (model.loss); it then runs once (a second backward raises)."""
+    if (_fusable(logits, *(() if bias is None else (bias,))) and logits.dim() == 2 and logits.is_contiguous()
+            and target.device.type == "cpu"):
         loss, _ = call_op(_CE, _ce_setup, _ce_backward_overwrite if overwrite_logits else _ce_backward, logits,
-                          target, eager=below_autograd(_CE))
+                          target, bias, eager=below_autograd(_CE))
         return loss.mean()
-    return F.cross_entropy(logits.float(), target)
+    return F.cross_entropy((logits if bias is None else logits + bias).float(), target)
+
+
+def takes_head_bias(linear):
+    """Whether cross_entropy fuses the bias of `linear` (an nn.Linear making the logits): model.loss then
+    has the head leave it out of its GEMM (AdaLNHead.bias_deferred)."""
+    return linear.bias is not None and _fusable(linear.weight, linear.bias)

@@ -188,12 +188,18 @@ class NextScaleTransformer(nn.Module):
         logits against the tokens (VAR's trainer with uniform weights, no label smoothing), every
         position. impl="reference" takes F.cross_entropy over float32 logits as VAR's trainer does;
         impl="kernels" hierkern's fused cross-entropy (no (B*L, V) log-probabilities) where it has a
-        kernel (CPU float32), else the same F.cross_entropy."""
+        kernel (CPU float32), which also takes the head's bias (the head's GEMM runs without it), else
+        the same F.cross_entropy."""
         owner = f"{type(self).__name__}.loss"
         impl = self._resolve_impl(owner, impl)
         target = self._check_tokens(owner, tokens).flatten()
+        if impl == "kernels" and _fused.takes_head_bias(self.head.out):
+            with self.head.bias_deferred():
+                logits = self(tokens, labels, impl=impl, **forward_kwargs).flatten(0, 1)
+            # the logits are this call's own: their memory takes the gradient
+            return _fused.cross_entropy(logits, target, bias=self.head.out.bias, overwrite_logits=True)
         logits = self(tokens, labels, impl=impl, **forward_kwargs).flatten(0, 1)
-        if impl == "kernels":  # the logits are this call's own: their memory takes the gradient
+        if impl == "kernels":
             return _fused.cross_entropy(logits, target, overwrite_logits=True)
         return F.cross_entropy(logits.float(), target)
 
