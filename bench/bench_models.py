@@ -24,6 +24,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -245,7 +246,7 @@ def main(argv=None):
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": device, "torch": str(torch.__version__), "threads": torch.get_num_threads(),
-                       "quick": args.quick, "reps": reps, "rows": rows,
+                       "date": time.strftime("%Y-%m-%d"), "quick": args.quick, "reps": reps, "rows": rows,
                        "targets": [dict(target=d, measured=x, goal=g, met=m) for d, x, g, m in targets(rows, device)],
                        "table": table}, f, indent=1)
     return rows

@@ -28,6 +28,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import time
 
 import torch
 
@@ -238,7 +239,8 @@ def main(argv=None):
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": device, "device_name": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-                       "torch": str(torch.__version__), "threads": torch.get_num_threads(), "quick": args.quick,
+                       "torch": str(torch.__version__), "threads": torch.get_num_threads(),
+                       "date": time.strftime("%Y-%m-%d"), "quick": args.quick,
                        "reps": reps, "rows": rows,
                        "summary": [dict(comparison=d, speedup=x, goal=g, met=m) for d, x, g, m in summary(rows)],
                        "table": table}, f, indent=1)
