@@ -17,6 +17,14 @@ def logits_and_grads(model, tokens, labels, weight, **kw):
     return logits.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
 
 
+def loss_and_grads(model, tokens, labels, **kw):
+    """model.loss(tokens, labels, **kw) and every parameter's gradient of it."""
+    model.zero_grad()
+    loss = model.loss(tokens, labels, **kw)
+    loss.backward()
+    return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
 def randomize(model, seed=0):
     """Order-one weights everywhere, so attention visibly shapes the outputs (the default inits
     start blocks near the identity). Returns the model in eval mode."""

@@ -12,7 +12,7 @@ from hierkern.models import MVAR
 from hierkern.models._mamba2 import Mamba2Mixer
 from hierkern.testing import assert_close_rel
 from model_helpers import (assert_greedy_generation_kernels_equals_reference,
-                           assert_greedy_generation_matches_forward, logits_and_grads, tokens_labels)
+                           assert_greedy_generation_matches_forward, logits_and_grads, loss_and_grads, tokens_labels)
 
 _missing = [n for n in ("next_scale_attention", "ssd_scan", "causal_conv1d") if not hasattr(hierkern, n)]
 needs_kernels = pytest.mark.skipif(bool(_missing), reason="impl='kernels' needs hierkern."
@@ -76,16 +76,11 @@ def test_loss_kernels_match_reference(state_carry):
     model = make()
     tokens, labels = tokens_labels(model)
 
-    def loss_and_grads(impl, **kw):
-        model.zero_grad()
-        loss = model.loss(tokens, labels, impl=impl, **kw)
-        loss.backward()
-        return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
     model.double()
-    l64, g64 = loss_and_grads("reference")
+    l64, g64 = loss_and_grads(model, tokens, labels, impl="reference")
     model.float()
-    l32, g32 = loss_and_grads("reference")
-    lk, gk = loss_and_grads("kernels", state_carry=state_carry)
+    l32, g32 = loss_and_grads(model, tokens, labels, impl="reference")
+    lk, gk = loss_and_grads(model, tokens, labels, impl="kernels", state_carry=state_carry)
     assert not model.head._bias_deferred
     assert_close_rel("loss", lk, l64, l32)
     assert gk["head.out.bias"].abs().max() > 0

@@ -10,7 +10,8 @@ import hierkern
 from hierkern.models import HMAR, VAR
 from hierkern.testing import assert_close_rel
 from model_helpers import (assert_greedy_generation_kernels_equals_reference,
-                           assert_greedy_generation_matches_forward, logits_and_grads, tokens_labels)
+                           assert_greedy_generation_matches_forward, logits_and_grads, loss_and_grads,
+                           tokens_labels)
 
 KERNEL_APIS = ("KVCache", "cached_attention")
 _missing = [n for n in KERNEL_APIS if not hasattr(hierkern, n)]
@@ -86,16 +87,11 @@ def test_loss_kernels_match_reference(cls):
     tokens, labels = tokens_labels(model)
     per_scale = list(tokens.split(model.layout.sizes, dim=1))
 
-    def loss_and_grads(impl):
-        model.zero_grad()
-        loss = model.loss(per_scale, labels, impl=impl)
-        loss.backward()
-        return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
     model.double()
-    l64, g64 = loss_and_grads("reference")
+    l64, g64 = loss_and_grads(model, per_scale, labels, impl="reference")
     model.float()
-    l32, g32 = loss_and_grads("reference")
-    lk, gk = loss_and_grads("kernels")
+    l32, g32 = loss_and_grads(model, per_scale, labels, impl="reference")
+    lk, gk = loss_and_grads(model, per_scale, labels, impl="kernels")
     logits = model(tokens, labels, impl="reference")
     torch.testing.assert_close(l32, torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens.flatten()))
     assert_close_rel("loss", lk, l64, l32)
