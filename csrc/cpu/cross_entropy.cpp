@@ -56,6 +56,16 @@ std::vector<float> checked_bias(const char* op, const c10::optional<at::Tensor>&
   return dense_param(op, *bias, V, "bias", "classes");
 }
 
+// dst = x + b (x when b is null) for a row of V floats; dst may be x.
+inline void biased_row(const float* x, const float* b, int64_t V, float* dst) {
+  if (b) {
+#pragma omp simd
+    for (int64_t j = 0; j < V; ++j) dst[j] = x[j] + b[j];
+  } else if (dst != x) {
+    std::copy(x, x + V, dst);
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_cpu(const at::Tensor& logits, const at::Tensor& target,
                                                          const c10::optional<at::Tensor>& bias) {
   constexpr const char* op = "hierkern::cross_entropy_fwd";
@@ -71,13 +81,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_fwd_cpu(const at::Tensor& logit
   at::parallel_for(0, R, rows_per_task(V), [&](int64_t lo, int64_t hi) {
     std::vector<float> row(V);  // exp_sub_sum works in place: a copy of the row, in L1
     for (int64_t r = lo; r < hi; ++r) {
-      const float* xr = x + r * V;
-      if (bp) {
-#pragma omp simd
-        for (int64_t j = 0; j < V; ++j) row[j] = xr[j] + bp[j];
-      } else {
-        std::copy(xr, xr + V, row.begin());
-      }
+      biased_row(x + r * V, bp, V, row.data());
       const float zt = row[t[r]];
       const float m = row_max(row.data(), V);
       // a row whose max is not finite gives a non-finite loss (PyTorch: NaN), never a wrong finite one
@@ -105,14 +109,8 @@ at::Tensor cross_entropy_bwd_rows(const char* op, const at::Tensor& grad_loss, c
   const int64_t gs = grad_loss.stride(0), ss = lse.stride(0);
   auto grad_row = [&](int64_t r, const float* b) {
     float* dr = out + r * V;
-    const float* xr = x + r * V;
     const float g = gp[r * gs];
-    if (b) {
-#pragma omp simd
-      for (int64_t j = 0; j < V; ++j) dr[j] = xr[j] + b[j];
-    } else if (dr != xr) {
-      std::copy(xr, xr + V, dr);
-    }
+    biased_row(x + r * V, b, V, dr);
     exp_sub(dr, V, sp[r * ss]);
 #pragma omp simd
     for (int64_t j = 0; j < V; ++j) dr[j] *= g;

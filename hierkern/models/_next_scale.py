@@ -10,6 +10,7 @@ at scale i > 0 is VAR's next-scale input built in code space: the code map of sc
 (align_corners=False, as VAR upsamples its residual maps), then `word_embed`. Every position also gets
 its level embedding and its absolute position embedding. The last scale's tokens are targets only.
 """
+import contextlib
 import math
 import numbers
 
@@ -193,14 +194,11 @@ class NextScaleTransformer(nn.Module):
         owner = f"{type(self).__name__}.loss"
         impl = self._resolve_impl(owner, impl)
         target = self._check_tokens(owner, tokens).flatten()
-        if impl == "kernels" and _fused.takes_head_bias(self.head.out):
-            with self.head.bias_deferred():
-                logits = self(tokens, labels, impl=impl, **forward_kwargs).flatten(0, 1)
-            # the logits are this call's own: their memory takes the gradient
-            return _fused.cross_entropy(logits, target, bias=self.head.out.bias, overwrite_logits=True)
-        logits = self(tokens, labels, impl=impl, **forward_kwargs).flatten(0, 1)
-        if impl == "kernels":
-            return _fused.cross_entropy(logits, target, overwrite_logits=True)
+        bias = self.head.out.bias if impl == "kernels" and _fused.takes_head_bias(self.head.out) else None
+        with self.head.bias_deferred() if bias is not None else contextlib.nullcontext():
+            logits = self(tokens, labels, impl=impl, **forward_kwargs).flatten(0, 1)
+        if impl == "kernels":  # the logits are this call's own: their memory takes the gradient
+            return _fused.cross_entropy(logits, target, bias=bias, overwrite_logits=True)
         return F.cross_entropy(logits.float(), target)
 
     # ------------------------------------------------------------------------------------------
