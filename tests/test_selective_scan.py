@@ -158,22 +158,25 @@ def test_channel_tiles(kind, d, n, dtype, strided):
     check_case(b=2, d=d, n=n, l=37, B_kind=kind, dtype=dtype, strided=strided)
 
 
-def test_channel_tiles_over_time_blocks():
-    # tiles across three 64-step blocks (8 x 8 transposed loads and stores, then a 6-step tail), with
-    # u, delta and z contiguous in time but at three different channel strides
-    x, softplus = make_inputs(b=1, d=16, n=16, l=134, B_kind="var")
+@pytest.mark.parametrize("l", [134, 530])
+def test_channel_tiles_over_time_blocks(l):
+    # tiles across 64-step blocks (8 x 8 transposed loads and stores, then a 6- or 2-step tail), with
+    # u, delta and z contiguous in time but at three different channel strides; l = 530 crosses the
+    # 512-step copy of a tile's inputs (kStage) into a short last copy
+    x, softplus = make_inputs(b=1, d=16, n=16, l=l, B_kind="var")
     for name, pad in (("delta", 5), ("z", 12)):
-        wide = torch.randn(1, 16, 134 + pad)
-        wide[..., :134] = x[name].detach()
-        x[name] = wide[..., :134].requires_grad_()
+        wide = torch.randn(1, 16, l + pad)
+        wide[..., :l] = x[name].detach()
+        x[name] = wide[..., :l].requires_grad_()
     assert len({x[k].stride(1) for k in ("u", "delta", "z")}) == 3
     check_inputs(x, softplus)
 
 
 def test_channel_tiles_exp_out_of_range():
-    # A tile's exp(dt * A) skips its clamp on steps whose dt * A all lie in [-87, 88]; steps with a
-    # huge dt put some of a tile's products below -87 (exp exactly 0, the state forgets) and some
-    # not, in one channel only or across the tile.
+    # A tile's exp(dt * A) = 2^(dt * A log2 e) skips its range handling on steps whose exponents all
+    # lie in [-125, 127] (dt * A in about [-86.6, 88]); steps with a huge dt put some of a tile's
+    # products below (exp exactly 0, the state forgets) and some not, in one channel only or across
+    # the tile.
     x, softplus = make_inputs(b=1, d=16, n=16, l=40, B_kind="var")
     with torch.no_grad():
         x["delta"][0, 3, 9] = 120.0      # dt * A in [-264, -24]: mixed within the channel
