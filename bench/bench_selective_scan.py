@@ -15,7 +15,8 @@ Peers, all on the same inputs (variable B and C, D, z, delta_bias, delta_softplu
   where mamba-ssm's uses a three-operand einsum (which torch runs about 10x slower on CPU).
 Times are medians of single calls after a warm-up; ratio = peer time / hierkern time (> 1: hierkern
 faster). "fwd+bwd" runs the forward and the backward of sum(out * g) w.r.t. u, delta, A, B, C, D, z.
-The eager peers take seconds per call, so they get --peer-reps calls (default 2). The mamba-style
+The eager peers take seconds per call, so they get --peer-reps calls (default 2), in rounds: each
+round runs hierkern --reps / --peer-reps times (rounded up), then every peer once. The mamba-style
 scan's backward is left out unless --mamba-bwd is given: autograd turns each step's slice of the
 (b, d, l, n) tensors into a full-size gradient buffer, O(l^2 n) memory traffic (minutes a call here).
 On CUDA the forward rows also report the achieved HBM bandwidth of the hierkern kernel: the bytes a
@@ -32,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 import hierkern
-from bench.common import fwd_and_fwd_bwd, median_seconds, sync
+from bench.common import fwd_and_fwd_bwd, sync, time_call
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -67,19 +68,23 @@ def bytes_moved(b, d, n, l, dtype):
     return (4 * b * d * l + 2 * b * n * l) * elt + 4 * b * d * n
 
 
-def time_peer(fn, dev, reps, warmup=True):
-    """Median seconds; without warm-up for the eager peers at large shapes, whose calls take minutes on
-    CPU and have nothing to warm (no compilation, no autotuning)."""
-    if warmup:
-        return median_seconds(fn, dev, reps)
-    times = []
-    for _ in range(reps):
-        sync(dev)
-        t0 = time.perf_counter()
-        fn()
-        sync(dev)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def interleaved_peer_medians(fns, dev, reps, peer_reps, warm):
+    """{name: median seconds} over rounds in which hierkern runs reps / peer_reps times (at least once)
+    and then every eager peer once, so that this VM's slow and fast spells hit every peer alike (run
+    one after the other, the eager reference moved 1.3x between minutes). One warm-up call first for
+    the names in `warm`: the eager peers at large shapes take seconds per call and have nothing to
+    warm (no compilation, no autotuning)."""
+    for name in warm:
+        fns[name]()
+    sync(dev)
+    rounds = max(1, peer_reps)
+    per_round = {name: max(1, -(-reps // rounds)) if name == "hierkern" else 1 for name in fns}
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            for _ in range(per_round[name]):
+                times[name].append(time_call(fn, dev))
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def bench_shape(args, l):
@@ -107,13 +112,11 @@ def bench_shape(args, l):
     for op, make in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
         if op not in args.ops:
             continue
-        ms = {}
-        for p in peers:
-            if p == "mamba-style" and op == "fwd+bwd" and not args.mamba_bwd or p in args.skip_peers:
-                ms[p] = nan
-            else:
-                ms[p] = time_peer(make(p), dev, args.reps if p == "hierkern" else args.peer_reps,
-                                  warmup=p == "hierkern" or args.peer_warmup) * 1e3
+        run = [p for p in peers if p == "hierkern" or not (
+            p in args.skip_peers or p == "mamba-style" and op == "fwd+bwd" and not args.mamba_bwd)]
+        warm = [p for p in run if p == "hierkern" or args.peer_warmup]
+        sec = interleaved_peer_medians({p: make(p) for p in run}, dev, args.reps, args.peer_reps, warm)
+        ms = {p: sec[p] * 1e3 if p in sec else nan for p in peers}
         row = {"op": op, "l": l, **{f"{p}_ms": ms[p] for p in peers},
                "ratio_reference": ms["reference"] / ms["hierkern"],
                "ratio_mamba_style": ms["mamba-style"] / ms["hierkern"]}
