@@ -3,10 +3,22 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/output_cache.h"
+
+namespace {
+PyObject* empty_cpu_cache(PyObject*, PyObject*) {
+  return PyLong_FromLongLong(hierkern::cpu::release_cached_blocks());
+}
+PyMethodDef methods[] = {
+    {"empty_cpu_cache", empty_cpu_cache, METH_NOARGS,
+     "Free every block of the CPU output cache (csrc/cpu/output_cache.h); returns the bytes freed."},
+    {nullptr, nullptr, 0, nullptr}};
+}  // namespace
+
 extern "C" {
 // `import hierkern._C` loads this library, which runs the TORCH_LIBRARY registrations below.
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module_def);
 }
 }

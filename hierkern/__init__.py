@@ -1,4 +1,5 @@
 """hierkern: kernels for hierarchical generative models."""
+from .cpu_cache import empty_cpu_cache
 from .kv_cache import KVCache
 from .layouts import ScaleLayout
 from .ops.axial.axial import axial_attention
@@ -13,6 +14,6 @@ from .ops.scan.selective_scan import selective_scan
 from .ops.scan.ssd_scan import ssd_scan
 
 __all__ = ["KVCache", "ScaleLayout", "axial_attention", "block_causal_attention", "cached_attention",
-           "causal_conv1d", "next_scale_attention", "refresh_select", "scatter_kv", "selective_scan",
-           "skip_causal_attention", "ssd_scan", "subset_attention"]
+           "causal_conv1d", "empty_cpu_cache", "next_scale_attention", "refresh_select", "scatter_kv",
+           "selective_scan", "skip_causal_attention", "ssd_scan", "subset_attention"]
 __version__ = "0.1.0"

@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "cpu/cpu_math.h"
+#include "cpu/output_cache.h"
 #include "interval_checks.h"
 
 namespace hierkern::cpu {
@@ -922,7 +923,7 @@ std::tuple<at::Tensor, at::Tensor> selective_scan_fwd_cpu(
   const Panel Bp = make_panel(B, s), Cp = make_panel(C, s);
   const auto Av = dense_A(A);
   const auto Dv = dense_vec(D, s.d), bias = dense_vec(delta_bias, s.d);
-  at::Tensor out = at::empty({s.b, s.d, s.l}, u.options());
+  at::Tensor out = empty_cached({s.b, s.d, s.l}, u.options());
   at::Tensor last = at::empty({s.b, s.d, s.n}, u.options().dtype(at::kFloat));
   dispatch_dtype(u.scalar_type(), "u", [&](auto tag) {
     using T = decltype(tag);
@@ -945,9 +946,9 @@ selective_scan_bwd_cpu(const at::Tensor& grad_out, const std::optional<at::Tenso
   const auto Av = dense_A(A);
   const auto Dv = dense_vec(D, s.d), bias = dense_vec(delta_bias, s.d);
   const auto f32 = u.options().dtype(at::kFloat);
-  at::Tensor du = at::empty({s.b, s.d, s.l}, u.options());
-  at::Tensor ddelta = at::empty({s.b, s.d, s.l}, u.options());
-  at::Tensor dz = present(z) ? at::empty({s.b, s.d, s.l}, u.options()) : at::empty({0}, u.options());
+  at::Tensor du = empty_cached({s.b, s.d, s.l}, u.options());
+  at::Tensor ddelta = empty_cached({s.b, s.d, s.l}, u.options());
+  at::Tensor dz = present(z) ? empty_cached({s.b, s.d, s.l}, u.options()) : at::empty({0}, u.options());
   at::Tensor dinit = at::empty({s.b, s.d, s.n}, f32);
   at::Tensor dA = at::empty({s.d, s.n}, f32), dD = at::empty({s.d}, f32), dbias = at::empty({s.d}, f32);
   at::Tensor dB = at::empty(B.sizes(), B.options()), dC = at::empty(C.sizes(), C.options());
