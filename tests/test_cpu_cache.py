@@ -1,5 +1,7 @@
 """The CPU output cache (csrc/cpu/output_cache.h): outputs of 1 MiB or more keep their memory when
-freed, for the next output of their size; bounded by HIERKERN_CPU_CACHE_MB; seen by the profiler."""
+freed, for the next output of their size; bounded by HIERKERN_CPU_CACHE_MB; seen by the profiler.
+Users: selective_scan (out; du, ddelta, dz) and the interval attention behind next_scale_attention
+(out, packed K/V; dq, dk, dv)."""
 import subprocess
 import sys
 import textwrap
@@ -27,19 +29,36 @@ def scan(x):
     return hierkern.selective_scan(**x, impl="cpu")
 
 
-def test_freed_output_is_reused_and_fully_rewritten():
+def attention_case():
+    """next_scale_attention with a 1 MiB output (1, 1024, 4, 64): its output, and the backward's dq /
+    dk / dv, come from the cache."""
+    g = torch.Generator().manual_seed(0)
+    lay = hierkern.ScaleLayout.from_sizes([1, 7, 120, 896])
+    q, k, v = (torch.randn(1, lay.L, 4, 64, generator=g) for _ in range(3))
+    run = lambda: hierkern.next_scale_attention(q, k, v, lay, "causal", impl="cpu")  # noqa: E731
+    ref = hierkern.next_scale_attention(q.double(), k.double(), v.double(), lay, "causal", impl="reference")
+    return run, ref.float()
+
+
+def scan_case():
     x = scan_inputs(l=2048)  # a 1 MiB output
+    return (lambda: scan(x)), selective_scan_reference(**x)
+
+
+@pytest.mark.parametrize("case", [scan_case, attention_case], ids=["selective_scan", "next_scale_attention"])
+def test_freed_output_is_reused_and_fully_rewritten(case):
+    run, ref = case()
     hierkern.empty_cpu_cache()
-    out = scan(x)
+    out = run()
     ptr, nbytes = out.data_ptr(), out.numel() * 4
     assert nbytes >= MIB
     out.fill_(float("nan"))  # poison the block the next output gets
     del out
     # Returned to the system, the block's address would likely go to this allocation of its size.
     blocker = torch.empty(nbytes, dtype=torch.uint8)
-    again = scan(x)
+    again = run()
     assert again.data_ptr() == ptr and blocker.data_ptr() != ptr
-    torch.testing.assert_close(again, selective_scan_reference(**x), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(again, ref, rtol=1e-4, atol=1e-4)
     del again
     assert hierkern.empty_cpu_cache() >= nbytes
     assert hierkern.empty_cpu_cache() == 0
@@ -50,6 +69,20 @@ def test_small_outputs_bypass_the_cache():
     out = scan(scan_inputs(l=64))  # 32 KiB
     del out
     assert hierkern.empty_cpu_cache() == 0
+
+
+def test_attention_gradients_come_from_the_cache():
+    g = torch.Generator().manual_seed(1)
+    lay = hierkern.ScaleLayout.from_sizes([1, 7, 120, 896])
+    q, k, v = (torch.randn(1, lay.L, 4, 64, generator=g).requires_grad_() for _ in range(3))
+    hierkern.empty_cpu_cache()
+    out = hierkern.next_scale_attention(q, k, v, lay, "diagonal", impl="cpu")
+    out.sum().backward()
+    nbytes = out.numel() * 4
+    del out
+    for t in (q, k, v):
+        t.grad = None
+    assert hierkern.empty_cpu_cache() >= 4 * nbytes  # out, dq, dk, dv
 
 
 def test_backward_outputs_are_cached():

@@ -141,6 +141,10 @@ at::Tensor empty_cached(at::IntArrayRef sizes, const at::TensorOptions& opts) {
                                    c10::typeMetaToScalarType(opts.dtype()), std::nullopt);
 }
 
+at::Tensor empty_like_cached(const at::Tensor& t) {
+  return t.is_contiguous() ? empty_cached(t.sizes(), t.options()) : at::empty_like(t);
+}
+
 int64_t release_cached_blocks() { return Cache::get().release(); }
 
 }  // namespace hierkern::cpu

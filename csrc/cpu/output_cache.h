@@ -27,6 +27,9 @@ constexpr int64_t kMinCachedBytes = int64_t(1) << 20;
 // at::empty(sizes, opts) for a CPU tensor, its storage from the output cache.
 at::Tensor empty_cached(at::IntArrayRef sizes, const at::TensorOptions& opts);
 
+// at::empty_like(t) (t's layout kept): from the cache when t is contiguous, else from c10's allocator.
+at::Tensor empty_like_cached(const at::Tensor& t);
+
 // Frees every cached block; returns the bytes freed.
 int64_t release_cached_blocks();
 
