@@ -123,7 +123,14 @@ class CachedCpuAllocator final : public c10::Allocator {
     if (n < static_cast<size_t>(kMinCachedBytes) || c.cap() == 0) return c10::GetCPUAllocator()->allocate(n);
     const size_t bytes = (n + kPage - 1) / kPage * kPage;
     void* p = c.take(bytes);
-    if (p == nullptr) p = c10::alloc_cpu(bytes);
+    if (p == nullptr) {
+      try {
+        p = c10::alloc_cpu(bytes);
+      } catch (const c10::Error&) {  // out of memory: give the cached blocks back and try once more
+        c.release();
+        p = c10::alloc_cpu(bytes);
+      }
+    }
     report(p, static_cast<int64_t>(bytes));
     return {p, new Block{p, bytes}, &delete_block, c10::Device(c10::DeviceType::CPU)};
   }

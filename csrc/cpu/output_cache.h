@@ -10,7 +10,7 @@
 // - Only blocks of at least kMinCachedBytes (1 MiB); smaller ones go to c10's CPU allocator.
 // - The free lists hold at most HIERKERN_CPU_CACHE_MB MiB (default 1024; 0 turns the cache off):
 //   a block freed beyond that is returned to the system. hierkern.empty_cpu_cache() returns every
-//   cached block.
+//   cached block, as does an allocation that fails (before it is tried once more).
 // - Allocations and frees are reported to the PyTorch profiler (profile_memory=True sees them as
 //   it sees c10's CPU allocator).
 // - The tensors are ordinary resizable CPU tensors; only their storage's allocator differs.
