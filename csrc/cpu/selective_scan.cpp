@@ -535,18 +535,18 @@ void fwd_channel(const at::Tensor& u, const at::Tensor& delta, const float* Ad, 
 constexpr int64_t kExpSteps = 8;
 constexpr int64_t kStage = 512;  // steps of a tile's inputs fwd_lanes8 copies at a time (a multiple of kTimeBlock)
 
-
 // The state updates of nt steps of an 8-channel tile (see fwd_lanes8), kExpSteps at a time: first
 // every exp(dt_t * A_k) of those steps in one pass (E, kExpSteps * n vectors), then the updates.
 // Computing the exps inside the update loop kept their temporaries and the update's live values in
-// the same 16 registers: the compiler spilled both to the stack and the step ran 2x slower. VarB /
-// VarC: B / C are one row per step broadcast to the lanes (else per-channel rows B8 / C8); as
-// template arguments the choice leaves the inner loop instead of testing a pointer per state.
+// the same 16 registers: the compiler spilled both to the stack and the step ran 2x slower. Bs / Cs:
+// with VarB / VarC the block's rows of the B / C panel (one row of n per step, broadcast to the
+// lanes), else the tile's per-channel B8 / C8 ((n, 8) floats); as template arguments the choice
+// leaves the inner loop instead of testing a pointer per state.
 // Amin / Amax: per lane, the least and greatest A_k. zz: the gate silu(z) per step, or null.
 template <bool VarB, bool VarC>
 void lanes8_steps(int64_t nt, int64_t n, const float* dt, const float* cf, const float* uu, const float* zz,
-                  __m256 Dv, const float* A8, __m256 Amin, __m256 Amax, const float* B8, const float* C8,
-                  const float* Bb, const float* Cb, float* X, float* E, float* Y) {
+                  __m256 Dv, const float* A8, __m256 Amin, __m256 Amax, const float* Bs, const float* Cs,
+                  float* X, float* E, float* Y) {
   constexpr int64_t L = 8;
   for (int64_t s0 = 0; s0 < nt; s0 += kExpSteps) {
     const int64_t ns = std::min(kExpSteps, nt - s0);
@@ -578,13 +578,13 @@ void lanes8_steps(int64_t nt, int64_t n, const float* dt, const float* cf, const
       const int64_t t = s0 + i;
       const __m256 cv = _mm256_loadu_ps(cf + t * L);
       const float* e = E + i * n * L;
-      const float* Bt = Bb + (VarB ? t * n : 0);
-      const float* Ct = Cb + (VarC ? t * n : 0);
+      const float* Bt = Bs + (VarB ? t * n : 0);
+      const float* Ct = Cs + (VarC ? t * n : 0);
       // Four partial sums for y: one accumulator would chain n FMA latencies per step.
       __m256 y[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
       auto update = [&](int64_t k, __m256& acc) {
-        const __m256 bk = VarB ? _mm256_broadcast_ss(Bt + k) : _mm256_loadu_ps(B8 + k * L);
-        const __m256 ck = VarC ? _mm256_broadcast_ss(Ct + k) : _mm256_loadu_ps(C8 + k * L);
+        const __m256 bk = VarB ? _mm256_broadcast_ss(Bt + k) : _mm256_loadu_ps(Bt + k * L);
+        const __m256 ck = VarC ? _mm256_broadcast_ss(Ct + k) : _mm256_loadu_ps(Ct + k * L);
         const __m256 xk = _mm256_fmadd_ps(_mm256_loadu_ps(e + k * L), _mm256_loadu_ps(X + k * L),
                                           _mm256_mul_ps(cv, bk));
         _mm256_storeu_ps(X + k * L, xk);
@@ -694,10 +694,12 @@ void fwd_lanes8(const at::Tensor& u, const at::Tensor& delta, const std::vector<
     const float* Bb = Bg ? Bg + t0 * n : nullptr;
     const float* Cb = Cg ? Cg + t0 * n : nullptr;
     const float* zb = has_z ? zz : nullptr;
-    if (Bb && Cb) lanes8_steps<true, true>(nt, n, dt, cf, uu, zb, Dv, A8, Amin, Amax, B8, C8, Bb, Cb, X, E, Y);
-    else if (Bb) lanes8_steps<true, false>(nt, n, dt, cf, uu, zb, Dv, A8, Amin, Amax, B8, C8, Bb, Cb, X, E, Y);
-    else if (Cb) lanes8_steps<false, true>(nt, n, dt, cf, uu, zb, Dv, A8, Amin, Amax, B8, C8, Bb, Cb, X, E, Y);
-    else lanes8_steps<false, false>(nt, n, dt, cf, uu, zb, Dv, A8, Amin, Amax, B8, C8, Bb, Cb, X, E, Y);
+    const float* Bs = Bb ? Bb : B8;
+    const float* Cs = Cb ? Cb : C8;
+    if (Bb && Cb) lanes8_steps<true, true>(nt, n, dt, cf, uu, zb, Dv, A8, Amin, Amax, Bs, Cs, X, E, Y);
+    else if (Bb) lanes8_steps<true, false>(nt, n, dt, cf, uu, zb, Dv, A8, Amin, Amax, Bs, Cs, X, E, Y);
+    else if (Cb) lanes8_steps<false, true>(nt, n, dt, cf, uu, zb, Dv, A8, Amin, Amax, Bs, Cs, X, E, Y);
+    else lanes8_steps<false, false>(nt, n, dt, cf, uu, zb, Dv, A8, Amin, Amax, Bs, Cs, X, E, Y);
     int64_t j0 = 0;
     if constexpr (std::is_same_v<T, float>) {
       if (os2 == 1)
