@@ -356,8 +356,8 @@ void fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     return;
   }
   // Few (batch, kv head) pairs for the threads (batch 1, MQA): pack them all first, then spread the
-  // query tiles of every head over the threads. Through torch's allocator, so memory profiling (and
-  // the benchmarks' peak-memory column) sees the packed copy.
+  // query tiles of every head over the threads. As tensors from the output cache, which reports to
+  // the profiler, so memory profiling (and the benchmarks' peak-memory column) sees the packed copy.
   const at::Tensor kpack_t = empty_cached({d.B * d.Hk * kpack_size}, q.options().dtype(at::kFloat));
   const at::Tensor vpack_t = empty_cached({d.B * d.Hk * vpack_size}, q.options().dtype(at::kFloat));
   float* const kpack = kpack_t.data_ptr<float>();

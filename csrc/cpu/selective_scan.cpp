@@ -201,18 +201,18 @@ inline void silu_inplace8(float* x, int64_t m) {
 }
 #endif
 
-// a[k] = exp(s * A[k]) for k < n, in the form above (A2 = A log2(e) rounded, as fwd_lanes8 stores it).
-inline void exp_scaled(const float* A, float s, int64_t n, float* a) {
+// a[k] = exp(s * A[k]) = 2^(s * A2[k]) for k < n, in the form above (A2 from dense_A(A, kLog2e)).
+inline void exp_scaled(const float* A2, float s, int64_t n, float* a) {
   int64_t k = 0;
 #ifdef HK_AVX2
   const __m256 sv = _mm256_set1_ps(s);
   for (; k + 8 <= n; k += 8) {
-    __m256 v = _mm256_mul_ps(_mm256_loadu_ps(A + k), _mm256_set1_ps(kLog2e));
+    __m256 v = _mm256_loadu_ps(A2 + k);
     exp2_8n<1, false>(sv, &v);
     _mm256_storeu_ps(a + k, v);
   }
 #endif
-  for (; k < n; ++k) a[k] = exp2_scalar(s, A[k] * kLog2e);
+  for (; k < n; ++k) a[k] = exp2_scalar(s, A2[k]);
 }
 
 // Per-thread scratch carved from one allocation: every array starts on its own cache line and the
@@ -294,12 +294,13 @@ Panel make_panel(const at::Tensor& X, const Dims& s) {
   return p;
 }
 
-// A (d, n) float32 with any strides as a dense float array.
-std::vector<float> dense_A(const at::Tensor& A) {
+// A (d, n) float32 with any strides as a dense float array, each element times `scale` (kLog2e: the
+// A2 every exp(dt * A) of this file takes, rounded once here).
+std::vector<float> dense_A(const at::Tensor& A, float scale = 1.f) {
   std::vector<float> a(A.size(0) * A.size(1));
   const float* p = A.const_data_ptr<float>();
   for (int64_t i = 0; i < A.size(0); ++i)
-    for (int64_t k = 0; k < A.size(1); ++k) a[i * A.size(1) + k] = p[i * A.stride(0) + k * A.stride(1)];
+    for (int64_t k = 0; k < A.size(1); ++k) a[i * A.size(1) + k] = p[i * A.stride(0) + k * A.stride(1)] * scale;
   return a;
 }
 
@@ -385,10 +386,11 @@ Seq<T> seq(const at::Tensor& x, int64_t b, int64_t d) {
   return {x.const_data_ptr<T>() + b * x.stride(0) + d * x.stride(1), x.stride(2)};
 }
 
-// For steps t0 + i, i < nt: dt[i] (after bias and softplus), uu[i] = u, a[i * n + k] = exp(dt[i] * A[k]),
-// and with dsp the softplus derivative at the pre-activation. dt, uu, dsp hold pad8(nt) floats.
+// For steps t0 + i, i < nt: dt[i] (after bias and softplus), uu[i] = u, a[i * n + k] = exp(dt[i] * A[k])
+// (from A2 = A log2(e), see exp_scaled), and with dsp the softplus derivative at the pre-activation.
+// dt, uu, dsp hold pad8(nt) floats.
 template <typename T>
-void discretize(Seq<T> u, Seq<T> delta, const float* A, float bias, bool softplus, int64_t t0, int64_t nt,
+void discretize(Seq<T> u, Seq<T> delta, const float* A2, float bias, bool softplus, int64_t t0, int64_t nt,
                 int64_t n, float* dt, float* uu, float* a, float* dsp = nullptr) {
   const int64_t m = pad8(nt);
   for (int64_t i = 0; i < nt; ++i) {
@@ -401,7 +403,7 @@ void discretize(Seq<T> u, Seq<T> delta, const float* A, float bias, bool softplu
     sigmoid_inplace(dsp, m, /*thresholded=*/true);
   }
   if (softplus) softplus_inplace(dt, m);
-  for (int64_t i = 0; i < nt; ++i) exp_scaled(A, dt[i], n, a + i * n);
+  for (int64_t i = 0; i < nt; ++i) exp_scaled(A2, dt[i], n, a + i * n);
 }
 
 // One step of one channel: x <- a * x + coef * B; returns <C, x>. The hand-vectorised path for n a
@@ -506,7 +508,7 @@ void read_state(const std::optional<at::Tensor>& st, int64_t b, int64_t d, int64
 
 // One (batch, channel) task of the forward: vectorised over the n states (see the top of the file).
 template <typename T>
-void fwd_channel(const at::Tensor& u, const at::Tensor& delta, const float* Ad, const float* Bc, int64_t sB,
+void fwd_channel(const at::Tensor& u, const at::Tensor& delta, const float* A2d, const float* Bc, int64_t sB,
                  const float* Cc, int64_t sC, float Dd, const std::optional<at::Tensor>& z, float bias,
                  const std::optional<at::Tensor>& init, bool softplus, const Dims& s, int64_t b, int64_t d,
                  T* o, int64_t os2, float* last, const Scratch& sc) {
@@ -517,7 +519,7 @@ void fwd_channel(const at::Tensor& u, const at::Tensor& delta, const float* Ad, 
   read_state(init, b, d, s.n, x);
   for (int64_t t0 = 0; t0 < s.l; t0 += kTimeBlock) {
     const int64_t nt = std::min(kTimeBlock, s.l - t0);
-    discretize(us, ds, Ad, bias, softplus, t0, nt, s.n, dt, uu, a);
+    discretize(us, ds, A2d, bias, softplus, t0, nt, s.n, dt, uu, a);
     if (has_z) gate(zs, t0, nt, zv, zsg);
     for (int64_t i = 0; i < nt; ++i) {
       const float* ai = a + i * s.n;
@@ -532,7 +534,7 @@ void fwd_channel(const at::Tensor& u, const at::Tensor& delta, const float* Ad, 
 }
 
 #ifdef HK_AVX2
-constexpr int64_t kExpSteps = 8;
+constexpr int64_t kExpSteps = 8;  // steps whose exp(dt * A) fwd_lanes8 computes ahead of their updates
 constexpr int64_t kStage = 512;  // steps of a tile's inputs fwd_lanes8 copies at a time (a multiple of kTimeBlock)
 
 // The state updates of nt steps of an 8-channel tile (see fwd_lanes8), kExpSteps at a time: first
@@ -542,7 +544,8 @@ constexpr int64_t kStage = 512;  // steps of a tile's inputs fwd_lanes8 copies a
 // with VarB / VarC the block's rows of the B / C panel (one row of n per step, broadcast to the
 // lanes), else the tile's per-channel B8 / C8 ((n, 8) floats); as template arguments the choice
 // leaves the inner loop instead of testing a pointer per state.
-// Amin / Amax: per lane, the least and greatest A_k. zz: the gate silu(z) per step, or null.
+// A8: the tile's A2 = A log2(e), (n, 8); Amin / Amax: per lane, its least and greatest A2_k. zz: the
+// gate silu(z) per step, or null.
 template <bool VarB, bool VarC>
 void lanes8_steps(int64_t nt, int64_t n, const float* dt, const float* cf, const float* uu, const float* zz,
                   __m256 Dv, const float* A8, __m256 Amin, __m256 Amax, const float* Bs, const float* Cs,
@@ -613,7 +616,7 @@ void lanes8_steps(int64_t nt, int64_t n, const float* dt, const float* cf, const
 // B / C: variable panels are one row per step shared by the 8 channels (they lie in one group:
 // the caller checks), broadcast per state; fixed B / C are per channel.
 template <typename T>
-void fwd_lanes8(const at::Tensor& u, const at::Tensor& delta, const std::vector<float>& A, const Panel& Bp,
+void fwd_lanes8(const at::Tensor& u, const at::Tensor& delta, const std::vector<float>& A2, const Panel& Bp,
                 const Panel& Cp, const std::vector<float>& D, const std::optional<at::Tensor>& z,
                 const std::vector<float>& bias, const std::optional<at::Tensor>& init, bool softplus,
                 const Dims& s, int64_t b, int64_t d0, T* o, int64_t os1, int64_t os2, float* last,
@@ -631,7 +634,7 @@ void fwd_lanes8(const at::Tensor& u, const at::Tensor& delta, const std::vector<
     read_state(init, b, d0 + c, n, Y);  // Y as scratch: (n,) -> lane c of X
     for (int64_t k = 0; k < n; ++k) {
       X[k * L + c] = Y[k];
-      A8[k * L + c] = A[(d0 + c) * n + k] * kLog2e;
+      A8[k * L + c] = A2[(d0 + c) * n + k];
       if (!Bp.var) B8[k * L + c] = Bp.channel(b, d0 + c)[k];
       if (!Cp.var) C8[k * L + c] = Cp.channel(b, d0 + c)[k];
     }
@@ -691,14 +694,12 @@ void fwd_lanes8(const at::Tensor& u, const at::Tensor& delta, const std::vector<
     for (int64_t i = 0; i < nt; ++i)
       _mm256_storeu_ps(cf + i * L, _mm256_mul_ps(_mm256_loadu_ps(dt + i * L), _mm256_loadu_ps(uu + i * L)));
     if (has_z) silu_inplace8(zz, nt * L);  // the gate
-    const float* Bb = Bg ? Bg + t0 * n : nullptr;
-    const float* Cb = Cg ? Cg + t0 * n : nullptr;
     const float* zb = has_z ? zz : nullptr;
-    const float* Bs = Bb ? Bb : B8;
-    const float* Cs = Cb ? Cb : C8;
-    if (Bb && Cb) lanes8_steps<true, true>(nt, n, dt, cf, uu, zb, Dv, A8, Amin, Amax, Bs, Cs, X, E, Y);
-    else if (Bb) lanes8_steps<true, false>(nt, n, dt, cf, uu, zb, Dv, A8, Amin, Amax, Bs, Cs, X, E, Y);
-    else if (Cb) lanes8_steps<false, true>(nt, n, dt, cf, uu, zb, Dv, A8, Amin, Amax, Bs, Cs, X, E, Y);
+    const float* Bs = Bg ? Bg + t0 * n : B8;
+    const float* Cs = Cg ? Cg + t0 * n : C8;
+    if (Bg && Cg) lanes8_steps<true, true>(nt, n, dt, cf, uu, zb, Dv, A8, Amin, Amax, Bs, Cs, X, E, Y);
+    else if (Bg) lanes8_steps<true, false>(nt, n, dt, cf, uu, zb, Dv, A8, Amin, Amax, Bs, Cs, X, E, Y);
+    else if (Cg) lanes8_steps<false, true>(nt, n, dt, cf, uu, zb, Dv, A8, Amin, Amax, Bs, Cs, X, E, Y);
     else lanes8_steps<false, false>(nt, n, dt, cf, uu, zb, Dv, A8, Amin, Amax, Bs, Cs, X, E, Y);
     int64_t j0 = 0;
     if constexpr (std::is_same_v<T, float>) {
@@ -716,7 +717,7 @@ void fwd_lanes8(const at::Tensor& u, const at::Tensor& delta, const std::vector<
 #endif
 
 template <typename T>
-void fwd_kernel(const at::Tensor& u, const at::Tensor& delta, const std::vector<float>& A, const Panel& Bp,
+void fwd_kernel(const at::Tensor& u, const at::Tensor& delta, const std::vector<float>& A2, const Panel& Bp,
                 const Panel& Cp, const std::vector<float>& D, const std::optional<at::Tensor>& z,
                 const std::vector<float>& bias, const std::optional<at::Tensor>& init, bool softplus,
                 const Dims& s, at::Tensor& out, at::Tensor& last) {
@@ -743,12 +744,12 @@ void fwd_kernel(const at::Tensor& u, const at::Tensor& delta, const std::vector<
       float* lb = lp + b * s.d * s.n;
 #ifdef HK_AVX2
       if (r < lanes) {
-        fwd_lanes8<T>(u, delta, A, Bp, Cp, D, z, bias, init, softplus, s, b, 8 * r, ob, os1, os2, lb, sc8);
+        fwd_lanes8<T>(u, delta, A2, Bp, Cp, D, z, bias, init, softplus, s, b, 8 * r, ob, os1, os2, lb, sc8);
         continue;
       }
 #endif
       const int64_t d = 8 * lanes + (r - lanes);
-      fwd_channel<T>(u, delta, A.data() + d * s.n, Bp.channel(b, d), Bp.step(), Cp.channel(b, d), Cp.step(),
+      fwd_channel<T>(u, delta, A2.data() + d * s.n, Bp.channel(b, d), Bp.step(), Cp.channel(b, d), Cp.step(),
                      D[d], z, bias[d], init, softplus, s, b, d, ob + d * os1, os2, lb + d * s.n, sc);
     }
   });
@@ -809,9 +810,10 @@ void reduce_batch(const std::vector<float>& part, int64_t b, at::Tensor& dX) {
 
 template <typename T>
 void bwd_kernel(const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_last, const at::Tensor& u,
-                const at::Tensor& delta, const std::vector<float>& A, const Panel& Bp, const Panel& Cp,
-                const std::vector<float>& D, const std::optional<at::Tensor>& z, const std::vector<float>& bias,
-                const std::optional<at::Tensor>& init, bool softplus, const Dims& s, at::Tensor& du,
+                const at::Tensor& delta, const std::vector<float>& A, const std::vector<float>& A2,
+                const Panel& Bp, const Panel& Cp, const std::vector<float>& D, const std::optional<at::Tensor>& z,
+                const std::vector<float>& bias, const std::optional<at::Tensor>& init, bool softplus,
+                const Dims& s, at::Tensor& du,
                 at::Tensor& ddelta, at::Tensor& dz, at::Tensor& dinit, std::vector<float>& dA_part,
                 std::vector<float>& dD_part, std::vector<float>& dbias_part, std::vector<float>& dB_part,
                 std::vector<float>& dC_part) {
@@ -844,6 +846,7 @@ void bwd_kernel(const at::Tensor& grad_out, const std::optional<at::Tensor>& gra
         const Seq<T> us = seq<T>(u, b, d), ds = seq<T>(delta, b, d), gs = seq<T>(grad_out, b, d);
         const Seq<T> zs = has_z ? seq<T>(*z, b, d) : Seq<T>{nullptr, 0};
         const float* Ad = A.data() + d * n;
+        const float* A2d = A2.data() + d * n;
         const float* Bc = Bp.channel(b, d);
         const float* Cc = Cp.channel(b, d);
         const int64_t sB = Bp.step(), sC = Cp.step();
@@ -851,7 +854,7 @@ void bwd_kernel(const at::Tensor& grad_out, const std::optional<at::Tensor>& gra
         read_state(init, b, d, n, ck);
         for (int64_t j = 0; j + 1 < n_ck; ++j) {  // checkpoints: the state before each chunk of steps
           std::memcpy(ck + (j + 1) * n, ck + j * n, n * sizeof(float));
-          discretize(us, ds, Ad, bd, softplus, j * K, K, n, dt, uu, a);
+          discretize(us, ds, A2d, bd, softplus, j * K, K, n, dt, uu, a);
           advance(ck + (j + 1) * n, a, dt, uu, Bc + j * K * sB, sB, K, n);
         }
         read_state(grad_last, b, d, n, h);
@@ -861,7 +864,7 @@ void bwd_kernel(const at::Tensor& grad_out, const std::optional<at::Tensor>& gra
         float dD = 0.f, dbias = 0.f;
         for (int64_t j = n_ck - 1; j >= 0; --j) {
           const int64_t t0 = j * K, nt = std::min(K, s.l - t0);
-          discretize(us, ds, Ad, bd, softplus, t0, nt, n, dt, uu, a, dsp);
+          discretize(us, ds, A2d, bd, softplus, t0, nt, n, dt, uu, a, dsp);
           if (has_z) gate(zs, t0, nt, zv, zsg);
           std::memcpy(xs, ck + j * n, n * sizeof(float));  // xs row i + 1 = x_{t0 + i}
           for (int64_t i = 0; i < nt; ++i) {
@@ -923,13 +926,13 @@ std::tuple<at::Tensor, at::Tensor> selective_scan_fwd_cpu(
     bool delta_softplus) {
   const Dims s = check_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state);
   const Panel Bp = make_panel(B, s), Cp = make_panel(C, s);
-  const auto Av = dense_A(A);
+  const auto A2 = dense_A(A, kLog2e);
   const auto Dv = dense_vec(D, s.d), bias = dense_vec(delta_bias, s.d);
   at::Tensor out = empty_cached({s.b, s.d, s.l}, u.options());
   at::Tensor last = at::empty({s.b, s.d, s.n}, u.options().dtype(at::kFloat));
   dispatch_dtype(u.scalar_type(), "u", [&](auto tag) {
     using T = decltype(tag);
-    fwd_kernel<T>(u, delta, Av, Bp, Cp, Dv, z, bias, initial_state, delta_softplus, s, out, last);
+    fwd_kernel<T>(u, delta, A2, Bp, Cp, Dv, z, bias, initial_state, delta_softplus, s, out, last);
   });
   return {out, last};
 }
@@ -945,7 +948,7 @@ selective_scan_bwd_cpu(const at::Tensor& grad_out, const std::optional<at::Tenso
   check_bdl("grad_out", grad_out, u);
   check_f32("grad_last_state", grad_last_state, {s.b, s.d, s.n});
   const Panel Bp = make_panel(B, s), Cp = make_panel(C, s);
-  const auto Av = dense_A(A);
+  const auto Av = dense_A(A), A2 = dense_A(A, kLog2e);
   const auto Dv = dense_vec(D, s.d), bias = dense_vec(delta_bias, s.d);
   const auto f32 = u.options().dtype(at::kFloat);
   at::Tensor du = empty_cached({s.b, s.d, s.l}, u.options());
@@ -960,7 +963,7 @@ selective_scan_bwd_cpu(const at::Tensor& grad_out, const std::optional<at::Tenso
   std::vector<float> dC_part(Cp.var ? s.b * (s.d / chunk) * s.l * s.n : s.b * s.d * s.n);
   dispatch_dtype(u.scalar_type(), "u", [&](auto tag) {
     using T = decltype(tag);
-    bwd_kernel<T>(grad_out, grad_last_state, u, delta, Av, Bp, Cp, Dv, z, bias, initial_state, delta_softplus,
+    bwd_kernel<T>(grad_out, grad_last_state, u, delta, Av, A2, Bp, Cp, Dv, z, bias, initial_state, delta_softplus,
                   s, du, ddelta, dz, dinit, dA_part, dD_part, dbias_part, dB_part, dC_part);
   });
   reduce_batch(dA_part, s.b, dA);
