@@ -26,14 +26,13 @@ as a fraction of --peak-tbps (default 4.8, the H200's HBM3e); the target is >= 0
 import argparse
 import json
 import os
-import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 
 import hierkern
-from bench.common import fwd_and_fwd_bwd, sync, time_call
+from bench.common import fwd_and_fwd_bwd, interleaved_medians
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -68,25 +67,6 @@ def bytes_moved(b, d, n, l, dtype):
     return (4 * b * d * l + 2 * b * n * l) * elt + 4 * b * d * n
 
 
-def interleaved_peer_medians(fns, dev, reps, peer_reps, warm):
-    """{name: median seconds} over rounds in which hierkern runs reps / peer_reps times (at least once)
-    and then every eager peer once, so that this VM's slow and fast spells hit every peer alike (run
-    one after the other, the eager reference moved 1.3x between minutes). One warm-up call first for
-    the names in `warm`: the eager peers at large shapes take seconds per call and have nothing to
-    warm (no compilation, no autotuning)."""
-    for name in warm:
-        fns[name]()
-    sync(dev)
-    rounds = max(1, peer_reps)
-    per_round = {name: max(1, -(-reps // rounds)) if name == "hierkern" else 1 for name in fns}
-    times = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            for _ in range(per_round[name]):
-                times[name].append(time_call(fn, dev))
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
 def bench_shape(args, l):
     dev, dtype = args.device, DTYPES[args.dtype]
     torch.manual_seed(0)
@@ -114,8 +94,12 @@ def bench_shape(args, l):
             continue
         run = [p for p in peers if p == "hierkern" or not (
             p in args.skip_peers or p == "mamba-style" and op == "fwd+bwd" and not args.mamba_bwd)]
+        # The eager peers take seconds per call at large shapes and have nothing to warm (no
+        # compilation, no autotuning); hierkern runs reps / peer_reps times per round (rounded up).
         warm = [p for p in run if p == "hierkern" or args.peer_warmup]
-        sec = interleaved_peer_medians({p: make(p) for p in run}, dev, args.reps, args.peer_reps, warm)
+        rounds = max(1, args.peer_reps)
+        sec = interleaved_medians({p: make(p) for p in run}, dev, rounds, warmup=warm,
+                                  per_round={"hierkern": max(1, -(-args.reps // rounds))})
         ms = {p: sec[p] * 1e3 if p in sec else nan for p in peers}
         row = {"op": op, "l": l, **{f"{p}_ms": ms[p] for p in peers},
                "ratio_reference": ms["reference"] / ms["hierkern"],

@@ -401,18 +401,23 @@ def median_seconds(fn: Callable, device: str = "cpu", reps: int = 5) -> float:
     return statistics.median(times)
 
 
-def interleaved_medians(fns: dict, device: str = "cpu", reps: int = 5, warmup: bool = True) -> dict:
+def interleaved_medians(fns: dict, device: str = "cpu", reps: int = 5, warmup=True, per_round=None) -> dict:
     """{name: median seconds} of `reps` rounds in which every callable of `fns` runs once, round-robin
-    (time_call), so that machine noise hits them alike; one warm-up call each first unless `warmup`
-    is False (callables the caller has already run)."""
-    if warmup:
-        for fn in fns.values():
-            fn()
+    (time_call), so that machine noise hits them alike. `warmup`: one warm-up call each first (True),
+    none (False: callables the caller has already run), or a collection of the names to warm.
+    `per_round`: {name: calls per round} for callables cheap enough to time more often than the rest
+    (default one call each)."""
+    warm = fns if warmup is True else (() if warmup is False else warmup)
+    if warm:
+        for name in warm:
+            fns[name]()
         sync(device)
+    per_round = per_round or {}
     times = {name: [] for name in fns}
     for _ in range(reps):
         for name, fn in fns.items():
-            times[name].append(time_call(fn, device))
+            for _ in range(per_round.get(name, 1)):
+                times[name].append(time_call(fn, device))
     return {name: statistics.median(t) for name, t in times.items()}
 
 

@@ -2,6 +2,7 @@
 freed, for the next output of their size; bounded by HIERKERN_CPU_CACHE_MB; seen by the profiler.
 Users: selective_scan (out; du, ddelta, dz) and the interval attention behind next_scale_attention
 (out, packed K/V; dq, dk, dv)."""
+import os
 import subprocess
 import sys
 import textwrap
@@ -117,10 +118,8 @@ def test_profiler_sees_cached_allocations():
 
 
 def run(script, env):
-    import os
-    r = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True,
-                       timeout=300, env={**os.environ, **env})
-    return r
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, **env})
 
 
 PRELUDE = """
