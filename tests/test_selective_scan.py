@@ -158,6 +158,13 @@ def test_channel_tiles(kind, d, n, dtype, strided):
     check_case(b=2, d=d, n=n, l=37, B_kind=kind, dtype=dtype, strided=strided)
 
 
+@pytest.mark.parametrize("B_kind,C_kind", [("var", "fixed"), ("fixed", "var"), ("fixed", "fixed")])
+def test_channel_tiles_sixteen_states(B_kind, C_kind):
+    # n = 16 tiles keep their states in registers where the CPU has 32 vector registers (AVX-512VL),
+    # a separate instantiation for each mix of fixed and variable B and C
+    check_case(b=2, d=16, n=16, l=37, B_kind=B_kind, C_kind=C_kind)
+
+
 @pytest.mark.parametrize("l", [134, 530])
 def test_channel_tiles_over_time_blocks(l):
     # tiles across 64-step blocks (8 x 8 transposed loads and stores, then a 6- or 2-step tail), with

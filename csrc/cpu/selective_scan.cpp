@@ -546,11 +546,22 @@ constexpr int64_t kStage = 512;  // steps of a tile's inputs fwd_lanes8 copies a
 // leaves the inner loop instead of testing a pointer per state.
 // A8: the tile's A2 = A log2(e), (n, 8); Amin / Amax: per lane, its least and greatest A2_k. zz: the
 // gate silu(z) per step, or null.
-template <bool VarB, bool VarC>
-void lanes8_steps(int64_t nt, int64_t n, const float* dt, const float* cf, const float* uu, const float* zz,
+// With 32 vector registers (AVX-512VL) and n = 16 (Mamba's default), NS = 16 keeps the states in
+// registers through the updates of kExpSteps steps instead of storing and reloading each per step:
+// 111 -> 105 ms at b=8, d=2048, l=2240 on a Zen 4. With AVX2's 16 registers they would all spill.
+#ifdef __AVX512VL__
+constexpr bool kStatesInRegisters = true;
+#else
+constexpr bool kStatesInRegisters = false;
+#endif
+constexpr int kRegisterStates = 16;
+template <bool VarB, bool VarC, int NS = 0>
+void lanes8_steps(int64_t nt, int64_t n_arg, const float* dt, const float* cf, const float* uu, const float* zz,
                   __m256 Dv, const float* A8, __m256 Amin, __m256 Amax, const float* Bs, const float* Cs,
                   float* X, float* E, float* Y) {
   constexpr int64_t L = 8;
+  const int64_t n = NS ? NS : n_arg;
+  __m256 xs[NS ? NS : 1];  // with NS: the states, in registers through kExpSteps steps
   for (int64_t s0 = 0; s0 < nt; s0 += kExpSteps) {
     const int64_t ns = std::min(kExpSteps, nt - s0);
     for (int64_t i = 0; i < ns; ++i) {
@@ -571,12 +582,15 @@ void lanes8_steps(int64_t nt, int64_t n, const float* dt, const float* cf, const
         else exp2_8n<4, false>(dtv, a);
         for (int j = 0; j < 4; ++j) _mm256_storeu_ps(e + (k + j) * L, a[j]);
       }
-      for (; k < n; ++k) {
-        __m256 a = _mm256_loadu_ps(A8 + k * L);
-        exp2_8n<1, false>(dtv, &a);
-        _mm256_storeu_ps(e + k * L, a);
-      }
+      if constexpr (NS % 4 != 0 || NS == 0)  // (a tail for GCC to warn about when there is none)
+        for (; k < n; ++k) {
+          __m256 a = _mm256_loadu_ps(A8 + k * L);
+          exp2_8n<1, false>(dtv, &a);
+          _mm256_storeu_ps(e + k * L, a);
+        }
     }
+    if constexpr (NS > 0)
+      _Pragma("GCC unroll 16") for (int k = 0; k < NS; ++k) xs[k] = _mm256_loadu_ps(X + k * L);
     for (int64_t i = 0; i < ns; ++i) {
       const int64_t t = s0 + i;
       const __m256 cv = _mm256_loadu_ps(cf + t * L);
@@ -588,20 +602,26 @@ void lanes8_steps(int64_t nt, int64_t n, const float* dt, const float* cf, const
       auto update = [&](int64_t k, __m256& acc) {
         const __m256 bk = VarB ? _mm256_broadcast_ss(Bt + k) : _mm256_loadu_ps(Bt + k * L);
         const __m256 ck = VarC ? _mm256_broadcast_ss(Ct + k) : _mm256_loadu_ps(Ct + k * L);
-        const __m256 xk = _mm256_fmadd_ps(_mm256_loadu_ps(e + k * L), _mm256_loadu_ps(X + k * L),
-                                          _mm256_mul_ps(cv, bk));
-        _mm256_storeu_ps(X + k * L, xk);
+        __m256 xp;
+        if constexpr (NS > 0) xp = xs[k];
+        else xp = _mm256_loadu_ps(X + k * L);
+        const __m256 xk = _mm256_fmadd_ps(_mm256_loadu_ps(e + k * L), xp, _mm256_mul_ps(cv, bk));
+        if constexpr (NS > 0) xs[k] = xk;
+        else _mm256_storeu_ps(X + k * L, xk);
         acc = _mm256_fmadd_ps(ck, xk, acc);
       };
       int64_t k = 0;
-      for (; k + 4 <= n; k += 4)
-        for (int j = 0; j < 4; ++j) update(k + j, y[j]);
-      for (; k < n; ++k) update(k, y[0]);
+      _Pragma("GCC unroll 16") for (; k + 4 <= n; k += 4)
+        _Pragma("GCC unroll 4") for (int j = 0; j < 4; ++j) update(k + j, y[j]);
+      if constexpr (NS % 4 != 0 || NS == 0)
+        for (; k < n; ++k) update(k, y[0]);
       __m256 yv = _mm256_add_ps(_mm256_add_ps(y[0], y[1]), _mm256_add_ps(y[2], y[3]));
       yv = _mm256_add_ps(yv, _mm256_mul_ps(Dv, _mm256_loadu_ps(uu + t * L)));
       if (zz) yv = _mm256_mul_ps(yv, _mm256_loadu_ps(zz + t * L));
       _mm256_storeu_ps(Y + t * L, yv);
     }
+    if constexpr (NS > 0)
+      _Pragma("GCC unroll 16") for (int k = 0; k < NS; ++k) _mm256_storeu_ps(X + k * L, xs[k]);
   }
 }
 #endif
@@ -729,10 +749,20 @@ void fwd_lanes8(const at::Tensor& u, const at::Tensor& delta, const std::vector<
     const float* zb = has_z ? zz : nullptr;
     const float* Bs = Bg ? Bg + t0 * n : B8;
     const float* Cs = Cg ? Cg + t0 * n : C8;
-    if (Bg && Cg) lanes8_steps<true, true>(nt, n, dt, cf, uu, zb, Dv, A8, Amin, Amax, Bs, Cs, X, E, Y);
-    else if (Bg) lanes8_steps<true, false>(nt, n, dt, cf, uu, zb, Dv, A8, Amin, Amax, Bs, Cs, X, E, Y);
-    else if (Cg) lanes8_steps<false, true>(nt, n, dt, cf, uu, zb, Dv, A8, Amin, Amax, Bs, Cs, X, E, Y);
-    else lanes8_steps<false, false>(nt, n, dt, cf, uu, zb, Dv, A8, Amin, Amax, Bs, Cs, X, E, Y);
+    auto steps = [&](auto var_b, auto var_c) {
+      constexpr bool VB = decltype(var_b)::value, VC = decltype(var_c)::value;
+      if constexpr (kStatesInRegisters) {
+        if (n == kRegisterStates)
+          return lanes8_steps<VB, VC, kRegisterStates>(nt, n, dt, cf, uu, zb, Dv, A8, Amin, Amax, Bs, Cs, X, E, Y);
+      }
+      lanes8_steps<VB, VC>(nt, n, dt, cf, uu, zb, Dv, A8, Amin, Amax, Bs, Cs, X, E, Y);
+    };
+    using Yes = std::true_type;
+    using No = std::false_type;
+    if (Bg && Cg) steps(Yes{}, Yes{});
+    else if (Bg) steps(Yes{}, No{});
+    else if (Cg) steps(No{}, Yes{});
+    else steps(No{}, No{});
     int64_t j0 = 0;
     if constexpr (std::is_same_v<T, float>) {
       if (os2 == 1)
