@@ -627,28 +627,40 @@ void lanes8_steps(int64_t nt, int64_t n_arg, const float* dt, const float* cf, c
 #endif
 
 #ifdef HK_AVX2
-// Share `part` of `parts` of the cache lines of steps [t, t + m) of the rows of delta, u (and z) of the
-// float32 tile at batch b, channels d0..d0+7, requested into L2: the source of one staged copy of
-// fwd_lanes8. Left to the copy, each row's 2 KiB run started cold (the hardware prefetcher starts
-// over at every run) and the copy stalled on memory: 14% of the forward at l = 2240 on a Zen 4, where
-// this took the forward from 125 to 111 ms. Into L1 (T0) it gained nothing: the stage buffer and
-// the exps already fill it. Prefetching the output rows for writing measured 2% slower.
-inline void prefetch_stage(const at::Tensor& delta, const at::Tensor& u, const std::optional<at::Tensor>& z,
-                           int64_t b, int64_t d0, int64_t t, int64_t m, int64_t part, int64_t parts) {
+// Share `part` of `parts` of the cache lines fwd_lanes8 copies from memory after its first stage
+// (stage 0: steps [0, kStage)), requested into L2: the rows of delta, u (and z) of this tile's later
+// stages, then those of stage 0 of the tile (next_b, next_d0) the thread runs next (next_d0 < 0: none),
+// in that order. A share per time block (parts = the tile's time blocks) spreads the requests evenly
+// over the tile, and each stage's lines are all requested before the stage's copy.
+// Left to the copies, each row's 2 KiB run started cold (the hardware prefetcher starts over at every
+// run) and the copies stalled on memory: 14% of the forward at l = 2240 on a Zen 4, where this took
+// the forward from 125 to 111 ms. Into L1 (T0) it gained nothing: the stage buffer and the exps already
+// fill it. Prefetching the output rows for writing measured 2% slower.
+inline void prefetch_share(const at::Tensor& delta, const at::Tensor& u, const std::optional<at::Tensor>& z,
+                           int64_t l, int64_t b, int64_t d0, int64_t next_b, int64_t next_d0, int64_t part,
+                           int64_t parts) {
   constexpr int64_t kLine = 64;
   const at::Tensor* src[3] = {&delta, &u, present(z) ? &*z : nullptr};
   const int64_t rows = src[2] ? 24 : 16;
-  // Lines per row, counted from the line that holds step t (rows need not start on a line).
-  const int64_t per_row = (m * int64_t(sizeof(float)) + 2 * kLine - 1) / kLine;
-  const int64_t total = rows * per_row, lo = total * part / parts, hi = total * (part + 1) / parts;
-  int64_t r = lo / per_row, j = lo % per_row;
-  for (; r < rows && r * per_row + j < hi; ++r, j = 0) {
-    const at::Tensor& x = *src[r / 8];
-    const char* row = reinterpret_cast<const char*>(static_cast<const float*>(x.const_data_ptr()) +
-                                                    b * x.stride(0) + (d0 + r % 8) * x.stride(1) + t);
-    for (const int64_t end = std::min(per_row, hi - r * per_row); j < end; ++j)
-      _mm_prefetch(row + j * kLine, _MM_HINT_T1);
-  }
+  // Lines per row of a stage of m steps, counted from the line that holds its first step.
+  auto per_row = [](int64_t m) { return (m * int64_t(sizeof(float)) + 2 * kLine - 1) / kLine; };
+  int64_t total = next_d0 >= 0 ? rows * per_row(std::min(kStage, l)) : 0;
+  for (int64_t t = kStage; t < l; t += kStage) total += rows * per_row(std::min(kStage, l - t));
+  const int64_t lo = total * part / parts, hi = total * (part + 1) / parts;
+  int64_t first = 0;  // flat index of the current stage's first line
+  auto stage = [&](int64_t sb, int64_t sd0, int64_t t, int64_t m) {
+    const int64_t pr = per_row(m), n_lines = rows * pr;
+    for (int64_t i = std::max(lo, first); i < std::min(hi, first + n_lines);) {
+      const int64_t r = (i - first) / pr;
+      const at::Tensor& x = *src[r / 8];
+      const char* row = reinterpret_cast<const char*>(static_cast<const float*>(x.const_data_ptr()) +
+                                                      sb * x.stride(0) + (sd0 + r % 8) * x.stride(1) + t);
+      for (int64_t j = (i - first) % pr; j < pr && i < hi; ++j, ++i) _mm_prefetch(row + j * kLine, _MM_HINT_T1);
+    }
+    first += n_lines;
+  };
+  for (int64_t t = kStage; t < l && first < hi; t += kStage) stage(b, d0, t, std::min(kStage, l - t));
+  if (next_d0 >= 0 && first < hi) stage(next_b, next_d0, 0, std::min(kStage, l));
 }
 
 // Eight channels of one batch, one per AVX2 lane: the forward's fast path. Vectorising over the
@@ -718,14 +730,7 @@ void fwd_lanes8(const at::Tensor& u, const at::Tensor& delta, const std::vector<
             if (has_z) std::memcpy(stg + (2 * L + c) * kStage, zs[0].p + c * sz + t0, m * sizeof(float));
           }
         }
-        // While this stage computes, its successor's rows (this tile's next stage, else the first
-        // stage of the caller's next tile) are requested into L2, a share per time block.
-        const int64_t stage0 = t0 - t0 % kStage, nxt = stage0 + kStage;
-        const int64_t parts = (std::min(kStage, s.l - stage0) + kTimeBlock - 1) / kTimeBlock;
-        if (nxt < s.l)
-          prefetch_stage(delta, u, z, b, d0, nxt, std::min(kStage, s.l - nxt), (t0 - stage0) / kTimeBlock, parts);
-        else if (next_d0 >= 0)
-          prefetch_stage(delta, u, z, next_b, next_d0, 0, std::min(kStage, s.l), (t0 - stage0) / kTimeBlock, parts);
+        prefetch_share(delta, u, z, s.l, b, d0, next_b, next_d0, t0 / kTimeBlock, (s.l + kTimeBlock - 1) / kTimeBlock);
         const float* st = stg + t0 % kStage;
         for (; i0 + 8 <= nt; i0 += 8) {
           transpose8x8(st + i0, kStage, dt + i0 * L, L);
