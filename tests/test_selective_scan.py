@@ -169,7 +169,7 @@ def test_channel_tiles_sixteen_states(B_kind, C_kind):
 def test_channel_tiles_over_time_blocks(l):
     # tiles across 64-step blocks (8 x 8 transposed loads and stores, then a 6- or 2-step tail), with
     # u, delta and z contiguous in time but at three different channel strides; l = 530 crosses the
-    # 512-step copy of a tile's inputs (kStage) into a short last copy
+    # 512-step unit of a tile's input prefetch (kStage) into a short last one
     x, softplus = make_inputs(b=1, d=16, n=16, l=l, B_kind="var")
     for name, pad in (("delta", 5), ("z", 12)):
         wide = torch.randn(1, 16, l + pad)

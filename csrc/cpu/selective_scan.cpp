@@ -535,7 +535,7 @@ void fwd_channel(const at::Tensor& u, const at::Tensor& delta, const float* A2d,
 
 #ifdef HK_AVX2
 constexpr int64_t kExpSteps = 8;  // steps whose exp(dt * A) fwd_lanes8 computes ahead of their updates
-constexpr int64_t kStage = 512;  // steps of a tile's inputs fwd_lanes8 copies at a time (a multiple of kTimeBlock)
+constexpr int64_t kStage = 512;  // steps per unit of fwd_lanes8's input prefetch (prefetch_share)
 
 // The state updates of nt steps of an 8-channel tile (see fwd_lanes8), kExpSteps at a time: first
 // every exp(dt_t * A_k) of those steps in one pass (E, kExpSteps * n vectors), then the updates.
@@ -627,15 +627,18 @@ void lanes8_steps(int64_t nt, int64_t n_arg, const float* dt, const float* cf, c
 #endif
 
 #ifdef HK_AVX2
-// Share `part` of `parts` of the cache lines fwd_lanes8 copies from memory after its first stage
-// (stage 0: steps [0, kStage)), requested into L2: the rows of delta, u (and z) of this tile's later
-// stages, then those of stage 0 of the tile (next_b, next_d0) the thread runs next (next_d0 < 0: none),
-// in that order. A share per time block (parts = the tile's time blocks) spreads the requests evenly
-// over the tile, and each stage's lines are all requested before the stage's copy.
-// Left to the copies, each row's 2 KiB run started cold (the hardware prefetcher starts over at every
-// run) and the copies stalled on memory: 14% of the forward at l = 2240 on a Zen 4, where this took
-// the forward from 125 to 111 ms. Into L1 (T0) it gained nothing: the stage buffer and the exps already
-// fill it. Prefetching the output rows for writing measured 2% slower.
+// Share `part` of `parts` of the cache lines fwd_lanes8 reads after its first kStage steps, requested
+// into L2: the rows of delta, u (and z) of this tile's later stages (kStage steps each), then those of
+// stage 0 of the tile (next_b, next_d0) the thread runs next (next_d0 < 0: none), in that order. A
+// share per time block (parts = the tile's time blocks) spreads the requests evenly over the tile, and
+// each stage's lines are all requested before its first block.
+// Without it, the tile's 24 rows are 24 interleaved runs of 256 bytes per time block, which the
+// hardware prefetcher follows poorly: a staged copy of 512 steps per row before the transposes was
+// 3-7% faster than that (Zen 3), and this prefetch then took the forward from 125 to 111 ms at
+// l = 2240 (Zen 4), where the copy had stalled on memory (14% of the time); with the prefetch, the
+// copy no longer paid: transposing straight from the rows is 6-9% faster (31.8 vs 33.9 ms at l = 680,
+// 100 vs 108 ms at l = 2240). Into L1 (T0) the prefetch gained nothing: the exps already fill it.
+// Prefetching the output rows for writing measured 2% slower.
 inline void prefetch_share(const at::Tensor& delta, const at::Tensor& u, const std::optional<at::Tensor>& z,
                            int64_t l, int64_t b, int64_t d0, int64_t next_b, int64_t next_d0, int64_t part,
                            int64_t parts) {
@@ -713,29 +716,16 @@ void fwd_lanes8(const at::Tensor& u, const at::Tensor& delta, const std::vector<
   // block); anything else, and the nt % 8 tail, one element at a time.
   const bool blocks = us[0].st == 1 && ds[0].st == 1 && (!has_z || zs[0].st == 1);
   const int64_t su = u.stride(1), sd = delta.stride(1), sz = has_z ? z->stride(1) : 0;
-  float* stg = sc[10];
   for (int64_t t0 = 0; t0 < s.l; t0 += kTimeBlock) {
     const int64_t nt = std::min(kTimeBlock, s.l - t0);
     int64_t i0 = 0;
     if constexpr (std::is_same_v<T, float>) {
       if (blocks) {
-        // The tile's 8 rows of delta, u (and z) are copied kStage steps at a time into stg (one
-        // sequential run per row) and transposed from there: read in place, 64 steps per block,
-        // they were 24 interleaved short runs, and the copy measured 3-7% faster overall.
-        if (t0 % kStage == 0) {
-          const int64_t m = std::min(kStage, s.l - t0);
-          for (int64_t c = 0; c < L; ++c) {
-            std::memcpy(stg + c * kStage, ds[0].p + c * sd + t0, m * sizeof(float));
-            std::memcpy(stg + (L + c) * kStage, us[0].p + c * su + t0, m * sizeof(float));
-            if (has_z) std::memcpy(stg + (2 * L + c) * kStage, zs[0].p + c * sz + t0, m * sizeof(float));
-          }
-        }
         prefetch_share(delta, u, z, s.l, b, d0, next_b, next_d0, t0 / kTimeBlock, (s.l + kTimeBlock - 1) / kTimeBlock);
-        const float* st = stg + t0 % kStage;
         for (; i0 + 8 <= nt; i0 += 8) {
-          transpose8x8(st + i0, kStage, dt + i0 * L, L);
-          transpose8x8(st + L * kStage + i0, kStage, uu + i0 * L, L);
-          if (has_z) transpose8x8(st + 2 * L * kStage + i0, kStage, zz + i0 * L, L);
+          transpose8x8(ds[0].p + t0 + i0, sd, dt + i0 * L, L);
+          transpose8x8(us[0].p + t0 + i0, su, uu + i0 * L, L);
+          if (has_z) transpose8x8(zs[0].p + t0 + i0, sz, zz + i0 * L, L);
         }
       }
     }
@@ -803,7 +793,7 @@ void fwd_kernel(const at::Tensor& u, const at::Tensor& delta, const std::vector<
     const Scratch sc{s.n, kTimeBlock * s.n, kTimeBlock, kTimeBlock, kTimeBlock, kTimeBlock};
 #ifdef HK_AVX2
     const int64_t t8 = kTimeBlock * 8;
-    const Scratch sc8{8 * s.n, 8 * s.n, 8 * s.n, 8 * s.n, t8, t8, t8, t8, std::max(t8, s.n), kExpSteps * 8 * s.n, 3 * 8 * kStage};
+    const Scratch sc8{8 * s.n, 8 * s.n, 8 * s.n, 8 * s.n, t8, t8, t8, t8, std::max(t8, s.n), kExpSteps * 8 * s.n};
 #endif
     for (int64_t task = lo; task < hi; ++task) {
       const int64_t b = task / per_b, r = task % per_b;
