@@ -548,7 +548,7 @@ constexpr int64_t kStage = 512;  // steps per unit of fwd_lanes8's input prefetc
 // gate silu(z) per step, or null.
 // With 32 vector registers (AVX-512VL) and n = 16 (Mamba's default), NS = 16 keeps the states in
 // registers through the updates of kExpSteps steps instead of storing and reloading each per step:
-// 111 -> 105 ms at b=8, d=2048, l=2240 on a Zen 4. With AVX2's 16 registers they would all spill.
+// 111 -> 106 ms at b=8, d=2048, l=2240 on a Zen 4. With AVX2's 16 registers they would all spill.
 #ifdef __AVX512VL__
 constexpr bool kStatesInRegisters = true;
 #else
@@ -582,7 +582,7 @@ void lanes8_steps(int64_t nt, int64_t n_arg, const float* dt, const float* cf, c
         else exp2_8n<4, false>(dtv, a);
         for (int j = 0; j < 4; ++j) _mm256_storeu_ps(e + (k + j) * L, a[j]);
       }
-      if constexpr (NS % 4 != 0 || NS == 0)  // (a tail for GCC to warn about when there is none)
+      if constexpr (NS % 4 != 0 || NS == 0)  // none when NS % 4 == 0 (GCC warns about the dead loop)
         for (; k < n; ++k) {
           __m256 a = _mm256_loadu_ps(A8 + k * L);
           exp2_8n<1, false>(dtv, &a);
