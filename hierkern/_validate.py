@@ -14,6 +14,12 @@ def check_tensor(opname, name, t, ndim, layout_doc):
         raise ValueError(f"{opname}: {name} must be {ndim}-D {layout_doc}, got shape {tuple(t.shape)}")
 
 
+def value_range(t):
+    """(min, max) of a non-empty tensor as Python numbers, with one host sync on a GPU (int(t.min()),
+    int(t.max()) is two)."""
+    return tuple(torch.stack(torch.aminmax(t)).tolist())
+
+
 def check_same(opname, tensors, what):
     """All named tensors share dtype (what='dtype') or device (what='device')."""
     items = list(tensors.items())

@@ -1,6 +1,8 @@
 """Argument checks shared by the language-model style reference models (token id tensors)."""
 import torch
 
+from hierkern._validate import value_range
+
 from . import _attention
 from ._next_scale import _INT_DTYPES, _check_positive_int
 
@@ -17,7 +19,7 @@ def check_token_ids(owner, name, ids, high, device, shape=None):
         raise ValueError(f"{owner}: {name} must have shape {want}, got {tuple(ids.shape)}")
     if ids.device != device:
         raise ValueError(f"{owner}: {name} is on {ids.device} but the model is on {device}")
-    lo, hi = int(ids.min()), int(ids.max())
+    lo, hi = value_range(ids)
     if lo < 0 or hi >= high:
         raise ValueError(f"{owner}: {name} must hold token ids in [0, {high}), got values in [{lo}, {hi}]")
     return ids.long()

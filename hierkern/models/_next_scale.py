@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from hierkern._validate import value_range
 from hierkern.layouts import VAR_256, ScaleLayout
 
 from . import _attention, _fused
@@ -138,7 +139,7 @@ class NextScaleTransformer(nn.Module):
             raise ValueError(f"{owner}: labels is on {labels.device} but the model is on {self._device()}")
         if batch is not None and labels.shape[0] != batch:
             raise ValueError(f"{owner}: labels has {labels.shape[0]} entries but tokens has batch {batch}")
-        lo, hi = int(labels.min()), int(labels.max())
+        lo, hi = value_range(labels)
         if lo < 0 or hi > self.num_classes:
             raise ValueError(f"{owner}: labels must be class ids in [0, {self.num_classes}] ({self.num_classes} "
                              f"is the null class), got values in [{lo}, {hi}]")
@@ -179,7 +180,7 @@ class NextScaleTransformer(nn.Module):
         if t.device != self._device():
             raise ValueError(f"{owner}: {name} is on {t.device} but the model is on {self._device()}")
         if t.numel():
-            lo, hi = int(t.min()), int(t.max())
+            lo, hi = value_range(t)
             if lo < 0 or hi >= self.vocab_size:
                 raise ValueError(f"{owner}: {name} must hold token ids in [0, {self.vocab_size}), got values "
                                  f"in [{lo}, {hi}]")

@@ -11,10 +11,11 @@ _DOC = "(batch, max_len, kv_heads, head_dim)"
 
 def _check_index_values(index, max_len):
     """Range and distinctness of the destination slots (the reference and Triton paths; the C++ kernel
-    checks them itself while the rows are in cache). On CUDA this is one host sync."""
+    checks them itself while the rows are in cache). On CUDA this is two host syncs (the range, then
+    the distinctness)."""
     if index.numel() == 0:
         return
-    lo, hi = int(index.min()), int(index.max())
+    lo, hi = _validate.value_range(index)
     if lo < 0 or hi >= max_len:
         raise IndexError(f"{_NAME}: index values out of range: they must be in [0, max_len={max_len}), got values "
                          f"in [{lo}, {hi}]")
