@@ -33,6 +33,11 @@ void sgemm_(const char* transa, const char* transb, const int* m, const int* n, 
             const float* beta, float* c, const int* ldc) __attribute__((weak));
 }
 
+// GCC 12 reports its own AVX-512 intrinsics (the _mm512_undefined_ps self-initialisation behind
+// min/max/shifts/reductions) as maybe-uninitialized once inlined at -O3 (GCC bug 105593, fixed in
+// 13); the warning is attributed along the inlining chain, so it is silenced for this header's code.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 namespace hierkern::cpu {
 
 // Uninitialised float scratch. std::vector<float>(n) zero-fills, and a kernel's per-call tiles sized
@@ -487,13 +492,24 @@ inline float hmax8(__m256 v) {
 }
 #endif
 
+#ifdef HK_AVX512
+// op(low 8 lanes, high 8 lanes). Through memory, not _mm512_reduce_*: those inline GCC 12's false
+// maybe-uninitialized warning (see the top of this file) into every caller's function.
+template <class Op>
+inline __m256 halves(__m512 v, Op op) {
+  alignas(64) float t[16];
+  _mm512_store_ps(t, v);
+  return op(_mm256_load_ps(t), _mm256_load_ps(t + 8));
+}
+#endif
+
 inline float row_max(const float* x, int64_t n) {
   float mx = -std::numeric_limits<float>::infinity();
   int64_t j = 0;
 #ifdef HK_AVX512
   __m512 vw = _mm512_set1_ps(mx);
   for (; j + 16 <= n; j += 16) vw = _mm512_max_ps(vw, _mm512_loadu_ps(x + j));
-  mx = _mm512_reduce_max_ps(vw);
+  mx = hmax8(halves(vw, [](__m256 a, __m256 b) { return _mm256_max_ps(a, b); }));
 #endif
 #ifdef HK_AVX2
   __m256 vm = _mm256_set1_ps(mx);
@@ -530,7 +546,7 @@ inline float exp_sub_sum(float* x, int64_t n, float m) {
         vs = _mm512_add_ps(vs, p[u]);
       }
     }
-    sum = _mm512_reduce_add_ps(vs);
+    sum = hsum8(halves(vs, [](__m256 a, __m256 b) { return _mm256_add_ps(a, b); }));
   }
 #endif
 #ifdef HK_AVX2
@@ -650,3 +666,4 @@ inline void store_tile(const float* tile, int64_t rows, int64_t cols, T* base, i
 }
 
 }  // namespace hierkern::cpu
+#pragma GCC diagnostic pop
