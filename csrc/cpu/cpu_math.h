@@ -18,12 +18,14 @@
 #endif
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <utility>
 
 extern "C" {
 // Fortran BLAS, exported by libtorch_cpu (MKL or OpenBLAS). Weak so a torch build without it still
@@ -124,6 +126,74 @@ inline void gemm_acc_narrow_avx2(int64_t m, int64_t n, int64_t k, float alpha, c
 }
 #endif
 
+#ifdef HK_AVX512
+// C[MR rows, NP * 16 columns] (= or +=) alpha * op(A)[MR rows, k] * B, where B's row p, column block
+// j (16 floats) is at b + p * ldb + j * bstep: panels (ldb = 16, bstep = panel_stride) or a
+// row-major matrix (ldb its row stride, bstep = 16). op(A) = A or A^T (TransA). MR x NP zmm
+// accumulators, NP B loads and MR broadcasts per k step. 6 x 4 (24 of the 32 registers) covers a
+// 64-wide head_dim in one block; with fewer broadcasts and loads per FMA than narrower blocks it ran
+// at ~170 GFLOP/s per core on the Xeon (~77% of its FMA peak; 6 x 2, 8 x 2, 12 x 2 and 8 x 3 measured
+// 155-170, the AVX2 6 x 16 block 108).
+template <bool TransA, int MR, int NP>
+inline void block_avx512(int64_t k, float alpha, const float* a, int64_t lda, const float* b, int64_t ldb,
+                         int64_t bstep, float* c, int64_t ldc, bool accumulate) {
+  __m512 acc[MR][NP];
+  _Pragma("GCC unroll 16") for (int r = 0; r < MR; ++r)
+    _Pragma("GCC unroll 4") for (int j = 0; j < NP; ++j) acc[r][j] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < k; ++p) {
+    __m512 bv[NP];
+    _Pragma("GCC unroll 4") for (int j = 0; j < NP; ++j) bv[j] = _mm512_loadu_ps(b + p * ldb + j * bstep);
+    _Pragma("GCC unroll 16") for (int r = 0; r < MR; ++r) {
+      const __m512 av = _mm512_set1_ps(TransA ? a[p * lda + r] : a[r * lda + p]);
+      _Pragma("GCC unroll 4") for (int j = 0; j < NP; ++j) acc[r][j] = _mm512_fmadd_ps(av, bv[j], acc[r][j]);
+    }
+  }
+  const __m512 va = _mm512_set1_ps(alpha);
+  // Two loops, not one with a select: a select made GCC keep the accumulators in a stack array.
+  if (accumulate) {
+    _Pragma("GCC unroll 16") for (int r = 0; r < MR; ++r) _Pragma("GCC unroll 4") for (int j = 0; j < NP; ++j) {
+      float* cp = c + r * ldc + j * 16;
+      _mm512_storeu_ps(cp, _mm512_fmadd_ps(va, acc[r][j], _mm512_loadu_ps(cp)));
+    }
+  } else {
+    _Pragma("GCC unroll 16") for (int r = 0; r < MR; ++r) _Pragma("GCC unroll 4") for (int j = 0; j < NP; ++j)
+      _mm512_storeu_ps(c + r * ldc + j * 16, _mm512_mul_ps(va, acc[r][j]));
+  }
+}
+
+using BlockFn = void (*)(int64_t, float, const float*, int64_t, const float*, int64_t, int64_t, float*, int64_t, bool);
+
+template <bool TransA, int NP, int... R>
+constexpr std::array<BlockFn, sizeof...(R)> block_row_table(std::integer_sequence<int, R...>) {
+  return {block_avx512<TransA, R + 1, NP>...};
+}
+
+// block_avx512<TransA, mr, np> for mr 1..6, np 1..4, and (np = 1) mr 7..12.
+template <bool TransA>
+inline BlockFn block_fn(int64_t mr, int64_t np) {
+  static constexpr std::array<BlockFn, 6> by_np[4] = {
+      block_row_table<TransA, 1>(std::make_integer_sequence<int, 6>{}),
+      block_row_table<TransA, 2>(std::make_integer_sequence<int, 6>{}),
+      block_row_table<TransA, 3>(std::make_integer_sequence<int, 6>{}),
+      block_row_table<TransA, 4>(std::make_integer_sequence<int, 6>{})};
+  static constexpr std::array<BlockFn, 12> one = block_row_table<TransA, 1>(std::make_integer_sequence<int, 12>{});
+  return np == 1 ? one[mr - 1] : by_np[np - 1][mr - 1];
+}
+
+// C[m, n] += alpha * op(A)[m, k] * B[k, n] (row-major, n % 16 == 0): gemm_acc_narrow's AVX-512 path.
+template <bool TransA>
+inline void gemm_acc_narrow_avx512(int64_t m, int64_t n, int64_t k, float alpha, const float* a,
+                                   int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc) {
+  constexpr int64_t MR = 6;
+  for (int64_t j0 = 0; j0 < n; j0 += 64) {
+    const int64_t np = std::min<int64_t>(4, (n - j0) / 16);
+    for (int64_t i0 = 0; i0 < m; i0 += MR)
+      block_fn<TransA>(std::min(MR, m - i0), np)(k, alpha, TransA ? a + i0 : a + i0 * lda, lda, b + j0, ldb, 16,
+                                                 c + i0 * ldc + j0, ldc, true);
+  }
+}
+#endif
+
 // C[m, n] += alpha * op(A) * B for the narrow (n = head_dim) attention GEMMs; see above.
 inline void gemm_acc_narrow(bool trans_a, int64_t m, int64_t n, int64_t k, float alpha,
                             const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
@@ -134,6 +204,13 @@ inline void gemm_acc_narrow(bool trans_a, int64_t m, int64_t n, int64_t k, float
     const char* s = std::getenv("HIERKERN_CPU_NARROW_GEMM");
     return s == nullptr || s[0] != '0';
   }();
+#ifdef HK_AVX512
+  if (enabled && n % 16 == 0 && n <= 256) {
+    if (trans_a) gemm_acc_narrow_avx512<true>(m, n, k, alpha, a, lda, b, ldb, c, ldc);
+    else gemm_acc_narrow_avx512<false>(m, n, k, alpha, a, lda, b, ldb, c, ldc);
+    return;
+  }
+#endif
   if (enabled && n % 8 == 0 && n <= 256) {
     if (trans_a) gemm_acc_narrow_avx2<true>(m, n, k, alpha, a, lda, b, ldb, c, ldc);
     else gemm_acc_narrow_avx2<false>(m, n, k, alpha, a, lda, b, ldb, c, ldc);
@@ -179,58 +256,6 @@ inline void panel_block_avx2(int64_t k, float alpha, const float* a, int64_t lda
       _mm256_storeu_ps(cp + 8, _mm256_mul_ps(va, c1[r]));
     }
   }
-}
-#endif
-
-#ifdef HK_AVX512
-// C[MR rows, NP panels of 16] (= or +=) alpha * A[MR rows, k] * NP consecutive panels (panel_stride
-// apart): MR x NP zmm accumulators, NP panel loads and MR broadcasts per k step. 6 x 4 (24 of the 32
-// registers) covers a 64-wide head_dim in one block; with fewer broadcasts and loads per FMA than
-// narrower blocks it ran at ~170 GFLOP/s per core on the Xeon (~77% of its FMA peak; 6 x 2, 8 x 2,
-// 12 x 2 and 8 x 3 measured 155-170, the AVX2 6 x 16 block 108).
-template <int MR, int NP>
-inline void panel_block_avx512(int64_t k, float alpha, const float* a, int64_t lda, const float* b,
-                               int64_t panel_stride, float* c, int64_t ldc, bool accumulate) {
-  __m512 acc[MR][NP];
-  _Pragma("GCC unroll 16") for (int r = 0; r < MR; ++r)
-    _Pragma("GCC unroll 4") for (int j = 0; j < NP; ++j) acc[r][j] = _mm512_setzero_ps();
-  for (int64_t p = 0; p < k; ++p) {
-    __m512 bv[NP];
-    _Pragma("GCC unroll 4") for (int j = 0; j < NP; ++j) bv[j] = _mm512_loadu_ps(b + j * panel_stride + p * kPanel);
-    _Pragma("GCC unroll 16") for (int r = 0; r < MR; ++r) {
-      const __m512 av = _mm512_set1_ps(a[r * lda + p]);
-      _Pragma("GCC unroll 4") for (int j = 0; j < NP; ++j) acc[r][j] = _mm512_fmadd_ps(av, bv[j], acc[r][j]);
-    }
-  }
-  const __m512 va = _mm512_set1_ps(alpha);
-  // Two loops, not one with a select: a select made GCC keep the accumulators in a stack array.
-  if (accumulate) {
-    _Pragma("GCC unroll 16") for (int r = 0; r < MR; ++r) _Pragma("GCC unroll 4") for (int j = 0; j < NP; ++j) {
-      float* cp = c + r * ldc + j * kPanel;
-      _mm512_storeu_ps(cp, _mm512_fmadd_ps(va, acc[r][j], _mm512_loadu_ps(cp)));
-    }
-  } else {
-    _Pragma("GCC unroll 16") for (int r = 0; r < MR; ++r) _Pragma("GCC unroll 4") for (int j = 0; j < NP; ++j)
-      _mm512_storeu_ps(c + r * ldc + j * kPanel, _mm512_mul_ps(va, acc[r][j]));
-  }
-}
-
-using PanelBlockFn = void (*)(int64_t, float, const float*, int64_t, const float*, int64_t, float*, int64_t, bool);
-
-// panel_block_avx512<mr, np> for mr 1..12 (np = 1) and mr 1..6 (np 2..4).
-inline PanelBlockFn panel_block_fn(int64_t mr, int64_t np) {
-  static constexpr PanelBlockFn one[12] = {
-      panel_block_avx512<1, 1>, panel_block_avx512<2, 1>, panel_block_avx512<3, 1>, panel_block_avx512<4, 1>,
-      panel_block_avx512<5, 1>, panel_block_avx512<6, 1>, panel_block_avx512<7, 1>, panel_block_avx512<8, 1>,
-      panel_block_avx512<9, 1>, panel_block_avx512<10, 1>, panel_block_avx512<11, 1>, panel_block_avx512<12, 1>};
-  static constexpr PanelBlockFn many[3][6] = {
-      {panel_block_avx512<1, 2>, panel_block_avx512<2, 2>, panel_block_avx512<3, 2>, panel_block_avx512<4, 2>,
-       panel_block_avx512<5, 2>, panel_block_avx512<6, 2>},
-      {panel_block_avx512<1, 3>, panel_block_avx512<2, 3>, panel_block_avx512<3, 3>, panel_block_avx512<4, 3>,
-       panel_block_avx512<5, 3>, panel_block_avx512<6, 3>},
-      {panel_block_avx512<1, 4>, panel_block_avx512<2, 4>, panel_block_avx512<3, 4>, panel_block_avx512<4, 4>,
-       panel_block_avx512<5, 4>, panel_block_avx512<6, 4>}};
-  return np == 1 ? one[mr - 1] : many[np - 2][mr - 1];
 }
 #endif
 
@@ -287,8 +312,8 @@ inline void gemm_panels(int64_t m, int64_t n_panels, int64_t k, float alpha, con
           _mm_prefetch(reinterpret_cast<const char*>(prefetch + line * kPanel), _MM_HINT_T1);
 #endif
 #ifdef HK_AVX512
-        panel_block_fn(std::min(MR, m - i0), np)(kc, alpha, a + i0 * lda + p0, lda, b, panel_stride,
-                                                 c + i0 * ldc + j * kPanel, ldc, acc);
+        block_fn<false>(std::min(MR, m - i0), np)(kc, alpha, a + i0 * lda + p0, lda, b, kPanel, panel_stride,
+                                                  c + i0 * ldc + j * kPanel, ldc, acc);
 #else
         panel_block(std::min(MR, m - i0), kc, alpha, a + i0 * lda + p0, lda, b,
                     c + i0 * ldc + j * kPanel, ldc, acc);
