@@ -346,11 +346,22 @@ void fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     at::parallel_for(0, d.B * d.Hk, 1, [&](int64_t begin, int64_t end) {
       Scratch w = make_scratch();
       std::vector<float> kbuf(kpack_size), vbuf(vpack_size);
+      const int64_t n_tiles = d.group * n_qt, share = (d.Lk + n_tiles - 1) / n_tiles;
       for (int64_t t = begin; t < end; ++t) {
         const int64_t hk = t % d.Hk, b = t / d.Hk;
         pack(b, hk, kbuf.data(), vbuf.data());
+        // The next pair's K and V rows, a share before each query tile (see prefetch_kv_rows).
+        const bool next = t + 1 < end && ks[3] == 1 && vs[3] == 1;
+        const T* nk = kp + (t + 1) / d.Hk * ks[0] + (t + 1) % d.Hk * ks[2];
+        const T* nv = vp + (t + 1) / d.Hk * vs[0] + (t + 1) % d.Hk * vs[2];
+        int64_t tile = 0;
         for (int64_t h = hk * d.group; h < (hk + 1) * d.group; ++h)
-          for (int64_t qt = 0; qt < n_qt; ++qt) query_tile(w, b, h, qt, kbuf.data(), vbuf.data());
+          for (int64_t qt = 0; qt < n_qt; ++qt, ++tile) {
+            if (next)
+              prefetch_kv_rows(nk, ks[1], d.D, nv, vs[1], d.Dv, std::min(d.Lk, tile * share),
+                               std::min(d.Lk, (tile + 1) * share));
+            query_tile(w, b, h, qt, kbuf.data(), vbuf.data());
+          }
       }
     });
     return;
