@@ -180,16 +180,26 @@ inline BlockFn block_fn(int64_t mr, int64_t np) {
   return np == 1 ? one[mr - 1] : by_np[np - 1][mr - 1];
 }
 
+// Size of the next register block along a dimension with `left` rows (or panels) to go and blocks of
+// `full`: a remainder of 1-3 after a full block is merged with it and split evenly (6 + 1 rows run
+// as 3 + 4, 4 + 1 panels as 3 + 2), since a block one row or panel thin has too few independent
+// accumulators and the most loads per FMA (the L=680 diagonal tiles have 128, 100, 91, 41 rows and
+// 17 panels).
+inline int64_t balanced_block(int64_t left, int64_t full) {
+  return left > full && left < full + 4 ? (left + 1) / 2 : std::min(left, full);
+}
+
 // C[m, n] += alpha * op(A)[m, k] * B[k, n] (row-major, n % 16 == 0): gemm_acc_narrow's AVX-512 path.
 template <bool TransA>
 inline void gemm_acc_narrow_avx512(int64_t m, int64_t n, int64_t k, float alpha, const float* a,
                                    int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc) {
-  constexpr int64_t MR = 6;
-  for (int64_t j0 = 0; j0 < n; j0 += 64) {
-    const int64_t np = std::min<int64_t>(4, (n - j0) / 16);
-    for (int64_t i0 = 0; i0 < m; i0 += MR)
-      block_fn<TransA>(std::min(MR, m - i0), np)(k, alpha, TransA ? a + i0 : a + i0 * lda, lda, b + j0, ldb, 16,
-                                                 c + i0 * ldc + j0, ldc, true);
+  for (int64_t j0 = 0, np; j0 < n; j0 += 16 * np) {
+    np = balanced_block((n - j0) / 16, 4);
+    for (int64_t i0 = 0, mr; i0 < m; i0 += mr) {
+      mr = balanced_block(m - i0, 6);
+      block_fn<TransA>(mr, np)(k, alpha, TransA ? a + i0 : a + i0 * lda, lda, b + j0, ldb, 16, c + i0 * ldc + j0,
+                               ldc, true);
+    }
   }
 }
 #endif
@@ -296,27 +306,30 @@ inline void gemm_panels(int64_t m, int64_t n_panels, int64_t k, float alpha, con
   constexpr int64_t NP = 1, MR = 6;
 #endif
   const int64_t blocks = (m + MR - 1) / MR * ((n_panels + NP - 1) / NP) * ((k + kPanelDepth - 1) / kPanelDepth);
-  const int64_t per_block = prefetch && blocks ? (prefetch_rows + blocks - 1) / blocks : 0;
-  int64_t line = 0;
+  [[maybe_unused]] const int64_t per_block = prefetch && blocks ? (prefetch_rows + blocks - 1) / blocks : 0;
+  [[maybe_unused]] int64_t line = 0;
   for (int64_t p0 = 0; p0 < k; p0 += kPanelDepth) {
     const int64_t kc = std::min(kPanelDepth, k - p0);
     const bool acc = accumulate || p0 > 0;
-    for (int64_t j = 0; j < n_panels; j += NP) {
-      const float* b = bp + j * panel_stride + p0 * kPanel;
 #ifdef HK_AVX512
-      const int64_t np = std::min(NP, n_panels - j);
+    for (int64_t j = 0, np; j < n_panels; j += np) {
+      np = balanced_block(n_panels - j, NP);
+#else
+    for (int64_t j = 0, np = 1; j < n_panels; j += np) {
 #endif
-      for (int64_t i0 = 0; i0 < m; i0 += MR) {
+      const float* b = bp + j * panel_stride + p0 * kPanel;
+      for (int64_t i0 = 0, mr; i0 < m; i0 += mr) {
 #ifdef HK_AVX2
         for (const int64_t end = std::min(prefetch_rows, line + per_block); line < end; ++line)
           _mm_prefetch(reinterpret_cast<const char*>(prefetch + line * kPanel), _MM_HINT_T1);
 #endif
 #ifdef HK_AVX512
-        block_fn<false>(std::min(MR, m - i0), np)(kc, alpha, a + i0 * lda + p0, lda, b, kPanel, panel_stride,
-                                                  c + i0 * ldc + j * kPanel, ldc, acc);
+        mr = balanced_block(m - i0, MR);
+        block_fn<false>(mr, np)(kc, alpha, a + i0 * lda + p0, lda, b, kPanel, panel_stride, c + i0 * ldc + j * kPanel,
+                                ldc, acc);
 #else
-        panel_block(std::min(MR, m - i0), kc, alpha, a + i0 * lda + p0, lda, b,
-                    c + i0 * ldc + j * kPanel, ldc, acc);
+        mr = std::min(MR, m - i0);
+        panel_block(mr, kc, alpha, a + i0 * lda + p0, lda, b, c + i0 * ldc + j * kPanel, ldc, acc);
 #endif
       }
     }
@@ -518,13 +531,15 @@ inline float hmax8(__m256 v) {
 #endif
 
 #ifdef HK_AVX512
-// op(low 8 lanes, high 8 lanes). Through memory, not _mm512_reduce_*: those inline GCC 12's false
-// maybe-uninitialized warning (see the top of this file) into every caller's function.
+// op(low 8 lanes, high 8 lanes), in registers. Not _mm512_reduce_* or _mm512_castps512_ps256: those
+// inline GCC 12's false maybe-uninitialized warning (see the top of this file) into every caller; the
+// masked extract names its pass-through operand. (A version through a 64-byte stack buffer cost a
+// store-forwarding stall per softmax row.)
 template <class Op>
 inline __m256 halves(__m512 v, Op op) {
-  alignas(64) float t[16];
-  _mm512_store_ps(t, v);
-  return op(_mm256_load_ps(t), _mm256_load_ps(t + 8));
+  const __m512d d = _mm512_castps_pd(v);
+  return op(_mm256_castpd_ps(_mm512_mask_extractf64x4_pd(_mm256_setzero_pd(), 0xF, d, 0)),
+            _mm256_castpd_ps(_mm512_mask_extractf64x4_pd(_mm256_setzero_pd(), 0xF, d, 1)));
 }
 #endif
 
