@@ -75,10 +75,11 @@ inline void pack_kt_panels(const T* src, int64_t n, int64_t D, int64_t row_strid
 }
 
 // Packs the values of one (batch, kv head) as column panels: panel p holds dims [16p, 16p + 16) of
-// every key as n rows of 16 floats; dims past D are zero.
+// every key as rows of 16 floats, panel_rows (default n) rows per panel; dims past D are zero.
 template <typename T>
 inline void pack_v_panels(const T* src, int64_t n, int64_t D, int64_t row_stride, int64_t col_stride,
-                          float* dst) {
+                          float* dst, int64_t panel_rows = -1) {
+  if (panel_rows < 0) panel_rows = n;
   const int64_t np = (D + kPanel - 1) / kPanel;
   constexpr int64_t kAhead = 8;  // rows
   if (col_stride == 1) prefetch_rows(src, std::min(kAhead, n), row_stride, D);
@@ -86,7 +87,7 @@ inline void pack_v_panels(const T* src, int64_t n, int64_t D, int64_t row_stride
     const T* row = src + key * row_stride;
     if (col_stride == 1 && key + kAhead < n) prefetch_rows(row + kAhead * row_stride, 1, row_stride, D);
     for (int64_t p = 0; p < np; ++p) {
-      float* out = dst + (p * n + key) * kPanel;
+      float* out = dst + (p * panel_rows + key) * kPanel;
       if constexpr (std::is_same_v<T, float>) {
         if (col_stride == 1 && (p + 1) * kPanel <= D) {
           std::memcpy(out, row + p * kPanel, kPanel * sizeof(float));

@@ -253,12 +253,33 @@ void fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 
   // K^T and V of a (batch, kv head) pair are packed once in float panels (O(L * D) per pair) instead
   // of once per query tile; that also converts bf16 inputs a single time.
-  const int64_t k_panels = (d.Lk + kPanel - 1) / kPanel, v_panels = (d.Dv + kPanel - 1) / kPanel;
-  const int64_t kpack_size = k_panels * d.D * kPanel, vpack_size = v_panels * d.Lk * kPanel;
+  // The diagonal pattern, where every row sees its own segment only, packs each segment from a fresh
+  // panel (seg_panel[s]; the last panel's spare columns zero): a segment's key tiles then start at its
+  // first key, not at the panel boundary below it, so no score left of the segment is computed and
+  // masked (L=680: 256 keys in 16 panels instead of 17, 169 in 11 instead of 12). S = Q K^T is the
+  // same arithmetic per (query, key) whichever column a key lands in, so the backward, which packs
+  // unpadded, recomputes bit-identical scores.
+  const bool seg_aligned = pattern == kSegmentDiagonal;
+  std::vector<int64_t> seg_panel(nseg + 1, 0);
+  for (int64_t s = 0; s < nseg; ++s)
+    seg_panel[s + 1] = seg_panel[s] + (seg_aligned ? (off[s + 1] - off[s] + kPanel - 1) / kPanel : 0);
+  const int64_t k_panels = seg_aligned ? seg_panel[nseg] : (d.Lk + kPanel - 1) / kPanel;
+  const int64_t v_rows = seg_aligned ? k_panels * kPanel : d.Lk, v_panels = (d.Dv + kPanel - 1) / kPanel;
+  const int64_t kpack_size = k_panels * d.D * kPanel, vpack_size = v_panels * v_rows * kPanel;
   const int64_t ldacc = v_panels * kPanel;
   auto pack = [&](int64_t b, int64_t hk, float* kdst, float* vdst) {
-    pack_kt_panels(kp + b * ks[0] + hk * ks[2], d.Lk, d.D, ks[1], ks[3], kdst, temp != nullptr);
-    pack_v_panels(vp + b * vs[0] + hk * vs[2], d.Lk, d.Dv, vs[1], vs[3], vdst);
+    const T* kb = kp + b * ks[0] + hk * ks[2];
+    const T* vb = vp + b * vs[0] + hk * vs[2];
+    if (!seg_aligned) {
+      pack_kt_panels(kb, d.Lk, d.D, ks[1], ks[3], kdst, temp != nullptr);
+      pack_v_panels(vb, d.Lk, d.Dv, vs[1], vs[3], vdst);
+      return;
+    }
+    for (int64_t s = 0; s < nseg; ++s) {
+      const int64_t n = off[s + 1] - off[s], c = seg_panel[s] * kPanel;
+      pack_kt_panels(kb + off[s] * ks[1], n, d.D, ks[1], ks[3], kdst + c * d.D, temp != nullptr);
+      pack_v_panels(vb + off[s] * vs[1], n, d.Dv, vs[1], vs[3], vdst + c * kPanel, v_rows);
+    }
   };
 
   struct Scratch {
@@ -305,10 +326,11 @@ void fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         l[i] = l[i] * alpha + sum;
         m[i] = m_new;
       }
-      gemm_panels(i1 - i0, v_panels, nc, 1.f, s, lds, vpanels + c0 * kPanel, d.Lk * kPanel,
+      gemm_panels(i1 - i0, v_panels, nc, 1.f, s, lds, vpanels + c0 * kPanel, v_rows * kPanel,
                   acc + i0 * ldacc, ldacc, /*accumulate=*/true);
     };
-    // Tile rows [i0, i1), which all see exactly keys [lo, hi), against those keys' panels alone.
+    // Tile rows [i0, i1), which all see exactly keys [lo, hi), against those keys' panels alone
+    // (lo, hi: positions in the packed keys).
     auto attend_run = [&](int64_t i0, int64_t i1, int64_t lo, int64_t hi) {
       for (int64_t c0 = lo / kPanel * kPanel; c0 < hi; c0 += block_k) {
         const int64_t nc = std::min(hi, c0 + block_k) - c0;
@@ -319,13 +341,15 @@ void fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
         absorb(i0, i1, sp, c0, nc);
       }
     };
-    // A diagonal tile holding several whole segments (VAR's first scales share one tile): each
-    // segment's rows attend its own keys only, instead of every row the hull of all of them (the
-    // L=680 first tile: 91 x 96 scores for 2,275 visible ones; 3,664 this way).
-    if (pattern == kSegmentDiagonal && rr.rows[0].lo0 != rr.rows[nr - 1].lo0) {
+    // Diagonal: each segment's rows attend its own keys, packed from a fresh panel (seg_aligned). A
+    // tile holding several whole segments (VAR's first scales share one) thus runs segment by
+    // segment instead of every row against the hull of all of them (the L=680 first tile: 91 x 96
+    // scores for 2,275 visible ones; 3,008 this way).
+    if (seg_aligned) {
       for (int64_t i0 = 0, i1; i0 < nr; i0 = i1) {
         for (i1 = i0 + 1; i1 < nr && rr.rows[i1].lo0 == rr.rows[i0].lo0;) ++i1;
-        attend_run(i0, i1, rr.rows[i0].lo0, rr.rows[i0].hi0);
+        const int64_t lo = seg_panel[segment_of(off, nseg, rr.rows[i0].lo0)] * kPanel;
+        attend_run(i0, i1, lo, lo + rr.rows[i0].hi0 - rr.rows[i0].lo0);
       }
     } else {
       // Key tiles start on a panel boundary; keys left of a row's range are masked like any other.
