@@ -376,17 +376,6 @@ inline float gelu_tanh_grad(float y) {
 }
 
 #ifdef HK_AVX2
-// Eight lanes of fast_exp (same polynomial, same error, same exact 0 below -87) for each of N vectors,
-// in place, stage by stage across the N. One exp8 is a ~45-cycle dependency chain of ~20 uops;
-// issued one after another, the out-of-order window holds only two or three of them, so a loop of
-// single exps runs well below the FMA throughput. Interleaving N chains in program order hands the
-// core N independent uops at every stage; the result is bit-identical for any N. N = 4 keeps the
-// working set (x, t, f, p of each) inside the 16 ymm registers.
-// n = round(x log2 e) comes from adding and subtracting 1.5 * 2^23 (round to nearest even, as
-// nearbyint) and 2^n from the low bits of that sum: two adds on the FADD ports instead of vroundps
-// and vcvtps2dq, which share a port with the polynomial's FMAs. Same n, same bits.
-// Clamp = false skips the clamp to [-87, 88] and the underflow mask: for callers that have checked
-// that every input lies in that range, where both are the identity (same bits again).
 // The vector operations exp_n needs, per register width, so the AVX2 and AVX-512 versions are one
 // algorithm (and lane for lane the same bits).
 struct Vec8 {
