@@ -639,6 +639,20 @@ void lanes8_steps(int64_t nt, int64_t n_arg, const float* dt, const float* cf, c
 // copy no longer paid: transposing straight from the rows is 6-9% faster (31.8 vs 33.9 ms at l = 680,
 // 100 vs 108 ms at l = 2240). Into L1 (T0) the prefetch gained nothing: the exps already fill it.
 // Prefetching the output rows for writing measured 2% slower.
+// HIERKERN_CPU_SCAN_PREFETCH=1|0 forces it on or off. By default it is on for AMD CPUs only: on the
+// fourteenth session's Xeon the software prefetches stalled the issuing thread (42% of fwd_lanes8's own
+// samples sat on the prefetch loop), and without them the forward was faster in each of eight
+// alternating pairs at l = 2240 (b=8, d=2048): 107-122 ms against 112-133 (~2% at l = 680).
+inline bool scan_prefetch_enabled() {
+  static const bool on = [] {
+    const char* e = std::getenv("HIERKERN_CPU_SCAN_PREFETCH");
+    if (e && e[0]) return e[0] != '0';
+    __builtin_cpu_init();
+    return (bool)__builtin_cpu_is("amd");
+  }();
+  return on;
+}
+
 inline void prefetch_share(const at::Tensor& delta, const at::Tensor& u, const std::optional<at::Tensor>& z,
                            int64_t l, int64_t b, int64_t d0, int64_t next_b, int64_t next_d0, int64_t part,
                            int64_t parts) {
@@ -721,7 +735,8 @@ void fwd_lanes8(const at::Tensor& u, const at::Tensor& delta, const std::vector<
     int64_t i0 = 0;
     if constexpr (std::is_same_v<T, float>) {
       if (blocks) {
-        prefetch_share(delta, u, z, s.l, b, d0, next_b, next_d0, t0 / kTimeBlock, (s.l + kTimeBlock - 1) / kTimeBlock);
+        if (scan_prefetch_enabled())
+          prefetch_share(delta, u, z, s.l, b, d0, next_b, next_d0, t0 / kTimeBlock, (s.l + kTimeBlock - 1) / kTimeBlock);
         for (; i0 + 8 <= nt; i0 += 8) {
           transpose8x8(ds[0].p + t0 + i0, sd, dt + i0 * L, L);
           transpose8x8(us[0].p + t0 + i0, su, uu + i0 * L, L);
