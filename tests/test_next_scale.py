@@ -36,6 +36,16 @@ def _check(impl, device, sizes, pattern, dtype, B, H, Hkv, D, strides="contiguou
         assert_close_rel(f"{impl}/{name}", got, a, b)
 
 
+@pytest.mark.parametrize("impl,device", [b for b in BACKENDS if b[0] == "cpu"])
+@pytest.mark.parametrize("D", [32, 48, 64, 80, 96])
+def test_cpu_register_block_tails(impl, device, D):
+    """Single scales of 1..40 tokens and a few longer ones: every query-tile height and key panel
+    count the CPU GEMMs split into register blocks (6 rows x up to 4 panels of 16 keys, a 1-3
+    remainder merged and split evenly); the head dims give the narrow GEMMs 2 to 6 panels."""
+    for n in list(range(1, 41)) + [49, 65, 81, 97, 113, 127, 128, 129, 145]:
+        _check(impl, device, (n,), "diagonal", torch.float32, B=1, H=2, Hkv=1, D=D)
+
+
 @pytest.mark.parametrize("impl,device", BACKENDS)
 @pytest.mark.parametrize("pattern", ["causal", "diagonal"])
 @pytest.mark.parametrize("schedule", list(SCHEDULES))

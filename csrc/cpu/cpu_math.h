@@ -381,6 +381,9 @@ inline float gelu_tanh_grad(float y) {
 struct Vec8 {
   using V = __m256;
   using M = __m256;  // lane mask
+  static constexpr int64_t kLanes = 8;
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, V x) { _mm256_storeu_ps(p, x); }
   static V set1(float x) { return _mm256_set1_ps(x); }
   static V add(V a, V b) { return _mm256_add_ps(a, b); }
   static V sub(V a, V b) { return _mm256_sub_ps(a, b); }
@@ -401,6 +404,9 @@ struct Vec8 {
 struct Vec16 {
   using V = __m512;
   using M = __mmask16;
+  static constexpr int64_t kLanes = 16;
+  static V load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, V x) { _mm512_storeu_ps(p, x); }
   static V set1(float x) { return _mm512_set1_ps(x); }
   static V add(V a, V b) { return _mm512_add_ps(a, b); }
   static V sub(V a, V b) { return _mm512_sub_ps(a, b); }
@@ -558,39 +564,39 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return acc;
 }
 
+#ifdef HK_AVX2
+// x[j] = exp(x[j] - m) in place from j on, in chunks of four vectors of O's width (four exps
+// interleaved, exp_n); with vs, their sum is added to *vs in order. Returns the first j not done.
+template <class O>
+inline int64_t exp_sub_chunks(float* x, int64_t j, int64_t n, float m, typename O::V* vs) {
+  constexpr int64_t W = O::kLanes;
+  const typename O::V vm = O::set1(m);
+  for (; j + 4 * W <= n; j += 4 * W) {
+    typename O::V p[4];
+    for (int u = 0; u < 4; ++u) p[u] = O::sub(O::load(x + j + W * u), vm);
+    exp_n<O, 4>(p);
+    for (int u = 0; u < 4; ++u) {
+      O::store(x + j + W * u, p[u]);
+      if (vs) *vs = O::add(*vs, p[u]);
+    }
+  }
+  return j;
+}
+#endif
+
 // x[j] = exp(x[j] - m) in place; returns the sum.
 inline float exp_sub_sum(float* x, int64_t n, float m) {
   float sum = 0.f;
   int64_t j = 0;
 #ifdef HK_AVX512
-  {
-    const __m512 vm = _mm512_set1_ps(m);
-    __m512 vs = _mm512_setzero_ps();
-    for (; j + 64 <= n; j += 64) {  // as below, 16 lanes wide
-      __m512 p[4];
-      for (int u = 0; u < 4; ++u) p[u] = _mm512_sub_ps(_mm512_loadu_ps(x + j + 16 * u), vm);
-      exp_n<Vec16, 4>(p);
-      for (int u = 0; u < 4; ++u) {
-        _mm512_storeu_ps(x + j + 16 * u, p[u]);
-        vs = _mm512_add_ps(vs, p[u]);
-      }
-    }
-    sum = hsum8(halves(vs, [](__m256 a, __m256 b) { return _mm256_add_ps(a, b); }));
-  }
+  __m512 vw = _mm512_setzero_ps();
+  j = exp_sub_chunks<Vec16>(x, j, n, m, &vw);
+  sum = hsum8(halves(vw, [](__m256 a, __m256 b) { return _mm256_add_ps(a, b); }));
 #endif
 #ifdef HK_AVX2
-  const __m256 vm = _mm256_set1_ps(m);
   __m256 vs = _mm256_setzero_ps();
-  for (; j + 32 <= n; j += 32) {  // four exps interleaved (exp8_n); the sum in the same order
-    __m256 p[4];
-    for (int u = 0; u < 4; ++u) p[u] = _mm256_sub_ps(_mm256_loadu_ps(x + j + 8 * u), vm);
-    exp8_n<4>(p);
-    for (int u = 0; u < 4; ++u) {
-      _mm256_storeu_ps(x + j + 8 * u, p[u]);
-      vs = _mm256_add_ps(vs, p[u]);
-    }
-  }
-  for (; j + 8 <= n; j += 8) {
+  j = exp_sub_chunks<Vec8>(x, j, n, m, &vs);
+  for (const __m256 vm = _mm256_set1_ps(m); j + 8 <= n; j += 8) {
     const __m256 p = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + j), vm));
     _mm256_storeu_ps(x + j, p);
     vs = _mm256_add_ps(vs, p);
@@ -608,25 +614,12 @@ inline float exp_sub_sum(float* x, int64_t n, float m) {
 inline void exp_sub(float* x, int64_t n, float m) {
   int64_t j = 0;
 #ifdef HK_AVX512
-  {
-    const __m512 vm = _mm512_set1_ps(m);
-    for (; j + 64 <= n; j += 64) {
-      __m512 p[4];
-      for (int u = 0; u < 4; ++u) p[u] = _mm512_sub_ps(_mm512_loadu_ps(x + j + 16 * u), vm);
-      exp_n<Vec16, 4>(p);
-      for (int u = 0; u < 4; ++u) _mm512_storeu_ps(x + j + 16 * u, p[u]);
-    }
-  }
+  j = exp_sub_chunks<Vec16>(x, j, n, m, nullptr);
 #endif
 #ifdef HK_AVX2
-  const __m256 vm = _mm256_set1_ps(m);
-  for (; j + 32 <= n; j += 32) {
-    __m256 p[4];
-    for (int u = 0; u < 4; ++u) p[u] = _mm256_sub_ps(_mm256_loadu_ps(x + j + 8 * u), vm);
-    exp8_n<4>(p);
-    for (int u = 0; u < 4; ++u) _mm256_storeu_ps(x + j + 8 * u, p[u]);
-  }
-  for (; j + 8 <= n; j += 8) _mm256_storeu_ps(x + j, exp8(_mm256_sub_ps(_mm256_loadu_ps(x + j), vm)));
+  j = exp_sub_chunks<Vec8>(x, j, n, m, nullptr);
+  for (const __m256 vm = _mm256_set1_ps(m); j + 8 <= n; j += 8)
+    _mm256_storeu_ps(x + j, exp8(_mm256_sub_ps(_mm256_loadu_ps(x + j), vm)));
 #endif
   for (; j < n; ++j) x[j] = fast_exp(x[j] - m);
 }
