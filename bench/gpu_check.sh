@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One prepared check for a lent GPU (H200, no network): build, static GPU check, the full test suite
-# on CUDA (pytest-xdist when present), then the benchmarks: next_scale report, skip_causal, causal_conv1d, ssd_scan,
+# on CUDA (pytest-xdist when present), then a Triton tile-config sweep (bench/tune_triton.py, whose
+# choices the later steps use) and the benchmarks: next_scale report, skip_causal, causal_conv1d, ssd_scan,
 # a wall-vs-kernel-time profile, the VAR/HMAR models, M-VAR, axial attention, selective_scan (CUDA, issue shapes),
 # cached_attention and kv_reuse; the selective_scan CUDA tests run in their own step after the suite. Every step has a timeout
 # taken from one overall budget (GPU_CHECK_BUDGET_S, default 450 s).
@@ -8,7 +9,8 @@
 #   bash bench/gpu_check.sh            # run from the repository root; results under $OUT (default ./out)
 #
 # Knobs: GPU_CHECK_STEPS=build,tests,... runs a subset (a rerun on a short device budget);
-# GPU_CHECK_SKIP_STATIC=1 skips the static check (CI runs it on every commit); GPU_CHECK_REPORT_ARGS
+# GPU_CHECK_SKIP_STATIC=1 skips the static check (CI runs it on every commit); GPU_CHECK_NO_TUNED=1 keeps
+# the table configs for the benchmarks even when the tune step chose others; GPU_CHECK_REPORT_ARGS
 # passes extra arguments to bench.report (e.g. "--configs VAR512 --ops fwd"); GPU_CHECK_PACK=FILE keeps a
 # tarball of $OUT, refreshed after every step (the device tool returns at most 8 files).
 # A full run, as the device tool calls it:
@@ -100,6 +102,22 @@ step cpp_errors "$(budget_for 40 150)" "$PY" -m pytest -q -p no:cacheprovider -p
 # on the device; it has no network, so it may not be) the NVRTC route; the NVRTC compile test too.
 step scan_cuda_tests "$(budget_for 90 160)" "$PY" -m pytest -q -p no:cacheprovider -p no:xdist \
     tests/test_selective_scan_cuda.py tests/test_selective_scan_nvrtc.py -rs
+
+# Triton tile configs: each attention kernel's table entry against its TUNE_CANDIDATES (all compiled
+# spill-free for sm_90 by the static check) at the benchmark shapes, device time of CUDA-graph replays
+# (bench/tune_triton.py). The chosen configs go to $OUT/triton_configs.json (rewritten after every
+# kernel, so a cut-short run keeps what it measured) and, unless GPU_CHECK_NO_TUNED is set, every later
+# step runs with them (HIERKERN_TRITON_CONFIGS; the report's header lists them). Fold them into the
+# tables of hierkern/ops/attention/triton.py once measured.
+mkdir -p "$OUT/bench"
+TT="$(budget_for 110 220)"
+step tune "$TT" "$PY" -m bench.tune_triton --out "$OUT/bench/triton_tune_cuda.json" \
+    --configs-out "$OUT/triton_configs.json" --time-limit $((TT > 50 ? TT - 30 : 20))
+if [ -s "$OUT/triton_configs.json" ] && [ -z "${GPU_CHECK_NO_TUNED:-}" ]; then
+    export HIERKERN_TRITON_CONFIGS="$OUT/triton_configs.json"
+    cp "$OUT/triton_configs.json" "$OUT/bench/triton_configs_cuda.json"
+    say "later steps run with the tuned Triton configs: $(tr -d ' \n' < "$OUT/triton_configs.json")"
+fi
 
 # The report stops starting new configs 35 s before its timeout, so it always writes its outputs.
 BT="$(budget_for 600 130)"

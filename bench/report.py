@@ -51,6 +51,9 @@ def environment(device):
             timespec="seconds")
     except Exception:  # noqa: BLE001 - informational only
         pass
+    if os.environ.get("HIERKERN_TRITON_CONFIGS"):  # tuned configs in force (bench/tune_triton.py)
+        from hierkern.ops.attention import triton as tk
+        env["triton_config_overrides"] = tk.active_overrides()
     if device == "cuda":
         env["gpu"] = torch.cuda.get_device_name()
         env["cuda"] = torch.version.cuda
@@ -122,6 +125,11 @@ def markdown(env, configs, rows, targets, skipped, quick, elapsed):
         lines.append("")
         lines.append(f"code: git {env['git_head']}" + (f" + uncommitted changes in {', '.join(dirty)}" if dirty else "")
                      + (f"; hierkern._C built {env['hierkern_C_mtime']}" if env.get("hierkern_C_mtime") else ""))
+    if env.get("triton_config_overrides"):
+        lines.append("")
+        lines.append("Triton configs overridden by HIERKERN_TRITON_CONFIGS (not the committed tables): "
+                     + "; ".join(f"{o['kernel']} d{o['head_dim']} {o['block_m']}x{o['block_n']} "
+                                 f"w{o['num_warps']} s{o['num_stages']}" for o in env["triton_config_overrides"]))
     lines.append("")
     lines.append("Median ms of single calls after warm-up; TFLOP/s counts useful FLOPs only "
                  "(4·B·H·D·visible_pairs forward, 3.5x that for fwd+bwd); peak MB is the peak extra "

@@ -29,7 +29,9 @@ relative error in P.
 Operands a dot needs transposed are loaded transposed from global memory rather than tl.trans'ed in
 registers: on sm_80 a register transpose feeding mma keeps a whole tile per warp live and spills.
 """
+import contextlib
 import itertools
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -585,6 +587,25 @@ _DQ_GPU = {
     (128, 32): _Config(32, 32, 8, 1),
     (256, 32): _Config(32, 16, 8, 1),
 }
+# Alternatives bench/tune_triton.py times against the table entries on a lent GPU (16-bit, the head dims
+# of VAR / HMAR (64) and Infinity (128)); tests/static_gpu_check.py compiles each for sm_90 (the H200)
+# with the same checks as the tables, so any of them can become an entry (or an override) as is.
+TUNE_CANDIDATES = {
+    "fwd": {
+        (64, 16): [_Config(128, 128, 8, 3), _Config(64, 64, 4, 3), _Config(128, 64, 8, 4),
+                   _Config(128, 32, 4, 4)],
+        (128, 16): [_Config(128, 64, 8, 3), _Config(64, 64, 4, 3), _Config(128, 32, 8, 3)],
+    },
+    "dkdv": {
+        (64, 16): [_Config(32, 64, 4, 2), _Config(32, 64, 4, 3), _Config(32, 128, 8, 3), _Config(64, 64, 8, 2)],
+        (128, 16): [_Config(32, 64, 8, 2), _Config(32, 128, 8, 2)],
+    },
+    "dq": {
+        (64, 16): [_Config(64, 64, 4, 3), _Config(128, 64, 8, 2), _Config(64, 32, 4, 3), _Config(128, 32, 8, 3)],
+        (128, 16): [_Config(64, 64, 8, 3), _Config(128, 64, 8, 2), _Config(64, 32, 4, 2)],
+    },
+}
+
 _DELTA_BLOCK_M = 64  # the delta preprocess is a row reduction: any tile height works, 64 rows is plenty
 _DELTA_WARPS = 4
 
@@ -608,25 +629,122 @@ def _interpreted(device):
     return torch.device(device).type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _config(table, interpreted_cfg, head_dim, dtype, device, ampere=None):
+def _config(kernel, table, interpreted_cfg, head_dim, dtype, device, ampere=None):
+    key = (_bucket(head_dim), torch.finfo(dtype).bits)
+    override = _OVERRIDES.get((kernel,) + key)
+    if override is not None:
+        return override
     if _interpreted(device):
         return interpreted_cfg
-    key = (_bucket(head_dim), torch.finfo(dtype).bits)
     if ampere and key in ampere and torch.cuda.get_device_capability(device)[0] < 9:
         return ampere[key]
     return table[key]
 
 
 def _fwd_config(head_dim, dtype, device):
-    return _config(_FWD_GPU, _INTERP_FWD, head_dim, dtype, device)
+    return _config("fwd", _FWD_GPU, _INTERP_FWD, head_dim, dtype, device)
 
 
 def _dkdv_config(head_dim, dtype, device):
-    return _config(_DKDV_GPU, _INTERP_DKDV, head_dim, dtype, device, ampere=_DKDV_GPU_SM80)
+    return _config("dkdv", _DKDV_GPU, _INTERP_DKDV, head_dim, dtype, device, ampere=_DKDV_GPU_SM80)
 
 
 def _dq_config(head_dim, dtype, device):
-    return _config(_DQ_GPU, _INTERP_DQ, head_dim, dtype, device)
+    return _config("dq", _DQ_GPU, _INTERP_DQ, head_dim, dtype, device)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Config overrides (tuning on a GPU without editing the tables)
+# ----------------------------------------------------------------------------------------------------
+# HIERKERN_TRITON_CONFIGS (read at import: a JSON file's path, or the JSON text itself) or
+# override_configs() replace table entries: a JSON list of objects
+#   {"kernel": "fwd" | "dkdv" | "dq", "head_dim": 64 | 128 | 256 (the bucket), "dtype": "float16" |
+#    "bfloat16" | "float32", "block_m": int, "block_n": int, "num_warps": int, "num_stages": int}.
+# bits: float16 and bfloat16 share a table entry (16), as in the tables. An override wins everywhere,
+# the interpreter and Ampere included; an entry no table has (e.g. head_dim 96) is refused. Nothing is
+# compiled until a call needs it, and a config outside tests/static_gpu_check.py's list has not been
+# checked for spills: bench/tune_triton.py only times the candidates below, which the check compiles.
+_KERNELS = ("fwd", "dkdv", "dq")
+_DTYPE_BITS = {"float16": 16, "bfloat16": 16, "float32": 32}
+_CONFIG_FIELDS = ("block_m", "block_n", "num_warps", "num_stages")
+_OVERRIDES: dict = {}
+
+
+def parse_config_overrides(spec, source="HIERKERN_TRITON_CONFIGS") -> dict:
+    """{(kernel, head-dim bucket, dtype bits): _Config} from the JSON list described above (a list, a
+    JSON string or a path to a JSON file). Raises ValueError naming the entry and field at fault."""
+    if isinstance(spec, str):
+        text = spec
+        if not spec.lstrip().startswith("["):
+            try:
+                with open(spec) as f:
+                    text = f.read()
+            except OSError as e:
+                raise ValueError(f"{source}: expected a JSON list or the path of a JSON file, got {spec!r} ({e})")
+        try:
+            spec = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{source}: invalid JSON: {e}") from None
+    if not isinstance(spec, list):
+        raise ValueError(f"{source}: expected a JSON list of config objects, got {type(spec).__name__}")
+    out = {}
+    for i, entry in enumerate(spec):
+        where = f"{source}[{i}]"
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where}: expected an object, got {entry!r}")
+        unknown = set(entry) - {"kernel", "head_dim", "dtype", *_CONFIG_FIELDS}
+        if unknown:
+            raise ValueError(f"{where}: unknown field(s) {sorted(unknown)}")
+        missing = [f for f in ("kernel", "head_dim", "dtype", *_CONFIG_FIELDS) if f not in entry]
+        if missing:
+            raise ValueError(f"{where}: missing field(s) {missing}")
+        if entry["kernel"] not in _KERNELS:
+            raise ValueError(f"{where}: kernel must be one of {_KERNELS}, got {entry['kernel']!r}")
+        if entry["head_dim"] not in _HEAD_DIM_BUCKETS:
+            raise ValueError(f"{where}: head_dim must be a head-dim bucket {_HEAD_DIM_BUCKETS}, got {entry['head_dim']!r}")
+        if entry["dtype"] not in _DTYPE_BITS:
+            raise ValueError(f"{where}: dtype must be one of {sorted(_DTYPE_BITS)}, got {entry['dtype']!r}")
+        vals = {f: entry[f] for f in _CONFIG_FIELDS}
+        for f, v in vals.items():
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{where}: {f} must be a positive int, got {v!r}")
+        for f in ("block_m", "block_n"):
+            if vals[f] < 16 or vals[f] & (vals[f] - 1):
+                raise ValueError(f"{where}: {f} must be a power of two >= 16 (tl.dot tiles), got {vals[f]}")
+        if vals["num_warps"] not in (1, 2, 4, 8, 16):
+            raise ValueError(f"{where}: num_warps must be 1, 2, 4, 8 or 16, got {vals['num_warps']}")
+        out[(entry["kernel"], entry["head_dim"], _DTYPE_BITS[entry["dtype"]])] = _Config(**vals)
+    return out
+
+
+def config_entry(kernel, head_dim, dtype, cfg) -> dict:
+    """The JSON object of one override (head_dim is bucketed, dtype a torch dtype)."""
+    return {"kernel": kernel, "head_dim": _bucket(head_dim), "dtype": str(dtype).removeprefix("torch."),
+            **{f: getattr(cfg, f) for f in _CONFIG_FIELDS}}
+
+
+def active_overrides() -> list:
+    """The overrides in force, as JSON objects (dtype reported as float16 for a 16-bit entry)."""
+    names = {16: "float16", 32: "float32"}
+    return [{"kernel": k, "head_dim": d, "dtype": names[b], **{f: getattr(c, f) for f in _CONFIG_FIELDS}}
+            for (k, d, b), c in sorted(_OVERRIDES.items())]
+
+
+@contextlib.contextmanager
+def override_configs(spec):
+    """Within the block, the configs of `spec` (as HIERKERN_TRITON_CONFIGS) replace the table entries."""
+    parsed = parse_config_overrides(spec, source="override_configs")
+    saved = dict(_OVERRIDES)
+    _OVERRIDES.update(parsed)
+    try:
+        yield
+    finally:
+        _OVERRIDES.clear()
+        _OVERRIDES.update(saved)
+
+
+if os.environ.get("HIERKERN_TRITON_CONFIGS"):
+    _OVERRIDES.update(parse_config_overrides(os.environ["HIERKERN_TRITON_CONFIGS"]))
 
 
 def fwd_blocks(head_dim: int, dtype: torch.dtype, device: torch.device) -> tuple[int, int]:
@@ -787,6 +905,18 @@ def aot_configs() -> list[dict]:
                     if archs:
                         entry["archs"] = archs
                     entries.append(entry)
+        if dtype == torch.bfloat16:  # the tuning candidates, for the H200 (sm_90) only
+            for kname, kernel, _ in kernels:
+                for (bucket, _bits), cfgs in TUNE_CANDIDATES[kname].items():
+                    for cfg, qk_norm in itertools.product(cfgs, (False, True)):
+                        constexprs = {"HEAD_DIM": bucket, "BLOCK_D": bucket, "BLOCK_M": cfg.block_m,
+                                      "BLOCK_N": cfg.block_n, "DOT_PRECISION": "tf32", "QK_NORM": qk_norm}
+                        name = (f"{kname}_bf16_d{bucket}_cand_{cfg.block_m}x{cfg.block_n}"
+                                f"_w{cfg.num_warps}s{cfg.num_stages}" + ("_qknorm" if qk_norm else ""))
+                        entry = _aot_entry(name, kernel, dtype, constexprs, cfg.num_warps, cfg.num_stages,
+                                           uses_dot=True)
+                        entry["archs"] = (90,)
+                        entries.append(entry)
         entries.append(_aot_entry(f"delta_{_TRITON_DTYPE[dtype]}_d128", _bwd_delta_kernel, dtype,
                                   {"HEAD_DIM": 128, "BLOCK_D": 128, "BLOCK_M": _DELTA_BLOCK_M},
                                   _DELTA_WARPS, 1, uses_dot=False))

@@ -1,0 +1,110 @@
+"""Triton config overrides (HIERKERN_TRITON_CONFIGS / override_configs) and the tuning script's logic,
+under the interpreter: an override changes the tiles the launchers use, the results stay exact, and
+bad specifications fail with a message naming the entry and field."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from hierkern import _backend
+
+pytestmark = pytest.mark.skipif(not (_backend.has_triton() and _backend.triton_interpreted()),
+                                reason="needs triton under TRITON_INTERPRET=1")
+
+from test_next_scale import _check  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _entry(kernel, block_m, block_n, warps=4, stages=1, head_dim=64, dtype="float32"):
+    return {"kernel": kernel, "head_dim": head_dim, "dtype": dtype, "block_m": block_m, "block_n": block_n,
+            "num_warps": warps, "num_stages": stages}
+
+
+def test_override_changes_tiles_and_restores():
+    from hierkern.ops.attention import triton as tk
+    dev = torch.device("cpu")
+    before = (tk.fwd_blocks(64, torch.float32, dev), tk.bwd_blocks(64, torch.float32, dev))
+    spec = [_entry("fwd", 64, 32), _entry("dkdv", 16, 64), _entry("dq", 64, 16)]
+    with tk.override_configs(spec):
+        assert tk.fwd_blocks(64, torch.float32, dev) == (64, 32)
+        assert tk.bwd_blocks(64, torch.float32, dev) == (64, 64)
+        # the bucket: head_dim 48 uses the 64 entry; float16 has its own (16-bit) entry
+        assert tk.fwd_blocks(48, torch.float32, dev) == (64, 32)
+        assert tk.fwd_blocks(64, torch.float16, dev) == before[0]
+        assert {(o["kernel"], o["block_m"]) for o in tk.active_overrides()} == {("fwd", 64), ("dkdv", 16), ("dq", 64)}
+    assert (tk.fwd_blocks(64, torch.float32, dev), tk.bwd_blocks(64, torch.float32, dev)) == before
+    assert tk.active_overrides() == []
+
+
+@pytest.mark.parametrize("pattern", ["causal", "diagonal"])
+def test_overridden_tiles_stay_exact(pattern):
+    """Tiles larger than the interpreter's defaults: scales packed differently into query tiles, key
+    tiles spanning several scales, GQA; forward and backward against float64."""
+    from hierkern.ops.attention import triton as tk
+    spec = [_entry("fwd", 64, 32), _entry("dkdv", 16, 64), _entry("dq", 64, 16)]
+    with tk.override_configs(spec):
+        _check("triton", "cpu", (1, 3, 7, 20, 41), pattern, torch.float32, B=2, H=4, Hkv=2, D=40)
+
+
+@pytest.mark.parametrize("bad,message", [
+    ({}, "missing field"),
+    ({"kernel": "bwd"}, "kernel must be one of"),
+    ({"head_dim": 96}, "head_dim must be a head-dim bucket"),
+    ({"dtype": "fp16"}, "dtype must be one of"),
+    ({"block_m": 48}, "block_m must be a power of two"),
+    ({"block_n": 8}, "block_n must be a power of two"),
+    ({"num_warps": 3}, "num_warps must be"),
+    ({"num_stages": 0}, "num_stages must be a positive int"),
+    ({"num_stages": 2.0}, "num_stages must be a positive int"),
+    ({"blockm": 64}, "unknown field"),
+])
+def test_bad_overrides(bad, message):
+    from hierkern.ops.attention import triton as tk
+    entry = {} if bad == {} else {**_entry("fwd", 64, 32), **bad}
+    with pytest.raises(ValueError, match=message) as e:
+        tk.parse_config_overrides([_entry("dq", 32, 32), entry])
+    assert "[1]" in str(e.value)  # names the offending entry
+    with pytest.raises(ValueError, match="JSON list"):
+        tk.parse_config_overrides({"kernel": "fwd"})
+    with pytest.raises(ValueError, match="invalid JSON"):
+        tk.parse_config_overrides("[{")
+    with pytest.raises(ValueError, match="path of a JSON file"):
+        tk.parse_config_overrides("/nonexistent/configs.json")
+
+
+def _run(code, env_extra):
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": REPO, **env_extra}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_environment_variable(tmp_path):
+    path = tmp_path / "configs.json"
+    path.write_text(json.dumps([_entry("fwd", 64, 32, dtype="bfloat16")]))
+    code = ("import torch; from hierkern.ops.attention import triton as tk; "
+            "print(tk.fwd_blocks(64, torch.float16, torch.device('cpu')))")
+    for value in (str(path), path.read_text()):
+        r = _run(code, {"HIERKERN_TRITON_CONFIGS": value})
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.strip() == "(64, 32)"
+    r = _run(code, {"HIERKERN_TRITON_CONFIGS": json.dumps([_entry("fwd", 64, 32, warps=5)])})
+    assert r.returncode != 0 and "HIERKERN_TRITON_CONFIGS[0]: num_warps must be" in r.stderr
+
+
+def test_tune_script_quick(tmp_path):
+    """bench/tune_triton.py's selection logic on one tiny case: every timed config is reported, the
+    chosen file parses as HIERKERN_TRITON_CONFIGS, one entry per kernel."""
+    from hierkern.ops.attention import triton as tk
+    out, configs = tmp_path / "tune.json", tmp_path / "tuned.json"
+    r = _run(f"import sys; from bench.tune_triton import main; sys.exit(main(['--device', 'cpu', '--quick', "
+             f"'--reps', '1', '--out', '{out}', '--configs-out', '{configs}']))", {})
+    assert r.returncode == 0, r.stderr
+    result = json.loads(out.read_text())
+    assert {row["kernel"] for row in result["results"]} == {"fwd", "dkdv", "dq"}
+    assert all(row["error"] is None and row["total_ms"] > 0 for row in result["results"])
+    assert sum(row["default"] for row in result["results"]) == 3
+    parsed = tk.parse_config_overrides(str(configs))
+    assert sorted(k for k, _, _ in parsed) == ["dkdv", "dq", "fwd"]
