@@ -17,8 +17,8 @@ for tests) the median wall time of `reps` calls. A config's score is its total t
 its bucket; one whose outputs differ from the table config's beyond bf16 rounding (relative max
 error > 2e-2) is reported and never chosen. The chosen config of each (kernel, bucket) is the lowest
 score, the table's own when nothing beats it; `--configs-out` gets every choice, so
-HIERKERN_TRITON_CONFIGS=<that file> reproduces the tuned run (bench/gpu_check.sh runs its benchmarks
-that way when this step wrote the file, and says so).
+HIERKERN_TRITON_CONFIGS=<that file> runs with them (bench/gpu_check.sh then repeats the report's
+hierkern rows that way, next to the table configs' run).
 """
 from __future__ import annotations
 
