@@ -125,7 +125,7 @@ step bench_scan "$(budget_for 60 30)" "$PY" -m bench.bench_selective_scan --devi
 [ -f "$OUT/logs/bench_scan.log" ] && cp "$OUT/logs/bench_scan.log" "$OUT/bench/selective_scan_cuda.txt"
 
 # Wall time vs kernel time per call: how much of each op's time is host overhead.
-step profile "$(budget_for 40 20)" "$PY" -m bench.profile_cuda --out "$OUT/bench/profile_cuda.md"
+step profile "$(budget_for 90 20)" "$PY" -m bench.profile_cuda --out "$OUT/bench/profile_cuda.md"
 
 # M-VAR (d16, bf16): generation with the Mamba state carried across scales vs prefix recompute, and the
 # training step, kernels vs the eager baseline (issue 5).

@@ -1,6 +1,7 @@
 """Where the time of one hierkern call goes on a GPU: wall time per call against the summed device
 time of its kernels (torch.profiler), and the kernels by device time. A call whose wall time is far
-above its kernel time is bound by host work (Python, dispatch, launches), not by the kernels.
+above its kernel time is bound by host work (Python, dispatch, launches), not by the kernels. Then the
+VAR / HMAR d16@512 training step per impl, its device time split into attention, GEMMs and the rest.
 
     python -m bench.profile_cuda [--reps 50] [--out FILE.md]
 """
@@ -45,6 +46,40 @@ def cases():
     return out
 
 
+def model_cases():
+    """The VAR / HMAR d16@512 training step (bench_models' GPU config) per impl: where issue 3's step
+    time goes (attention, GEMMs, the rest), the kernels path against VAR's eager code."""
+    from .bench_models import build, configs, phase_fn
+    cfg = next(c for c in configs("cuda", quick=True) if c.name == "d16@512")
+    out = []
+    for model_name in ("VAR", "HMAR"):
+        model = build(model_name, cfg, "cuda")
+        for impl in ("reference", "kernels"):
+            out.append((f"{model_name} {cfg.name} B{cfg.batch} train step, impl={impl}",
+                        phase_fn(model, "train", impl, cfg, "cuda")))
+    return out
+
+
+# Kernel-name fragments of each category of device time (the first match wins): hierkern's Triton
+# attention kernels and PyTorch's SDPA kernels; cuBLAS / CUTLASS GEMMs.
+CATEGORIES = (("attention", ("_fwd_kernel", "_bwd_dkdv", "_bwd_dq", "_bwd_delta", "fmha", "attention",
+                             "flash")),
+              ("gemm", ("gemm", "cutlass", "xmma", "sm90_", "sm80_", "cublas", "nvjet")))
+
+
+def category(kernel_name):
+    low = kernel_name.lower()
+    return next((name for name, frags in CATEGORIES if any(f in low for f in frags)), "other")
+
+
+def by_category(kernels):
+    """{category: device us per call} over (us, launches, name) rows; the rest under "other"."""
+    out = {name: 0.0 for name, _ in CATEGORIES} | {"other": 0.0}
+    for t, _, key in kernels:
+        out[category(key)] += t
+    return out
+
+
 def profile(fn, reps):
     for _ in range(3):
         fn()
@@ -74,10 +109,18 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--out")
+    ap.add_argument("--model-reps", type=int, default=3, help="training steps per profile")
+    ap.add_argument("--no-models", action="store_true", help="skip the VAR / HMAR training-step breakdown")
     args = ap.parse_args(argv)
     lines = [f"# profile_cuda: {torch.cuda.get_device_name()} torch {torch.__version__}", "",
              "| call | wall us/call | kernel us/call | kernel share | top kernels (us/call x launches) |",
              "|---|---:|---:|---:|---|"]
+
+    def save():  # after every row: a step cut short by its timeout keeps what it measured
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write("\n".join(lines) + "\n")
+
     for name, fn in cases():
         try:
             wall, kern, kernels = profile(fn, args.reps)
@@ -87,11 +130,32 @@ def main(argv=None):
         top = "; ".join(f"{k[:48]} {t:.1f}x{c}" for t, c, k in kernels[:4])
         lines.append(f"| {name} | {wall:.1f} | {kern:.1f} | {kern / wall:.0%} | {top} |")
         print(lines[-1], flush=True)
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+        save()
+    if not args.no_models:
+        lines += ["", "Training steps (device ms per step by category; attention: hierkern's Triton kernels or "
+                  "SDPA's; gemm: cuBLAS / CUTLASS):", "",
+                  "| step | wall ms | kernel ms | attention ms | gemm ms | other ms | top other kernels (us x launches) |",
+                  "|---|---:|---:|---:|---:|---:|---|"]
+        try:
+            steps = model_cases()
+        except Exception as e:  # noqa: BLE001
+            steps = []
+            lines.append(f"| models | error | | | | | {type(e).__name__}: {str(e)[:120]} |")
+        for name, fn in steps:
+            try:
+                wall, kern, kernels = profile(fn, args.model_reps)
+            except Exception as e:  # noqa: BLE001
+                lines.append(f"| {name} | error | | | | | {type(e).__name__}: {str(e)[:120]} |")
+                continue
+            cat = by_category(kernels)
+            other = [(t, c, k) for t, c, k in kernels if category(k) == "other"]
+            top = "; ".join(f"{k[:40]} {t:.0f}x{c}" for t, c, k in other[:4])
+            lines.append(f"| {name} | {wall / 1e3:.1f} | {kern / 1e3:.1f} | {cat['attention'] / 1e3:.1f} | "
+                         f"{cat['gemm'] / 1e3:.1f} | {cat['other'] / 1e3:.1f} | {top} |")
+            print(lines[-1], flush=True)
+            save()
+    save()
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":
