@@ -564,9 +564,13 @@ _FWD_GPU = {
     (256, 32): _Config(32, 16, 4, 1),
 }
 # dK/dV: block_n is the key tile (k_tiles), block_m the query block it steps through.
+# 16-bit d64 / d128 on Hopper: two stages, so the next query block's loads are in flight (cp.async)
+# while this one's dots run; with one stage the sm_90 code has no async copies at all and every step
+# waits for its loads. Chosen from the compiled code, not yet timed on a GPU: bench/tune_triton.py
+# times it against the one-stage config (a candidate) on the next lent H200.
 _DKDV_GPU = {
-    (64, 16): _Config(32, 64, 4, 1),
-    (128, 16): _Config(32, 64, 8, 1),
+    (64, 16): _Config(32, 64, 4, 2),
+    (128, 16): _Config(32, 64, 8, 2),
     (256, 16): _Config(16, 64, 8, 1),
     # 16 keys: with 32, ptxas spills (16 B on sm_90) once the two-span loop's bounds are live.
     (64, 32): _Config(16, 16, 4, 1),
@@ -575,8 +579,11 @@ _DKDV_GPU = {
 }
 # Ampere overrides (capability < 9): d256 16-bit dK/dV with 64-key tiles spills on sm_80 (8-24 B at
 # every block_m / warps / stages tried; the dK and dV accumulators are 2 x 64 x 256 floats), and 32-key
-# tiles are too short for Hopper's wgmma (64 rows), so each architecture gets its own key tile.
+# tiles are too short for Hopper's wgmma (64 rows), so each architecture gets its own key tile. At d64
+# and d128 the two-stage Hopper configs spill on sm_80 (16-40 B): Ampere keeps one stage.
 _DKDV_GPU_SM80 = {
+    (64, 16): _Config(32, 64, 4, 1),
+    (128, 16): _Config(32, 64, 8, 1),
     (256, 16): _Config(16, 32, 8, 1),
 }
 _DQ_GPU = {
@@ -597,8 +604,8 @@ TUNE_CANDIDATES = {
         (128, 16): [_Config(128, 64, 8, 3), _Config(64, 64, 4, 3), _Config(128, 32, 8, 3)],
     },
     "dkdv": {
-        (64, 16): [_Config(32, 64, 4, 2), _Config(32, 64, 4, 3), _Config(32, 128, 8, 3), _Config(64, 64, 8, 2)],
-        (128, 16): [_Config(32, 64, 8, 2), _Config(32, 128, 8, 2)],
+        (64, 16): [_Config(32, 64, 4, 1), _Config(32, 64, 4, 3), _Config(32, 128, 8, 3), _Config(64, 64, 8, 2)],
+        (128, 16): [_Config(32, 64, 8, 1), _Config(32, 128, 8, 2)],
     },
     "dq": {
         (64, 16): [_Config(64, 64, 4, 3), _Config(128, 64, 8, 2), _Config(64, 32, 4, 3), _Config(128, 32, 8, 3)],
