@@ -237,7 +237,14 @@ inline void gemm_acc_narrow(bool trans_a, int64_t m, int64_t n, int64_t k, float
 // time there) and every B row the kernel streams is one cache line.
 // ---------------------------------------------------------------------------------------------
 constexpr int64_t kPanel = 16;
-constexpr int64_t kPanelDepth = 256;  // k rows per pass: a 16 KiB panel slice stays in L1
+// k rows per pass: the pass's B block (np panels x depth rows of 64 B) stays in L1 (48 KiB on the Xeon,
+// 32 KiB on Zen) for all of the row blocks that stream it. 256 rows of one panel is 16 KiB; for the
+// AVX-512 blocks' four panels the depth halves (4 x 128 x 64 B = 32 KiB): at 256, the 64 KiB block of
+// P V (k = up to 512 keys) was refetched from L2 by every 6-row block, and 128 measured ~5% faster on
+// the L=2240 forward (diagonal 52.5-55.2 vs 54.7-59.7 ms, causal 102.6-104.5 vs 106.1-113.6 ms in
+// four alternating runs; L=680, whose keys per segment fit one 256-row pass of fewer panels: same).
+constexpr int64_t kPanelDepth = 256;
+inline int64_t panel_depth(int64_t np) { return np >= 4 ? kPanelDepth / 2 : kPanelDepth; }
 
 #ifdef HK_AVX2
 // C[MR rows, 16] (= or +=) alpha * A[MR rows, k] * panel.
@@ -305,11 +312,12 @@ inline void gemm_panels(int64_t m, int64_t n_panels, int64_t k, float alpha, con
 #else
   constexpr int64_t NP = 1, MR = 6;
 #endif
-  const int64_t blocks = (m + MR - 1) / MR * ((n_panels + NP - 1) / NP) * ((k + kPanelDepth - 1) / kPanelDepth);
+  const int64_t depth = panel_depth(NP);
+  const int64_t blocks = (m + MR - 1) / MR * ((n_panels + NP - 1) / NP) * ((k + depth - 1) / depth);
   [[maybe_unused]] const int64_t per_block = prefetch && blocks ? (prefetch_rows + blocks - 1) / blocks : 0;
   [[maybe_unused]] int64_t line = 0;
-  for (int64_t p0 = 0; p0 < k; p0 += kPanelDepth) {
-    const int64_t kc = std::min(kPanelDepth, k - p0);
+  for (int64_t p0 = 0; p0 < k; p0 += depth) {
+    const int64_t kc = std::min(depth, k - p0);
     const bool acc = accumulate || p0 > 0;
 #ifdef HK_AVX512
     for (int64_t j = 0, np; j < n_panels; j += np) {
