@@ -30,6 +30,14 @@ def _setup(ctx, inputs, output):
     ctx.args = inputs[3 + ctx.n_meta:-1]
 
 
+def _setup_triton(ctx, inputs, output):
+    _setup(ctx, inputs, output)
+    from . import triton as tk
+    q = inputs[0]
+    # The configs the backward tiles (dq_tiles, k_tiles) were cut for, pinned for the backward.
+    ctx.triton_bwd_configs = tk.bwd_configs(q.shape[-1], q.dtype, q.device)
+
+
 def _finish(ctx, q, k, temperature, dq, dk, dv):
     dt = None
     if temperature is not None:
@@ -45,9 +53,11 @@ def _bwd_compiled(ctx, grad_out, grad_lse):
 
 
 def _bwd_triton(ctx, grad_out, grad_lse):
+    from . import triton as tk
     q, k, v, offsets, _, dq_tiles, k_tiles, temperature, out, lse = ctx.saved_tensors
-    dq, dk, dv = dispatch(torch.ops.hierkern.interval_attn_bwd_triton, _triton_bwd,
-                          grad_out, q, k, v, out, lse, offsets, dq_tiles, k_tiles, *ctx.args, temperature)
+    with tk.pinned_bwd_configs(q.shape[-1], q.dtype, q.device, ctx.triton_bwd_configs):
+        dq, dk, dv = dispatch(torch.ops.hierkern.interval_attn_bwd_triton, _triton_bwd,
+                              grad_out, q, k, v, out, lse, offsets, dq_tiles, k_tiles, *ctx.args, temperature)
     return _finish(ctx, q, k, temperature, dq, dk, dv)
 
 
@@ -73,7 +83,7 @@ def _register():
         return _fake_bwd(q, k, v)
 
     torch.library.register_autograd(f"{_LIB}::interval_attn_fwd", _bwd_compiled, setup_context=_setup)
-    torch.library.register_autograd(f"{_LIB}::interval_attn_fwd_triton", _bwd_triton, setup_context=_setup)
+    torch.library.register_autograd(f"{_LIB}::interval_attn_fwd_triton", _bwd_triton, setup_context=_setup_triton)
 
     if _backend.has_triton():
         # CPU tensors reach the Triton kernels only under the interpreter (tests without a GPU).
@@ -116,7 +126,7 @@ def interval_attention(q, k, v, offsets, offsets_tensor, pattern, block_size, sc
         fbm, _ = tk.fwd_blocks(d, q.dtype, q.device)
         bbm, bbn = tk.bwd_blocks(d, q.dtype, q.device)
         out, lse = call_op(
-            torch.ops.hierkern.interval_attn_fwd_triton, _setup, _bwd_triton, q, k, v, offsets_tensor(q.device),
+            torch.ops.hierkern.interval_attn_fwd_triton, _setup_triton, _bwd_triton, q, k, v, offsets_tensor(q.device),
             tiling.q_tiles(offsets, pattern, fbm, q.device, block_size),
             tiling.q_tiles(offsets, pattern, bbm, q.device, block_size),
             tiling.k_tiles(offsets, pattern, bbn, q.device, block_size), pattern, block_size, scale, temperature,

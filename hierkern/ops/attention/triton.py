@@ -765,6 +765,31 @@ def bwd_blocks(head_dim: int, dtype: torch.dtype, device: torch.device) -> tuple
     return _dq_config(head_dim, dtype, device).block_m, _dkdv_config(head_dim, dtype, device).block_n
 
 
+def bwd_configs(head_dim: int, dtype: torch.dtype, device: torch.device) -> tuple:
+    """(dK/dV config, dQ config) in force: the forward records them with the tiles it builds for the
+    backward (op.py), which runs them even when the overrides have changed since."""
+    return _dkdv_config(head_dim, dtype, device), _dq_config(head_dim, dtype, device)
+
+
+@contextlib.contextmanager
+def pinned_bwd_configs(head_dim: int, dtype: torch.dtype, device: torch.device, configs: tuple):
+    """Within the block, the backward launcher uses `configs` (from bwd_configs at forward time): its
+    tiles were cut for their block sizes, and a backward run after an override_configs block (or inside
+    another one) would otherwise pair them with other tiles (wrong gradients, no error). A no-op in the
+    usual case, where nothing changed."""
+    if bwd_configs(head_dim, dtype, device) == configs:
+        yield
+        return
+    key = (_bucket(head_dim), torch.finfo(dtype).bits)
+    saved = dict(_OVERRIDES)
+    _OVERRIDES[("dkdv",) + key], _OVERRIDES[("dq",) + key] = configs
+    try:
+        yield
+    finally:
+        _OVERRIDES.clear()
+        _OVERRIDES.update(saved)
+
+
 def _dot_precision(dtype):
     # fp32 inputs: exact fp32 products (FMA), not tf32. Ignored for 16-bit inputs.
     return "ieee" if dtype == torch.float32 else "tf32"
