@@ -543,11 +543,10 @@ def prepare(case: Case, peer: str, op: str, policy: TimingPolicy, memory: bool =
 def measure_group(case: Case, peers, op: str, policy: TimingPolicy, memory: bool = True,
                   min_reps: dict | None = None) -> list:
     """Measure all `peers` for one (config, op). Timed calls are interleaved round-robin across
-    the peers, so background load on a shared machine hits every peer alike, and each round starts
-    one peer later than the one before, so no peer always runs right after the same one (on CPU, a
-    call right after the eager reference, which moves ~170 MB at L=680, starts with cold caches: ~1 ms
-    of a 6 ms call); each peer gets clamp(budget_s / its warm-up time, min_reps, max_reps) reps
-    (min_reps may be lowered per peer)."""
+    the peers, in a fixed order, so background load on a shared machine hits every peer alike; each
+    peer gets clamp(budget_s / its warm-up time, min_reps, max_reps) reps (min_reps may be lowered per
+    peer). What runs between two calls of a peer moves its time on CPU (caches, the allocator's free
+    blocks): see bench/README.md."""
     entries = []
     rows = []
     for peer in peers:
@@ -560,8 +559,7 @@ def measure_group(case: Case, peers, op: str, policy: TimingPolicy, memory: bool
     times = {id(row): [] for row, _, _ in entries}
     try:
         for r in range(max([n for _, _, n in entries], default=0)):
-            shift = r % max(len(entries), 1)
-            for row, fn, n in entries[shift:] + entries[:shift]:
+            for row, fn, n in entries:
                 if r < n and row["error"] is None:
                     try:
                         times[id(row)].append(time_call(fn, case.device))
