@@ -15,7 +15,8 @@
 # Knobs: GPU_CHECK_STEPS=build,tests,... runs a subset (a rerun on a short device budget);
 # GPU_CHECK_SKIP_STATIC=1 skips the static check (CI runs it on every commit); GPU_CHECK_REPORT_ARGS
 # passes extra arguments to bench.report (e.g. "--configs VAR512 --ops fwd"); GPU_CHECK_PACK=FILE keeps a
-# tarball of $OUT, refreshed after every step (the device tool returns at most 8 files).
+# tarball of $OUT, refreshed after every step (the device tool returns at most 8 files);
+# GPU_CHECK_NO_REPO_COPY=1 leaves bench/results/ alone (a dry run).
 # A full run, as the device tool calls it:
 #   D=$OUT; OUT=/tmp/gc GPU_CHECK_PACK=$D/gc.tgz bash bench/gpu_check.sh
 #
@@ -142,10 +143,14 @@ step bench_mvar "$(budget_for 90 45)" "$PY" -m bench.bench_mvar --device cuda --
 TT="$(budget_for 120 50)"
 step tune "$TT" "$PY" -m bench.tune_triton --out "$OUT/bench/triton_tune_cuda.json" \
     --configs-out "$OUT/bench/triton_configs_cuda.json" --time-limit $((${TT:-0} > 50 ? ${TT:-0} - 30 : 20))
-if [ -s "$OUT/bench/triton_configs_cuda.json" ]; then
+if grep -q '"kernel"' "$OUT/bench/triton_configs_cuda.json" 2>/dev/null; then
     TB="$(budget_for 90 40)"
     step bench_tuned "$TB" env HIERKERN_TRITON_CONFIGS="$OUT/bench/triton_configs_cuda.json" "$PY" -m bench.report \
         --device cuda --peers hierkern --no-memory --out "$OUT/bench/next_scale_tuned" --time-limit $((${TB:-0} - 30))
+elif [[ " ${NO_TIME[*]} " == *" tune "* ]]; then
+    NO_TIME+=(bench_tuned)  # it needs the tune step's file: rerun both
+elif wanted tune; then
+    say "SKIP  bench_tuned: the tune step chose no config (see logs/tune.log)"
 fi
 
 # The rest: the static check on this machine's triton (CI runs it with its own), and the other
@@ -188,7 +193,9 @@ step bench_kv_reuse "$(budget_for 60 30)" "$PY" -m bench.bench_kv_reuse --device
 DEV="$("$PY" -c 'import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else "nogpu")' 2>/dev/null || echo unknown)"
 SLUG="$(echo "$DEV" | tr '[:upper:]' '[:lower:]' | sed -e 's/^nvidia //' -e 's/[^a-z0-9]\+/-/g' -e 's/^-//' -e 's/-$//')"
 DEST="bench/results/$(date +%F)_${SLUG}"
-if compgen -G "$OUT/bench/*" > /dev/null; then
+if [ -n "${GPU_CHECK_NO_REPO_COPY:-}" ]; then
+    say "results left under $OUT only (GPU_CHECK_NO_REPO_COPY is set)"
+elif compgen -G "$OUT/bench/*" > /dev/null; then
     mkdir -p "$DEST"
     cp -r "$OUT"/bench/* "$DEST"/
     say "copied $(ls "$OUT/bench" | tr '\n' ' ')to $DEST/"
@@ -202,7 +209,8 @@ pack
 [ -f "$OUT/logs/tests.log" ] && { echo "--- tests (tail)"; tail -n 5 "$OUT/logs/tests.log"; }
 [ -f "$OUT/bench/next_scale_cuda.md" ] && { echo "--- bench"; cat "$OUT/bench/next_scale_cuda.md"; }
 
-[ ${#NO_TIME[@]} -gt 0 ] && say "not run for lack of budget: ${NO_TIME[*]} (rerun: GPU_CHECK_STEPS=$(IFS=,; echo "${NO_TIME[*]}"))"
+# A rerun on a fresh device machine needs the build first.
+[ ${#NO_TIME[@]} -gt 0 ] && say "not run for lack of budget: ${NO_TIME[*]} (rerun: GPU_CHECK_STEPS=build,$(IFS=,; echo "${NO_TIME[*]}"))"
 if [ ${#FAILED[@]} -gt 0 ]; then
     say "gpu_check FAILED steps: ${FAILED[*]} (total $((SECONDS - T0))s)"
     [ -d "$DEST" ] && cp "$LOG" "$DEST/gpu_check.log"

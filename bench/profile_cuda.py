@@ -61,10 +61,11 @@ def model_cases():
 
 
 # Kernel-name fragments of each category of device time (the first match wins): hierkern's Triton
-# attention kernels and PyTorch's SDPA kernels; cuBLAS / CUTLASS GEMMs.
+# attention kernels and PyTorch's SDPA kernels; cuBLAS / CUTLASS GEMMs and GEMVs. Meant for VAR /
+# HMAR: M-VAR's causal-conv Triton kernel is also named _fwd_kernel and would count as attention.
 CATEGORIES = (("attention", ("_fwd_kernel", "_bwd_dkdv", "_bwd_dq", "_bwd_delta", "fmha", "attention",
                              "flash")),
-              ("gemm", ("gemm", "cutlass", "xmma", "sm90_", "sm80_", "cublas", "nvjet")))
+              ("gemm", ("gemm", "gemv", "cutlass", "xmma", "sm90_", "sm80_", "cublas", "nvjet")))
 
 
 def category(kernel_name):

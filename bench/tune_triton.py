@@ -15,8 +15,9 @@ Time per case: on CUDA, `reps` calls captured in one CUDA graph and replayed (de
 alone, not the Python launch path, which bench/profile_cuda.py measures); on CPU (the interpreter,
 for tests) the median wall time of `reps` calls. A config's score is its total time over the cases of
 its bucket; one whose outputs differ from the table config's beyond bf16 rounding (relative max
-error > 2e-2) is reported and never chosen. The chosen config of each (kernel, bucket) is the lowest
-score, the table's own when nothing beats it; `--configs-out` gets every choice, so
+error > 2e-2), or are not finite with every fresh allocation NaN-filled, is reported and never
+chosen. The chosen config of each (kernel, bucket) is the lowest score, the table's own when
+nothing beats it; `--configs-out` gets every choice, so
 HIERKERN_TRITON_CONFIGS=<that file> runs with them (bench/gpu_check.sh then repeats the report's
 hierkern rows that way, next to the table configs' run).
 """
@@ -36,6 +37,7 @@ import hierkern
 from hierkern.layouts import VAR_256, VAR_512
 from hierkern.ops.attention import tiling
 from hierkern.ops.attention.next_scale import PATTERNS
+from hierkern.testing import poisoned_outputs
 
 KERNELS = ("fwd", "dkdv", "dq")
 MISMATCH_RTOL = 2e-2
@@ -121,6 +123,18 @@ def rel_err(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-6)).item()
 
 
+def _checked_call(fn):
+    """fn()'s outputs, computed with every fresh allocation filled with NaN (an element the kernels
+    leave unwritten shows, instead of reading a previous config's correct result from a reused
+    block); raises on any non-finite output."""
+    with poisoned_outputs():
+        out = fn()
+    for t in out:
+        if not torch.isfinite(t).all():
+            raise ValueError("non-finite outputs (unwritten elements or NaN/inf results)")
+    return out
+
+
 def tune(device="cuda", reps=20, quick=False, kernels=KERNELS, log=print, time_limit=None, on_progress=None):
     """(results, choices). time_limit: seconds after which no new (kernel, bucket) starts (the ones not
     started are listed in the log); on_progress(results, choices) runs after each (kernel, bucket)."""
@@ -141,7 +155,14 @@ def tune(device="cuda", reps=20, quick=False, kernels=KERNELS, log=print, time_l
             candidates = [default] + [c for c in tk.TUNE_CANDIDATES[kernel].get((bucket, 16), []) if c != default]
             if quick:
                 candidates = candidates[:2]
-            refs = [c.call(kernel)() for c in built]
+            try:
+                refs = [_checked_call(c.call(kernel)) for c in built]
+            except Exception as e:  # the table config itself fails here: nothing to compare against
+                log(f"  {kernel} d{bucket}: table config failed, kernel skipped: {type(e).__name__}: {e}")
+                results.append({"kernel": kernel, "head_dim": bucket, "default": True, "total_ms": None,
+                                "config": tk.config_entry(kernel, bucket, dtype, default), "times_ms": {},
+                                "max_rel_err": float("nan"), "error": f"{type(e).__name__}: {e}"})
+                continue
             scores = []
             for cfg in candidates:
                 entry = tk.config_entry(kernel, bucket, dtype, cfg)
@@ -151,7 +172,7 @@ def tune(device="cuda", reps=20, quick=False, kernels=KERNELS, log=print, time_l
                     with tk.override_configs([entry]):
                         for case, ref in zip(built, refs):
                             fn = case.call(kernel)
-                            got = fn()
+                            got = _checked_call(fn)
                             err = max(rel_err(g, r) for g, r in zip(got, ref))
                             row["max_rel_err"] = max(row["max_rel_err"], err)
                             row["times_ms"][case.name] = time_call(fn, device, reps) * 1e3
