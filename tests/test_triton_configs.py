@@ -127,3 +127,39 @@ def test_environment_variable(tmp_path):
         assert r.stdout.strip() == "(64, 32)"
     r = _run(code, {"HIERKERN_TRITON_CONFIGS": json.dumps([_entry("fwd", 64, 32, warps=5)])})
     assert r.returncode != 0 and "HIERKERN_TRITON_CONFIGS[0]: num_warps must be" in r.stderr
+
+
+_COVERAGE = """
+import torch
+from hierkern.ops.attention import triton as tk
+compiled = set()
+for e in tk.aot_configs():
+    kernel, name = e["name"].split("_")[:2]
+    c = e["constexprs"]
+    for arch in e.get("archs", (80, 90)):
+        compiled.add((arch, kernel, name, c.get("BLOCK_M"), c.get("BLOCK_N"), e["num_warps"], e["num_stages"]))
+tk._interpreted = lambda device: False
+missing = []
+for arch in (80, 90):
+    torch.cuda.get_device_capability = lambda device=None, a=arch: (a // 10, 0)
+    for dtype, name in ((torch.float16, "fp16"), (torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+        for head_dim in (64, 128, 256):
+            for kernel, lookup in (("fwd", tk._fwd_config), ("dkdv", tk._dkdv_config), ("dq", tk._dq_config)):
+                cfg = lookup(head_dim, dtype, "cuda")
+                key = (arch, kernel, name, cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages)
+                if key not in compiled:
+                    missing.append(key)
+print("MISSING", missing)
+"""
+
+
+def test_static_check_covers_every_gpu_config():
+    """Every config the launchers can pick on an A100 (sm_80) or an H200 (sm_90), for every dtype and
+    head-dim bucket, is an entry tests/static_gpu_check.py compiles for that arch, so none reaches a
+    GPU unchecked for spills and tensor cores. (aot_configs() needs compiled triton.jit functions: a
+    subprocess without TRITON_INTERPRET, as the static check itself.)"""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "HIERKERN_TRITON_CONFIGS")}
+    env["PYTHONPATH"] = REPO
+    r = subprocess.run([sys.executable, "-c", _COVERAGE], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "MISSING []" in r.stdout, r.stdout
