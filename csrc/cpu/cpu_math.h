@@ -401,6 +401,13 @@ struct Vec8 {
   static V clamp(V x, float lo, float hi) { return _mm256_min_ps(_mm256_max_ps(x, set1(lo)), set1(hi)); }
   static M less(V x, float y) { return _mm256_cmp_ps(x, set1(y), _CMP_LT_OQ); }
   static V zero_where(M m, V x) { return _mm256_andnot_ps(m, x); }
+  static V min(V a, V b) { return _mm256_min_ps(a, b); }
+  static V max(V a, V b) { return _mm256_max_ps(a, b); }
+  // Every lane of lo >= a and of hi <= b (false for NaN).
+  static bool all_within(V lo, V hi, float a, float b) {
+    return _mm256_movemask_ps(_mm256_and_ps(_mm256_cmp_ps(lo, set1(a), _CMP_GE_OQ),
+                                            _mm256_cmp_ps(hi, set1(b), _CMP_LE_OQ))) == 0xff;
+  }
   // x * 2^(low bits of t's mantissa): the exponent field rebuilt from the integer in t's low bits.
   static V scale_by_low_bits(V x, V t) {
     return mul(x, _mm256_castsi256_ps(_mm256_slli_epi32(
@@ -424,6 +431,11 @@ struct Vec16 {
   static V clamp(V x, float lo, float hi) { return _mm512_min_ps(_mm512_max_ps(x, set1(lo)), set1(hi)); }
   static M less(V x, float y) { return _mm512_cmp_ps_mask(x, set1(y), _CMP_LT_OQ); }
   static V zero_where(M m, V x) { return _mm512_maskz_mov_ps((M)~m, x); }
+  static V min(V a, V b) { return _mm512_min_ps(a, b); }
+  static V max(V a, V b) { return _mm512_max_ps(a, b); }
+  static bool all_within(V lo, V hi, float a, float b) {
+    return (_mm512_cmp_ps_mask(lo, set1(a), _CMP_GE_OQ) & _mm512_cmp_ps_mask(hi, set1(b), _CMP_LE_OQ)) == 0xffff;
+  }
   static V scale_by_low_bits(V x, V t) {
     return mul(x, _mm512_castsi512_ps(_mm512_slli_epi32(
                       _mm512_add_epi32(_mm512_castps_si512(t), _mm512_set1_epi32(127)), 23)));
@@ -582,7 +594,12 @@ inline int64_t exp_sub_chunks(float* x, int64_t j, int64_t n, float m, typename 
   for (; j + 4 * W <= n; j += 4 * W) {
     typename O::V p[4];
     for (int u = 0; u < 4; ++u) p[u] = O::sub(O::load(x + j + W * u), vm);
-    exp_n<O, 4>(p);
+    // Softmax arguments are <= 0 and rarely below -87: then the clamp and underflow mask are the
+    // identity and are skipped (same bits); a chunk with any lane outside (or NaN) keeps them.
+    const typename O::V lo = O::min(O::min(p[0], p[1]), O::min(p[2], p[3]));
+    const typename O::V hi = O::max(O::max(p[0], p[1]), O::max(p[2], p[3]));
+    if (O::all_within(lo, hi, -87.0f, 88.0f)) exp_n<O, 4, false>(p);
+    else exp_n<O, 4, true>(p);
     for (int u = 0; u < 4; ++u) {
       O::store(x + j + W * u, p[u]);
       if (vs) *vs = O::add(*vs, p[u]);
