@@ -738,9 +738,8 @@ def active_overrides() -> list:
 
 
 @contextlib.contextmanager
-def override_configs(spec):
-    """Within the block, the configs of `spec` (as HIERKERN_TRITON_CONFIGS) replace the table entries."""
-    parsed = parse_config_overrides(spec, source="override_configs")
+def _overrides_in_force(parsed):
+    """Within the block, `parsed` ({(kernel, bucket, bits): _Config}) is added to the overrides."""
     saved = dict(_OVERRIDES)
     _OVERRIDES.update(parsed)
     try:
@@ -748,6 +747,11 @@ def override_configs(spec):
     finally:
         _OVERRIDES.clear()
         _OVERRIDES.update(saved)
+
+
+def override_configs(spec):
+    """Within the block, the configs of `spec` (as HIERKERN_TRITON_CONFIGS) replace the table entries."""
+    return _overrides_in_force(parse_config_overrides(spec, source="override_configs"))
 
 
 if os.environ.get("HIERKERN_TRITON_CONFIGS"):
@@ -771,23 +775,15 @@ def bwd_configs(head_dim: int, dtype: torch.dtype, device: torch.device) -> tupl
     return _dkdv_config(head_dim, dtype, device), _dq_config(head_dim, dtype, device)
 
 
-@contextlib.contextmanager
 def pinned_bwd_configs(head_dim: int, dtype: torch.dtype, device: torch.device, configs: tuple):
     """Within the block, the backward launcher uses `configs` (from bwd_configs at forward time): its
     tiles were cut for their block sizes, and a backward run after an override_configs block (or inside
     another one) would otherwise pair them with other tiles (wrong gradients, no error). A no-op in the
     usual case, where nothing changed."""
     if bwd_configs(head_dim, dtype, device) == configs:
-        yield
-        return
+        return contextlib.nullcontext()
     key = (_bucket(head_dim), torch.finfo(dtype).bits)
-    saved = dict(_OVERRIDES)
-    _OVERRIDES[("dkdv",) + key], _OVERRIDES[("dq",) + key] = configs
-    try:
-        yield
-    finally:
-        _OVERRIDES.clear()
-        _OVERRIDES.update(saved)
+    return _overrides_in_force({("dkdv",) + key: configs[0], ("dq",) + key: configs[1]})
 
 
 def _dot_precision(dtype):
