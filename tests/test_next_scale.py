@@ -24,16 +24,20 @@ def _check(impl, device, sizes, pattern, dtype, B, H, Hkv, D, strides="contiguou
     with poisoned_outputs():
         out = hierkern.next_scale_attention(q, k, v, lay, pattern, impl=impl)
         grads = torch.autograd.grad(out, (q, k, v), g)
+    assert_matches_reference(impl, (out, *grads), q, k, v, lay, pattern, g)
 
+
+def assert_matches_reference(label, got, q, k, v, lay, pattern, g):
+    """got = (out, dq, dk, dv) of next_scale_attention(q, k, v, lay, pattern) with output gradient g,
+    against the reference in float64 and in q's dtype (precision-relative tolerances)."""
     def ref(dt):
         leaves = [t.detach().to(dt).requires_grad_() for t in (q, k, v)]
         o = hierkern.next_scale_attention(*leaves, lay, pattern, impl="reference")
         return (o, *torch.autograd.grad(o, leaves, g.to(dt)))
 
-    r64, rlow = ref(torch.float64), ref(dtype)
-    for name, got, a, b in zip(("out", "dq", "dk", "dv"), (out, *grads), r64, rlow):
-        assert got.dtype == dtype
-        assert_close_rel(f"{impl}/{name}", got, a, b)
+    for name, t, a, b in zip(("out", "dq", "dk", "dv"), got, ref(torch.float64), ref(q.dtype)):
+        assert t.dtype == q.dtype
+        assert_close_rel(f"{label}/{name}", t, a, b)
 
 
 @pytest.mark.parametrize("impl,device", [b for b in BACKENDS if b[0] == "cpu"])

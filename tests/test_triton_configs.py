@@ -11,12 +11,12 @@ import torch
 
 import hierkern
 from hierkern import _backend
-from hierkern.testing import assert_close_rel, make_qkv, poisoned_outputs
+from hierkern.testing import make_qkv, poisoned_outputs
 
 pytestmark = pytest.mark.skipif(not (_backend.has_triton() and _backend.triton_interpreted()),
                                 reason="needs triton under TRITON_INTERPRET=1")
 
-from test_next_scale import _check  # noqa: E402
+from test_next_scale import _check, assert_matches_reference  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -75,14 +75,7 @@ def test_backward_runs_the_forwards_configs(override_in):
             out = hierkern.next_scale_attention(q, k, v, lay, "causal", impl="triton")
             with tk.override_configs(spec):
                 grads = torch.autograd.grad(out, (q, k, v), g)
-
-    def ref(dt):
-        leaves = [t.detach().to(dt).requires_grad_() for t in (q, k, v)]
-        o = hierkern.next_scale_attention(*leaves, lay, "causal", impl="reference")
-        return torch.autograd.grad(o, leaves, g.to(dt))
-
-    for name, got, a, b in zip(("dq", "dk", "dv"), grads, ref(torch.float64), ref(torch.float32)):
-        assert_close_rel(f"triton/{name}", got, a, b)
+    assert_matches_reference("triton", (out, *grads), q, k, v, lay, "causal", g)
 
 
 @pytest.mark.parametrize("bad,message", [
