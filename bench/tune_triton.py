@@ -159,15 +159,13 @@ def tune(device="cuda", reps=20, quick=False, kernels=KERNELS, log=print, time_l
                 refs = [_checked_call(c.call(kernel)) for c in built]
             except Exception as e:  # the table config itself fails here: nothing to compare against
                 log(f"  {kernel} d{bucket}: table config failed, kernel skipped: {type(e).__name__}: {e}")
-                results.append({"kernel": kernel, "head_dim": bucket, "default": True, "total_ms": None,
-                                "config": tk.config_entry(kernel, bucket, dtype, default), "times_ms": {},
-                                "max_rel_err": float("nan"), "error": f"{type(e).__name__}: {e}"})
+                row = _row(kernel, bucket, tk.config_entry(kernel, bucket, dtype, default), True)
+                results.append({**row, "max_rel_err": float("nan"), "error": f"{type(e).__name__}: {e}"})
                 continue
             scores = []
             for cfg in candidates:
                 entry = tk.config_entry(kernel, bucket, dtype, cfg)
-                row = {"kernel": kernel, "head_dim": bucket, "config": entry, "default": cfg == default,
-                       "times_ms": {}, "max_rel_err": 0.0, "error": None}
+                row = _row(kernel, bucket, entry, cfg == default)
                 try:
                     with tk.override_configs([entry]):
                         for case, ref in zip(built, refs):
@@ -187,11 +185,16 @@ def tune(device="cuda", reps=20, quick=False, kernels=KERNELS, log=print, time_l
                 log(f"  {kernel} d{bucket} {_cfg_str(entry)}{' (table)' if row['default'] else ''}: "
                     + (f"{row['total_ms']:.3f} ms" if row["error"] is None else row["error"]))
             if scores:
-                total, _, entry = min(scores, key=lambda s: (s[0], s[1]))
-                choices.append(entry)
+                choices.append(min(scores, key=lambda s: (s[0], s[1]))[2])
             if on_progress:
                 on_progress(results, choices)
     return results, choices
+
+
+def _row(kernel, bucket, entry, default):
+    """One config's result row, before it is measured."""
+    return {"kernel": kernel, "head_dim": bucket, "config": entry, "default": default, "times_ms": {},
+            "max_rel_err": 0.0, "error": None, "total_ms": None}
 
 
 def _cfg_str(entry):
