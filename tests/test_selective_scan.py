@@ -1,5 +1,9 @@
 """selective_scan: the C++ CPU kernel against the float64 reference (forward and backward, every
 argument), continuation from a state, backend selection, bad inputs and opcheck."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -147,14 +151,17 @@ def test_checkpointed_backward():
 
 
 @pytest.mark.parametrize("kind,d,n,dtype,strided", [
-    ("var", 19, 16, torch.float32, False),    # two 8-channel tiles, then 3 channels one by one
+    ("var", 19, 16, torch.float32, False),    # 16 lanes: one 16-channel tile (8: two), then 3 channels
+    ("var", 27, 16, torch.float32, False),    # 16 lanes: a 16-channel tile, an 8-channel one, 3 channels
     ("fixed", 19, 5, torch.float32, True),    # n % 4 != 0: the state loop's tail
-    ("grouped", 16, 16, torch.bfloat16, True),  # 8 channels per group: every channel in a tile
+    ("grouped", 16, 16, torch.bfloat16, True),  # 8 channels per group: 8-channel tiles at either width
+    ("grouped", 32, 16, torch.float32, False),  # 16 channels per group: 16-channel tiles
     ("var", 8, 1, torch.float16, False),
 ])
 def test_channel_tiles(kind, d, n, dtype, strided):
-    """The forward runs 8 channels per AVX2 lane tile where 8 channels share a group of B and C, and
-    the rest one channel at a time."""
+    """The forward runs 16 channels per tile, one per AVX-512 lane (8 per AVX2 lane tile where 16 do
+    not share a group of B and C, or with HIERKERN_CPU_SCAN_LANES=8), and the rest one channel at a
+    time."""
     check_case(b=2, d=d, n=n, l=37, B_kind=kind, dtype=dtype, strided=strided)
 
 
@@ -189,7 +196,56 @@ def test_channel_tiles_exp_out_of_range():
         x["delta"][0, 3, 9] = 120.0      # dt * A in [-264, -24]: mixed within the channel
         x["delta"][0, :8, 21] = 400.0    # every channel of the first tile out of range
         x["delta"][0, 12, 30] = 45.0     # dt * A in [-99, -9]
+        x["delta"][0, :, 33] = 400.0     # every channel of a 16-channel tile
     check_inputs(x, softplus)
+
+
+AVX512 = pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512",
+                            reason="16-lane tiles need AVX-512 (the build targets the build machine)")
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _run_with_env(code, **env):
+    return subprocess.run([sys.executable, "-c", code], env=dict(os.environ, **env), capture_output=True,
+                          text=True, timeout=600, cwd=os.path.dirname(HERE))
+
+
+@AVX512
+def test_narrow_tiles_forced():
+    """The tile tests again with HIERKERN_CPU_SCAN_LANES=8 (the 8-lane tiles AVX2-only builds use)."""
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                        "channel_tiles or continuation_cpu"], env=dict(os.environ, HIERKERN_CPU_SCAN_LANES="8"),
+                       capture_output=True, text=True, timeout=600, cwd=os.path.dirname(HERE))
+    assert r.returncode == 0 and " passed" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+@AVX512
+def test_tile_widths_agree_bit_for_bit(tmp_path):
+    """16- and 8-channel tiles run the same float32 operations per lane and sum y in the same order."""
+    code = f"""
+import torch, hierkern
+torch.manual_seed(0)
+b, d, l, n = 2, 48, 150, 16
+x = dict(u=torch.randn(b, d, l), delta=0.5 * torch.randn(b, d, l), A=-(0.2 + 2 * torch.rand(d, n)),
+         B=torch.randn(b, n, l), C=torch.randn(b, 3, n, l), D=torch.randn(d), z=torch.randn(b, d, l),
+         delta_bias=0.2 * torch.randn(d), initial_state=torch.randn(b, d, n))
+out, last = hierkern.selective_scan(**x, delta_softplus=True, return_last_state=True, impl="cpu")
+torch.save((out, last), r"{tmp_path}/" + __import__("os").environ["HIERKERN_CPU_SCAN_LANES"] + ".pt")
+"""
+    for lanes in ("8", "16"):
+        r = _run_with_env(code, HIERKERN_CPU_SCAN_LANES=lanes)
+        assert r.returncode == 0, r.stderr[-3000:]
+    narrow, wide = torch.load(tmp_path / "8.pt"), torch.load(tmp_path / "16.pt")
+    for a, c in zip(narrow, wide):
+        assert torch.equal(a, c)
+
+
+@AVX512
+def test_bad_tile_width_is_named():
+    code = "import torch, hierkern; x = torch.randn(1, 16, 5); hierkern.selective_scan(x, x, -torch.ones(16, 4), " \
+           "torch.randn(16, 4), torch.randn(16, 4), impl='cpu')"
+    r = _run_with_env(code, HIERKERN_CPU_SCAN_LANES="12")
+    assert r.returncode != 0 and "HIERKERN_CPU_SCAN_LANES must be 8 or 16, got '12'" in r.stderr, r.stderr[-3000:]
 
 
 def test_many_channels_split_into_chunks():

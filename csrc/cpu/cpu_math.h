@@ -413,6 +413,16 @@ struct Vec8 {
     return mul(x, _mm256_castsi256_ps(_mm256_slli_epi32(
                       _mm256_add_epi32(_mm256_castps_si256(t), _mm256_set1_epi32(127)), 23)));
   }
+  // x with the integer in t's low mantissa bits added to its exponent field (an integer add).
+  static V add_to_exponent(V x, V t) {
+    return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(x), _mm256_slli_epi32(_mm256_castps_si256(t), 23)));
+  }
+  static V fmsub(V a, V b, V c) { return _mm256_fmsub_ps(a, b, c); }
+  static M within(V x, float lo, float hi) {  // lo <= x <= hi (false for NaN)
+    return _mm256_and_ps(_mm256_cmp_ps(x, set1(lo), _CMP_GE_OQ), _mm256_cmp_ps(x, set1(hi), _CMP_LE_OQ));
+  }
+  static M not_ge(V x, float lo) { return _mm256_cmp_ps(x, set1(lo), _CMP_NGE_UQ); }  // x < lo or NaN
+  static V select(M m, V a, V b) { return _mm256_blendv_ps(b, a, m); }              // m ? a : b
 };
 
 #ifdef HK_AVX512
@@ -440,6 +450,15 @@ struct Vec16 {
     return mul(x, _mm512_castsi512_ps(_mm512_slli_epi32(
                       _mm512_add_epi32(_mm512_castps_si512(t), _mm512_set1_epi32(127)), 23)));
   }
+  static V add_to_exponent(V x, V t) {
+    return _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(x), _mm512_slli_epi32(_mm512_castps_si512(t), 23)));
+  }
+  static V fmsub(V a, V b, V c) { return _mm512_fmsub_ps(a, b, c); }
+  static M within(V x, float lo, float hi) {
+    return _mm512_cmp_ps_mask(x, set1(lo), _CMP_GE_OQ) & _mm512_cmp_ps_mask(x, set1(hi), _CMP_LE_OQ);
+  }
+  static M not_ge(V x, float lo) { return _mm512_cmp_ps_mask(x, set1(lo), _CMP_NGE_UQ); }
+  static V select(M m, V a, V b) { return _mm512_mask_blend_ps(m, b, a); }
 };
 #endif
 

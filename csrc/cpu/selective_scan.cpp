@@ -4,8 +4,8 @@
 //   dt_t = delta_t + bias (softplus'd if asked);  x_t = exp(dt_t * A) * x_{t-1} + dt_t * B_t * u_t
 //   y_t  = <C_t, x_t> + D * u_t;  out_t = y_t * silu(z_t) (with z)
 // Channels are independent, so the forward is parallel over (batch, channel). With AVX2 it runs tiles
-// of 8 channels, one per lane (fwd_lanes8): every state update of a step is an independent 8-wide
-// chain and y needs no horizontal sum. Other channels (a tail of d % 8, or groups of B / C that a
+// of 16 (AVX-512) or 8 channels, one per lane (fwd_lanes): every state update of a step is an independent
+// lane-wide chain and y needs no horizontal sum. Other channels (a tail of d % 8, or groups of B / C that a
 // tile would straddle) are vectorised over the n states instead (fwd_channel), with the exp(dt * A)
 // of a block of steps computed first in one vector pass, off the serial dependency chain.
 //
@@ -28,6 +28,7 @@
 #include <cmath>
 #include <numeric>
 #include <optional>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -146,35 +147,36 @@ inline float exp2_scalar(float s, float a2) {
 }
 
 #ifdef HK_AVX2
-// Eight lanes of exp2_scalar for each of N vectors a2[i] at one dt, in place, interleaved stage by
-// stage (as exp8_n). InRange: the caller has checked that every dt * a2 lies in [kExp2Lo, kExp2Hi].
-template <int N, bool InRange>
-inline void exp2_8n(__m256 dtv, __m256* a2) {
-  const __m256 magic = _mm256_set1_ps(kMagic);
-  __m256 t[N], f[N], p[N];
+// O::kLanes lanes of exp2_scalar for each of N vectors a2[i] at one dt, in place, interleaved stage by
+// stage (as exp8_n); the same operations at either width, so the same bits. InRange: the caller has
+// checked that every dt * a2 lies in [kExp2Lo, kExp2Hi].
+template <class O, int N, bool InRange>
+inline void exp2_n(typename O::V dtv, typename O::V* a2) {
+  using V = typename O::V;
+  const V magic = O::set1(kMagic);
+  V t[N], f[N], p[N];
+  [[maybe_unused]] typename O::M under[N];
   _Pragma("GCC unroll 8") for (int i = 0; i < N; ++i) {
-    t[i] = _mm256_fmadd_ps(dtv, a2[i], magic);
-    f[i] = _mm256_fmsub_ps(dtv, a2[i], _mm256_sub_ps(t[i], magic));
+    t[i] = O::fmadd(dtv, a2[i], magic);
+    f[i] = O::fmsub(dtv, a2[i], O::sub(t[i], magic));
   }
   if constexpr (!InRange) {
     _Pragma("GCC unroll 8") for (int i = 0; i < N; ++i) {
-      const __m256 x = _mm256_mul_ps(dtv, a2[i]);
-      const __m256 lo = _mm256_set1_ps(kExp2Lo), hi = _mm256_set1_ps(kExp2Hi);
-      const __m256 ok = _mm256_and_ps(_mm256_cmp_ps(x, lo, _CMP_GE_OQ), _mm256_cmp_ps(x, hi, _CMP_LE_OQ));
-      const __m256 xc = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
-      const __m256 tc = _mm256_add_ps(xc, magic);
-      t[i] = _mm256_blendv_ps(tc, t[i], ok);
-      f[i] = _mm256_blendv_ps(_mm256_sub_ps(xc, _mm256_sub_ps(tc, magic)), f[i], ok);
-      a2[i] = _mm256_cmp_ps(x, lo, _CMP_NGE_UQ);  // underflow (or NaN product) mask, used below
+      const V x = O::mul(dtv, a2[i]);
+      const auto ok = O::within(x, kExp2Lo, kExp2Hi);
+      const V xc = O::clamp(x, kExp2Lo, kExp2Hi);
+      const V tc = O::add(xc, magic);
+      t[i] = O::select(ok, t[i], tc);
+      f[i] = O::select(ok, f[i], O::sub(xc, O::sub(tc, magic)));
+      under[i] = O::not_ge(x, kExp2Lo);  // underflow (or NaN product)
     }
   }
-  _Pragma("GCC unroll 8") for (int i = 0; i < N; ++i) p[i] = _mm256_set1_ps(kExp2C[kExp2Deg]);
+  _Pragma("GCC unroll 8") for (int i = 0; i < N; ++i) p[i] = O::set1(kExp2C[kExp2Deg]);
   _Pragma("GCC unroll 8") for (int d = kExp2Deg - 1; d >= 0; --d)
-    _Pragma("GCC unroll 8") for (int i = 0; i < N; ++i) p[i] = _mm256_fmadd_ps(p[i], f[i], _mm256_set1_ps(kExp2C[d]));
+    _Pragma("GCC unroll 8") for (int i = 0; i < N; ++i) p[i] = O::fmadd(p[i], f[i], O::set1(kExp2C[d]));
   _Pragma("GCC unroll 8") for (int i = 0; i < N; ++i) {
-    const __m256 v = _mm256_castsi256_ps(
-        _mm256_add_epi32(_mm256_castps_si256(p[i]), _mm256_slli_epi32(_mm256_castps_si256(t[i]), 23)));
-    a2[i] = InRange ? v : _mm256_andnot_ps(a2[i], v);
+    a2[i] = O::add_to_exponent(p[i], t[i]);
+    if constexpr (!InRange) a2[i] = O::zero_where(under[i], a2[i]);
   }
 }
 #endif
@@ -208,7 +210,7 @@ inline void exp_scaled(const float* A2, float s, int64_t n, float* a) {
   const __m256 sv = _mm256_set1_ps(s);
   for (; k + 8 <= n; k += 8) {
     __m256 v = _mm256_loadu_ps(A2 + k);
-    exp2_8n<1, false>(sv, &v);
+    exp2_n<Vec8, 1, false>(sv, &v);
     _mm256_storeu_ps(a + k, v);
   }
 #endif
@@ -534,17 +536,17 @@ void fwd_channel(const at::Tensor& u, const at::Tensor& delta, const float* A2d,
 }
 
 #ifdef HK_AVX2
-constexpr int64_t kExpSteps = 8;  // steps whose exp(dt * A) fwd_lanes8 computes ahead of their updates
-constexpr int64_t kStage = 512;  // steps per unit of fwd_lanes8's input prefetch (prefetch_share)
+constexpr int64_t kExpSteps = 8;  // steps whose exp(dt * A) fwd_lanes computes ahead of their updates
+constexpr int64_t kStage = 512;  // steps per unit of fwd_lanes's input prefetch (prefetch_share)
 
-// The state updates of nt steps of an 8-channel tile (see fwd_lanes8), kExpSteps at a time: first
+// The state updates of nt steps of a tile (see fwd_lanes), kExpSteps at a time: first
 // every exp(dt_t * A_k) of those steps in one pass (E, kExpSteps * n vectors), then the updates.
 // Computing the exps inside the update loop kept their temporaries and the update's live values in
 // the same 16 registers: the compiler spilled both to the stack and the step ran 2x slower. Bs / Cs:
 // with VarB / VarC the block's rows of the B / C panel (one row of n per step, broadcast to the
-// lanes), else the tile's per-channel B8 / C8 ((n, 8) floats); as template arguments the choice
+// lanes), else the tile's per-channel B8 / C8 ((n, L) floats); as template arguments the choice
 // leaves the inner loop instead of testing a pointer per state.
-// A8: the tile's A2 = A log2(e), (n, 8); Amin / Amax: per lane, its least and greatest A2_k. zz: the
+// A8: the tile's A2 = A log2(e), (n, L); Amin / Amax: per lane, its least and greatest A2_k. zz: the
 // gate silu(z) per step, or null.
 // With 32 vector registers (AVX-512VL) and n = 16 (Mamba's default), NS = 16 keeps the states in
 // registers through the updates of kExpSteps steps instead of storing and reloading each per step:
@@ -555,110 +557,134 @@ constexpr bool kStatesInRegisters = true;
 constexpr bool kStatesInRegisters = false;
 #endif
 constexpr int kRegisterStates = 16;
-template <bool VarB, bool VarC, int NS = 0>
-void lanes8_steps(int64_t nt, int64_t n_arg, const float* dt, const float* cf, const float* uu, const float* zz,
-                  __m256 Dv, const float* A8, __m256 Amin, __m256 Amax, const float* Bs, const float* Cs,
-                  float* X, float* E, float* Y) {
-  constexpr int64_t L = 8;
+template <class O, bool VarB, bool VarC, int NS = 0>
+void lanes_steps(int64_t nt, int64_t n_arg, const float* dt, const float* cf, const float* uu, const float* zz,
+                 typename O::V Dv, const float* A8, typename O::V Amin, typename O::V Amax, const float* Bs,
+                 const float* Cs, float* X, float* E, float* Y) {
+  using V = typename O::V;
+  constexpr int64_t L = O::kLanes;
   const int64_t n = NS ? NS : n_arg;
-  __m256 xs[NS ? NS : 1];  // with NS: the states, in registers through kExpSteps steps
+  V xs[NS ? NS : 1];  // with NS: the states, in registers through kExpSteps steps
   for (int64_t s0 = 0; s0 < nt; s0 += kExpSteps) {
     const int64_t ns = std::min(kExpSteps, nt - s0);
     for (int64_t i = 0; i < ns; ++i) {
-      const __m256 dtv = _mm256_loadu_ps(dt + (s0 + i) * L);
+      const V dtv = O::load(dt + (s0 + i) * L);
       float* e = E + i * n * L;
       // Rounded products are monotonic in A2, so every dt * A2_k of the step lies between these two;
       // inside [kExp2Lo, kExp2Hi] the exp needs no range handling (same bits). NaN fails the test.
-      const __m256 p0 = _mm256_mul_ps(dtv, Amin), p1 = _mm256_mul_ps(dtv, Amax);
-      const __m256 ok = _mm256_and_ps(
-          _mm256_cmp_ps(_mm256_min_ps(p0, p1), _mm256_set1_ps(kExp2Lo), _CMP_GE_OQ),
-          _mm256_cmp_ps(_mm256_max_ps(p0, p1), _mm256_set1_ps(kExp2Hi), _CMP_LE_OQ));
-      const bool in_range = _mm256_movemask_ps(ok) == 0xff;
+      const V p0 = O::mul(dtv, Amin), p1 = O::mul(dtv, Amax);
+      const bool in_range = O::all_within(O::min(p0, p1), O::max(p0, p1), kExp2Lo, kExp2Hi);
       int64_t k = 0;
       for (; k + 4 <= n; k += 4) {
-        __m256 a[4];
-        for (int j = 0; j < 4; ++j) a[j] = _mm256_loadu_ps(A8 + (k + j) * L);
-        if (in_range) exp2_8n<4, true>(dtv, a);
-        else exp2_8n<4, false>(dtv, a);
-        for (int j = 0; j < 4; ++j) _mm256_storeu_ps(e + (k + j) * L, a[j]);
+        V a[4];
+        for (int j = 0; j < 4; ++j) a[j] = O::load(A8 + (k + j) * L);
+        if (in_range) exp2_n<O, 4, true>(dtv, a);
+        else exp2_n<O, 4, false>(dtv, a);
+        for (int j = 0; j < 4; ++j) O::store(e + (k + j) * L, a[j]);
       }
       if constexpr (NS % 4 != 0 || NS == 0)  // none when NS % 4 == 0 (GCC warns about the dead loop)
         for (; k < n; ++k) {
-          __m256 a = _mm256_loadu_ps(A8 + k * L);
-          exp2_8n<1, false>(dtv, &a);
-          _mm256_storeu_ps(e + k * L, a);
+          V a = O::load(A8 + k * L);
+          exp2_n<O, 1, false>(dtv, &a);
+          O::store(e + k * L, a);
         }
     }
     if constexpr (NS > 0)
-      _Pragma("GCC unroll 16") for (int k = 0; k < NS; ++k) xs[k] = _mm256_loadu_ps(X + k * L);
+      _Pragma("GCC unroll 16") for (int k = 0; k < NS; ++k) xs[k] = O::load(X + k * L);
     for (int64_t i = 0; i < ns; ++i) {
       const int64_t t = s0 + i;
-      const __m256 cv = _mm256_loadu_ps(cf + t * L);
+      const V cv = O::load(cf + t * L);
       const float* e = E + i * n * L;
       const float* Bt = Bs + (VarB ? t * n : 0);
       const float* Ct = Cs + (VarC ? t * n : 0);
       // Four partial sums for y: one accumulator would chain n FMA latencies per step.
-      __m256 y[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-      auto update = [&](int64_t k, __m256& acc) {
-        const __m256 bk = VarB ? _mm256_broadcast_ss(Bt + k) : _mm256_loadu_ps(Bt + k * L);
-        const __m256 ck = VarC ? _mm256_broadcast_ss(Ct + k) : _mm256_loadu_ps(Ct + k * L);
-        __m256 xp;
+      V y[4] = {O::set1(0.f), O::set1(0.f), O::set1(0.f), O::set1(0.f)};
+      auto update = [&](int64_t k, V& acc) {
+        const V bk = VarB ? O::set1(Bt[k]) : O::load(Bt + k * L);
+        const V ck = VarC ? O::set1(Ct[k]) : O::load(Ct + k * L);
+        V xp;
         if constexpr (NS > 0) xp = xs[k];
-        else xp = _mm256_loadu_ps(X + k * L);
-        const __m256 xk = _mm256_fmadd_ps(_mm256_loadu_ps(e + k * L), xp, _mm256_mul_ps(cv, bk));
+        else xp = O::load(X + k * L);
+        const V xk = O::fmadd(O::load(e + k * L), xp, O::mul(cv, bk));
         if constexpr (NS > 0) xs[k] = xk;
-        else _mm256_storeu_ps(X + k * L, xk);
-        acc = _mm256_fmadd_ps(ck, xk, acc);
+        else O::store(X + k * L, xk);
+        acc = O::fmadd(ck, xk, acc);
       };
       int64_t k = 0;
       _Pragma("GCC unroll 16") for (; k + 4 <= n; k += 4)
         _Pragma("GCC unroll 4") for (int j = 0; j < 4; ++j) update(k + j, y[j]);
       if constexpr (NS % 4 != 0 || NS == 0)
         for (; k < n; ++k) update(k, y[0]);
-      __m256 yv = _mm256_add_ps(_mm256_add_ps(y[0], y[1]), _mm256_add_ps(y[2], y[3]));
-      yv = _mm256_add_ps(yv, _mm256_mul_ps(Dv, _mm256_loadu_ps(uu + t * L)));
-      if (zz) yv = _mm256_mul_ps(yv, _mm256_loadu_ps(zz + t * L));
-      _mm256_storeu_ps(Y + t * L, yv);
+      V yv = O::add(O::add(y[0], y[1]), O::add(y[2], y[3]));
+      yv = O::add(yv, O::mul(Dv, O::load(uu + t * L)));
+      if (zz) yv = O::mul(yv, O::load(zz + t * L));
+      O::store(Y + t * L, yv);
     }
     if constexpr (NS > 0)
-      _Pragma("GCC unroll 16") for (int k = 0; k < NS; ++k) _mm256_storeu_ps(X + k * L, xs[k]);
+      _Pragma("GCC unroll 16") for (int k = 0; k < NS; ++k) O::store(X + k * L, xs[k]);
   }
 }
 #endif
 
 #ifdef HK_AVX2
-// Share `part` of `parts` of the cache lines fwd_lanes8 reads after its first kStage steps, requested
+// Channels per forward tile: 16 (one per AVX-512 lane; the default where the build has AVX-512) or 8
+// (AVX2 lanes). HIERKERN_CPU_SCAN_LANES=8 forces the narrow tiles (tests run both widths).
+// On the sixteenth session's Xeon (b=8, d=2048, n=16, variable B / C, D, z, softplus; cold caches)
+// 16-lane tiles with the input prefetch below took 31-32 ms at l = 680 against 34 ms for 8-lane tiles
+// without it (their best), and 102 against 106 ms at l = 2240. The state updates and exps of a step run
+// at twice the width for the same instruction count (lanes_steps' share of the time fell by a
+// quarter), but without the prefetch the wider tile's 48 interleaved input rows stalled its
+// transposes on memory and the gain was lost (36 ms).
+inline int64_t scan_lanes() {
+  static const int64_t lanes = [] {
+#ifdef HK_AVX512
+    const char* e = std::getenv("HIERKERN_CPU_SCAN_LANES");
+    if (e == nullptr || *e == '\0') return int64_t(16);
+    const std::string v(e);
+    TORCH_CHECK(v == "8" || v == "16", "hierkern: HIERKERN_CPU_SCAN_LANES must be 8 or 16, got '", v, "'");
+    return v == "8" ? int64_t(8) : int64_t(16);
+#else
+    return int64_t(8);
+#endif
+  }();
+  return lanes;
+}
+
+// Share `part` of `parts` of the cache lines fwd_lanes reads after its first kStage steps, requested
 // into L2: the rows of delta, u (and z) of this tile's later stages (kStage steps each), then those of
-// stage 0 of the tile (next_b, next_d0) the thread runs next (next_d0 < 0: none), in that order. A
-// share per time block (parts = the tile's time blocks) spreads the requests evenly over the tile, and
-// each stage's lines are all requested before its first block.
-// Without it, the tile's 24 rows are 24 interleaved runs of 256 bytes per time block, which the
+// stage 0 of the tile (next_b, next_d0; as wide as this one) the thread runs next (next_d0 < 0: none),
+// in that order. A share per time block (parts = the tile's time blocks) spreads the requests evenly
+// over the tile, and each stage's lines are all requested before its first block.
+// Without it, an 8-lane tile's 24 rows are 24 interleaved runs of 256 bytes per time block, which the
 // hardware prefetcher follows poorly: a staged copy of 512 steps per row before the transposes was
 // 3-7% faster than that (Zen 3), and this prefetch then took the forward from 125 to 111 ms at
 // l = 2240 (Zen 4), where the copy had stalled on memory (14% of the time); with the prefetch, the
 // copy no longer paid: transposing straight from the rows is 6-9% faster (31.8 vs 33.9 ms at l = 680,
 // 100 vs 108 ms at l = 2240). Into L1 (T0) the prefetch gained nothing: the exps already fill it.
 // Prefetching the output rows for writing measured 2% slower.
-// HIERKERN_CPU_SCAN_PREFETCH=1|0 forces it on or off. By default it is on for AMD CPUs only: on the
-// fourteenth session's Xeon the software prefetches stalled the issuing thread (42% of fwd_lanes8's own
-// samples sat on the prefetch loop), and without them the forward was faster in each of eight
-// alternating pairs at l = 2240 (b=8, d=2048): 107-122 ms against 112-133 (~2% at l = 680).
-inline bool scan_prefetch_enabled() {
-  static const bool on = [] {
+// HIERKERN_CPU_SCAN_PREFETCH=1|0 forces it on or off. By default it is on for 16-lane tiles (see
+// scan_lanes) and, for 8-lane tiles, on AMD CPUs only: on the fourteenth session's Xeon the software
+// prefetches stalled an 8-lane tile's thread (42% of its own samples sat on the prefetch loop), and
+// without them the forward was faster in each of eight alternating pairs at l = 2240 (b=8, d=2048):
+// 107-122 ms against 112-133 (~2% at l = 680; 34 vs 35 ms again in the sixteenth session).
+inline bool scan_prefetch_enabled(int64_t lanes) {
+  static const int forced = [] {
     const char* e = std::getenv("HIERKERN_CPU_SCAN_PREFETCH");
-    if (e && e[0]) return e[0] != '0';
+    return e && e[0] ? int(e[0] != '0') : -1;
+  }();
+  static const bool amd = [] {
     __builtin_cpu_init();
     return (bool)__builtin_cpu_is("amd");
   }();
-  return on;
+  return forced >= 0 ? forced == 1 : (lanes == 16 || amd);
 }
 
 inline void prefetch_share(const at::Tensor& delta, const at::Tensor& u, const std::optional<at::Tensor>& z,
-                           int64_t l, int64_t b, int64_t d0, int64_t next_b, int64_t next_d0, int64_t part,
-                           int64_t parts) {
+                           int64_t lanes, int64_t l, int64_t b, int64_t d0, int64_t next_b, int64_t next_d0,
+                           int64_t part, int64_t parts) {
   constexpr int64_t kLine = 64;
   const at::Tensor* src[3] = {&delta, &u, present(z) ? &*z : nullptr};
-  const int64_t rows = src[2] ? 24 : 16;
+  const int64_t rows = (src[2] ? 3 : 2) * lanes;
   // Lines per row of a stage of m steps, counted from the line that holds its first step.
   auto per_row = [](int64_t m) { return (m * int64_t(sizeof(float)) + 2 * kLine - 1) / kLine; };
   int64_t total = next_d0 >= 0 ? rows * per_row(std::min(kStage, l)) : 0;
@@ -669,9 +695,9 @@ inline void prefetch_share(const at::Tensor& delta, const at::Tensor& u, const s
     const int64_t pr = per_row(m), n_lines = rows * pr;
     for (int64_t i = std::max(lo, first); i < std::min(hi, first + n_lines);) {
       const int64_t r = (i - first) / pr;
-      const at::Tensor& x = *src[r / 8];
+      const at::Tensor& x = *src[r / lanes];
       const char* row = reinterpret_cast<const char*>(static_cast<const float*>(x.const_data_ptr()) +
-                                                      sb * x.stride(0) + (sd0 + r % 8) * x.stride(1) + t);
+                                                      sb * x.stride(0) + (sd0 + r % lanes) * x.stride(1) + t);
       for (int64_t j = (i - first) % pr; j < pr && i < hi; ++j, ++i) _mm_prefetch(row + j * kLine, _MM_HINT_T1);
     }
     first += n_lines;
@@ -680,21 +706,22 @@ inline void prefetch_share(const at::Tensor& delta, const at::Tensor& u, const s
   if (next_d0 >= 0 && first < hi) stage(next_b, next_d0, 0, std::min(kStage, l));
 }
 
-// Eight channels of one batch, one per AVX2 lane: the forward's fast path. Vectorising over the
-// states (fwd_channel) leaves each step a serial chain through the state's store and reload plus an
-// 8-lane horizontal sum for y; across channels every lane is independent, y needs no reduction
+// L = O::kLanes (16 or 8) channels of one batch, one per vector lane: the forward's fast path.
+// Vectorising over the states (fwd_channel) leaves each step a serial chain through the state's store
+// and reload plus an 8-lane horizontal sum for y; across channels every lane is independent, y needs no reduction
 // across lanes, and the n state updates of a step are n independent chains. The per-step values
 // (dt, exp(dt * A), the states) are the same float32 operations fwd_channel does, so the states are
-// bit-identical to it; y sums the n products in a different order.
-// B / C: variable panels are one row per step shared by the 8 channels (they lie in one group:
+// bit-identical to it; y sums the n products in a different order (the same at either width).
+// B / C: variable panels are one row per step shared by the L channels (they lie in one group:
 // the caller checks), broadcast per state; fixed B / C are per channel.
-template <typename T>
-void fwd_lanes8(const at::Tensor& u, const at::Tensor& delta, const std::vector<float>& A2, const Panel& Bp,
-                const Panel& Cp, const std::vector<float>& D, const std::optional<at::Tensor>& z,
+template <class O, typename T>
+void fwd_lanes(const at::Tensor& u, const at::Tensor& delta, const std::vector<float>& A2, const Panel& Bp,
+               const Panel& Cp, const std::vector<float>& D, const std::optional<at::Tensor>& z,
                 const std::vector<float>& bias, const std::optional<at::Tensor>& init, bool softplus,
                 const Dims& s, int64_t b, int64_t d0, T* o, int64_t os1, int64_t os2, float* last,
                 const Scratch& sc, int64_t next_b = -1, int64_t next_d0 = -1) {
-  constexpr int64_t L = 8;
+  using V = typename O::V;
+  constexpr int64_t L = O::kLanes;
   const int64_t n = s.n;
   float *X = sc[0], *A8 = sc[1], *B8 = sc[2], *C8 = sc[3], *dt = sc[4], *cf = sc[5], *uu = sc[6];
   float *zz = sc[7], *Y = sc[8], *E = sc[9];
@@ -712,22 +739,22 @@ void fwd_lanes8(const at::Tensor& u, const at::Tensor& delta, const std::vector<
       if (!Cp.var) C8[k * L + c] = Cp.channel(b, d0 + c)[k];
     }
   }
-  __m256 Dv, biasv;
+  V Dv, biasv;
   {
     float tmp[2][L];
     for (int64_t c = 0; c < L; ++c) { tmp[0][c] = D[d0 + c]; tmp[1][c] = bias[d0 + c]; }
-    Dv = _mm256_loadu_ps(tmp[0]);
-    biasv = _mm256_loadu_ps(tmp[1]);
+    Dv = O::load(tmp[0]);
+    biasv = O::load(tmp[1]);
   }
-  __m256 Amin = _mm256_loadu_ps(A8), Amax = Amin;
+  V Amin = O::load(A8), Amax = Amin;
   for (int64_t k = 1; k < n; ++k) {
-    Amin = _mm256_min_ps(Amin, _mm256_loadu_ps(A8 + k * L));
-    Amax = _mm256_max_ps(Amax, _mm256_loadu_ps(A8 + k * L));
+    Amin = O::min(Amin, O::load(A8 + k * L));
+    Amax = O::max(Amax, O::load(A8 + k * L));
   }
   const float* Bg = Bp.var ? Bp.channel(b, d0) : nullptr;
   const float* Cg = Cp.var ? Cp.channel(b, d0) : nullptr;
-  // float32 sequences contiguous in time arrive as 8 x 8 transposes (8 steps of the 8 channels per
-  // block); anything else, and the nt % 8 tail, one element at a time.
+  // float32 sequences contiguous in time arrive as 8 x 8 transposes (8 steps of 8 channels per block,
+  // L / 8 blocks side by side); anything else, and the nt % 8 tail, one element at a time.
   const bool blocks = us[0].st == 1 && ds[0].st == 1 && (!has_z || zs[0].st == 1);
   const int64_t su = u.stride(1), sd = delta.stride(1), sz = has_z ? z->stride(1) : 0;
   for (int64_t t0 = 0; t0 < s.l; t0 += kTimeBlock) {
@@ -735,13 +762,15 @@ void fwd_lanes8(const at::Tensor& u, const at::Tensor& delta, const std::vector<
     int64_t i0 = 0;
     if constexpr (std::is_same_v<T, float>) {
       if (blocks) {
-        if (scan_prefetch_enabled())
-          prefetch_share(delta, u, z, s.l, b, d0, next_b, next_d0, t0 / kTimeBlock, (s.l + kTimeBlock - 1) / kTimeBlock);
-        for (; i0 + 8 <= nt; i0 += 8) {
-          transpose8x8(ds[0].p + t0 + i0, sd, dt + i0 * L, L);
-          transpose8x8(us[0].p + t0 + i0, su, uu + i0 * L, L);
-          if (has_z) transpose8x8(zs[0].p + t0 + i0, sz, zz + i0 * L, L);
-        }
+        if (scan_prefetch_enabled(L))
+          prefetch_share(delta, u, z, L, s.l, b, d0, next_b, next_d0, t0 / kTimeBlock,
+                         (s.l + kTimeBlock - 1) / kTimeBlock);
+        for (; i0 + 8 <= nt; i0 += 8)
+          for (int64_t h = 0; h < L; h += 8) {
+            transpose8x8(ds[h].p + t0 + i0, sd, dt + i0 * L + h, L);
+            transpose8x8(us[h].p + t0 + i0, su, uu + i0 * L + h, L);
+            if (has_z) transpose8x8(zs[h].p + t0 + i0, sz, zz + i0 * L + h, L);
+          }
       }
     }
     for (int64_t i = i0; i < nt; ++i)
@@ -750,11 +779,9 @@ void fwd_lanes8(const at::Tensor& u, const at::Tensor& delta, const std::vector<
         uu[i * L + c] = us[c][t0 + i];
         if (has_z) zz[i * L + c] = zs[c][t0 + i];
       }
-    for (int64_t i = 0; i < nt; ++i)
-      _mm256_storeu_ps(dt + i * L, _mm256_add_ps(_mm256_loadu_ps(dt + i * L), biasv));
+    for (int64_t i = 0; i < nt; ++i) O::store(dt + i * L, O::add(O::load(dt + i * L), biasv));
     if (softplus) softplus_inplace(dt, nt * L);
-    for (int64_t i = 0; i < nt; ++i)
-      _mm256_storeu_ps(cf + i * L, _mm256_mul_ps(_mm256_loadu_ps(dt + i * L), _mm256_loadu_ps(uu + i * L)));
+    for (int64_t i = 0; i < nt; ++i) O::store(cf + i * L, O::mul(O::load(dt + i * L), O::load(uu + i * L)));
     if (has_z) silu_inplace8(zz, nt * L);  // the gate
     const float* zb = has_z ? zz : nullptr;
     const float* Bs = Bg ? Bg + t0 * n : B8;
@@ -763,9 +790,9 @@ void fwd_lanes8(const at::Tensor& u, const at::Tensor& delta, const std::vector<
       constexpr bool VB = decltype(var_b)::value, VC = decltype(var_c)::value;
       if constexpr (kStatesInRegisters) {
         if (n == kRegisterStates)
-          return lanes8_steps<VB, VC, kRegisterStates>(nt, n, dt, cf, uu, zb, Dv, A8, Amin, Amax, Bs, Cs, X, E, Y);
+          return lanes_steps<O, VB, VC, kRegisterStates>(nt, n, dt, cf, uu, zb, Dv, A8, Amin, Amax, Bs, Cs, X, E, Y);
       }
-      lanes8_steps<VB, VC>(nt, n, dt, cf, uu, zb, Dv, A8, Amin, Amax, Bs, Cs, X, E, Y);
+      lanes_steps<O, VB, VC>(nt, n, dt, cf, uu, zb, Dv, A8, Amin, Amax, Bs, Cs, X, E, Y);
     };
     using Yes = std::true_type;
     using No = std::false_type;
@@ -776,7 +803,8 @@ void fwd_lanes8(const at::Tensor& u, const at::Tensor& delta, const std::vector<
     int64_t j0 = 0;
     if constexpr (std::is_same_v<T, float>) {
       if (os2 == 1)
-        for (; j0 + 8 <= nt; j0 += 8) transpose8x8(Y + j0 * L, L, o + d0 * os1 + t0 + j0, os1);
+        for (; j0 + 8 <= nt; j0 += 8)
+          for (int64_t h = 0; h < L; h += 8) transpose8x8(Y + j0 * L + h, L, o + (d0 + h) * os1 + t0 + j0, os1);
     }
     for (int64_t c = 0; c < L; ++c) {
       T* oc = o + (d0 + c) * os1 + t0 * os2;
@@ -796,35 +824,48 @@ void fwd_kernel(const at::Tensor& u, const at::Tensor& delta, const std::vector<
   T* op = out.mutable_data_ptr<T>();
   float* lp = last.mutable_data_ptr<float>();
   const int64_t os0 = out.stride(0), os1 = out.stride(1), os2 = out.stride(2);
-  // Per batch: `lanes` tiles of 8 channels, then the remaining channels one by one.
-  int64_t lanes = 0;
+  // Per batch: t16 tiles of 16 channels (AVX-512), then t8 tiles of 8, then the remaining channels one
+  // by one.
+  int64_t t16 = 0, t8 = 0;
 #ifdef HK_AVX2
-  // A tile's 8 channels must read one group's B / C panel.
-  auto tiles_fit = [](const Panel& P) { return !P.var || P.groups == 1 || P.per_group % 8 == 0; };
-  if (tiles_fit(Bp) && tiles_fit(Cp)) lanes = s.d / 8;
+  // A tile's channels must read one group's B / C panel.
+  auto tiles_fit = [](const Panel& P, int64_t w) { return !P.var || P.groups == 1 || P.per_group % w == 0; };
+#ifdef HK_AVX512
+  if (scan_lanes() == 16 && tiles_fit(Bp, 16) && tiles_fit(Cp, 16)) t16 = s.d / 16;
 #endif
-  const int64_t per_b = lanes + (s.d - 8 * lanes);
+  if (tiles_fit(Bp, 8) && tiles_fit(Cp, 8)) t8 = (s.d - 16 * t16) / 8;
+#endif
+  const int64_t tiled = 16 * t16 + 8 * t8, per_b = t16 + t8 + (s.d - tiled);
   at::parallel_for(0, s.b * per_b, 1, [&](int64_t lo, int64_t hi) {
     const Scratch sc{s.n, kTimeBlock * s.n, kTimeBlock, kTimeBlock, kTimeBlock, kTimeBlock};
 #ifdef HK_AVX2
-    const int64_t t8 = kTimeBlock * 8;
-    const Scratch sc8{8 * s.n, 8 * s.n, 8 * s.n, 8 * s.n, t8, t8, t8, t8, std::max(t8, s.n), kExpSteps * 8 * s.n};
+    // Sized for the widest tile; an 8-channel tile uses the front of each array.
+    const int64_t w = t16 ? 16 : 8, tw = kTimeBlock * w;
+    const Scratch scw{w * s.n, w * s.n, w * s.n, w * s.n, tw, tw, tw, tw, std::max(tw, s.n), kExpSteps * w * s.n};
 #endif
     for (int64_t task = lo; task < hi; ++task) {
       const int64_t b = task / per_b, r = task % per_b;
       T* ob = op + b * os0;
       float* lb = lp + b * s.d * s.n;
 #ifdef HK_AVX2
-      if (r < lanes) {
-        // The tile this thread runs next, whose first inputs fwd_lanes8 prefetches.
+      if (r < t16 + t8) {
+        // The tile this thread runs next, whose first inputs fwd_lanes prefetches (if as wide as this one).
         const int64_t nb = (task + 1) / per_b, nr = (task + 1) % per_b;
-        const bool next = task + 1 < hi && nr < lanes;
-        fwd_lanes8<T>(u, delta, A2, Bp, Cp, D, z, bias, init, softplus, s, b, 8 * r, ob, os1, os2, lb, sc8,
-                      next ? nb : -1, next ? 8 * nr : -1);
+        const bool wide = r < t16, next = task + 1 < hi && (wide ? nr < t16 : nr >= t16 && nr < t16 + t8);
+        const int64_t nd0 = !next ? -1 : wide ? 16 * nr : 16 * t16 + 8 * (nr - t16);
+#ifdef HK_AVX512
+        if (wide) {
+          fwd_lanes<Vec16, T>(u, delta, A2, Bp, Cp, D, z, bias, init, softplus, s, b, 16 * r, ob, os1, os2, lb,
+                              scw, next ? nb : -1, nd0);
+          continue;
+        }
+#endif
+        fwd_lanes<Vec8, T>(u, delta, A2, Bp, Cp, D, z, bias, init, softplus, s, b, 16 * t16 + 8 * (r - t16), ob,
+                           os1, os2, lb, scw, next ? nb : -1, nd0);
         continue;
       }
 #endif
-      const int64_t d = 8 * lanes + (r - lanes);
+      const int64_t d = tiled + (r - t16 - t8);
       fwd_channel<T>(u, delta, A2.data() + d * s.n, Bp.channel(b, d), Bp.step(), Cp.channel(b, d), Cp.step(),
                      D[d], z, bias[d], init, softplus, s, b, d, ob + d * os1, os2, lb + d * s.n, sc);
     }
