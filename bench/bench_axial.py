@@ -10,7 +10,7 @@ peer's column permute is free: (B, W) merge into one dimension without a copy, s
 strided views and only the output is copied back; it then compares the two attention kernels, not the
 permute-based recipe.
 
-Peers, measured in the same run (calls interleaved, median wall time per call; CUDA synchronised):
+Peers, measured in the same run (calls interleaved, median time per call, each after a cache flush: bench/common.py):
   sdpa       the usual way: column attention permutes q, k, v to (B * W, heads, H, D) (reshape copies),
              runs F.scaled_dot_product_attention and permutes the output back to channel-last
              (another copy); row attention passes free (B * H, heads, W, D) views and reshapes back.
@@ -26,13 +26,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 import hierkern
 from hierkern.models import AxialTransformer
+
+from bench.common import time_call
 
 SHAPES = ((8, 64, 64), (4, 128, 128))
 SMALL_CPU_BATCH = {64: 2, 128: 1}
@@ -58,17 +59,8 @@ def _peers(impl):
     }
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def _timed(fn, device):
-    _sync(device)
-    t0 = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - t0
+    return time_call(fn, device.type)  # after a cache flush, as every hierkern benchmark
 
 
 def measure_attention(B, H, W, dtype, device, impl, reps):

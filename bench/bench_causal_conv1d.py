@@ -6,7 +6,7 @@ Shapes: Mamba-2-style (x a channel-last (batch, seqlen, dim).transpose(1, 2) vie
 at M-VAR sequence lengths 680 and 2240 (the 256px and 512px scale schedules). CPU: batch 2, dim 1024,
 float32 (scaled for a 2-core machine). CUDA: batch 8, dim 2048, bfloat16.
 
-Peers, measured in the same run (calls interleaved, median wall time per call; CUDA synchronised):
+Peers, measured in the same run (calls interleaved, median time per call, each after a cache flush: bench/common.py):
   conv1d_pad   F.conv1d(x, w[:, None], bias, padding=width - 1, groups=dim)[..., :seqlen] then silu:
                what Mamba code runs without the causal-conv1d package (no conv state in or out).
   reference    hierkern's reference (cat(initial_state, x) + F.conv1d), with the conv state.
@@ -18,12 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 import hierkern
+
+from bench.common import time_call
 
 SEQLENS = (680, 2240)
 WIDTH = 4
@@ -39,11 +40,6 @@ def _peers(impl):
         "conv1d_pad": lambda x, w, b, s: conv1d_pad(x, w, b),
         "reference": lambda x, w, b, s: hierkern.causal_conv1d(x, w, b, s, True, "silu", impl="reference"),
     }
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def _call(fn, args, op, grad):
@@ -71,11 +67,7 @@ def measure(batch, dim, seqlen, dtype, device, impl, reps):
                 _call(fn, args, op, grad)  # warm-up (Triton compile, allocator)
             for _ in range(reps):
                 for name, fn in peers.items():
-                    _sync(device)
-                    t0 = time.perf_counter()
-                    _call(fn, args, op, grad)
-                    _sync(device)
-                    times[name].append(time.perf_counter() - t0)
+                    times[name].append(time_call(lambda: _call(fn, args, op, grad), device.type))
         ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}
         moved = batch * dim * seqlen * dtype.itemsize * (2 if op == "fwd" else 5)
         rows.append({"batch": batch, "dim": dim, "seqlen": seqlen, "width": WIDTH, "dtype": str(dtype), "op": op,

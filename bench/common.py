@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import statistics
 import time
 from typing import Callable
@@ -372,9 +373,45 @@ def sync(device: str):
         torch.cuda.synchronize()
 
 
+def flush_mib() -> int:
+    """The cache flush size in MiB (HIERKERN_BENCH_FLUSH_MB, default 256; 0: no flush)."""
+    raw = os.environ.get("HIERKERN_BENCH_FLUSH_MB", "256")
+    try:
+        mb = int(raw)
+    except ValueError:
+        mb = -1
+    if mb < 0:
+        raise ValueError(f"HIERKERN_BENCH_FLUSH_MB must be a whole number of MiB >= 0 (0: no flush), got {raw!r}")
+    return mb
+
+
+_flush_buffers: dict = {}
+
+
+def flush_caches(device: str):
+    """Evicts the caches before a timed call, as triton.testing.do_bench does on GPUs: every call then
+    starts from the same state whatever ran before it. Without it a CPU peer's time depended on its
+    place in the round (the L=680 diagonal forward: hierkern, timed right after the eager reference's
+    ~170 MB of traffic, 6.4-7.3 ms; the per-scale loop, timed after compiled flex, 6.9-7.4 ms; each
+    ~5.2 / ~6.1 ms when the two alternate alone). CPU: reads a HIERKERN_BENCH_FLUSH_MB (default 256)
+    buffer, which leaves clean lines (no write-backs charged to the next call); CUDA: zeroes it.
+    0 turns the flush off."""
+    mb = flush_mib()
+    if mb == 0:
+        return
+    buf = _flush_buffers.get(device)
+    if buf is None or buf.numel() != mb << 18:
+        buf = _flush_buffers[device] = torch.ones(mb << 18, dtype=torch.float32, device=device)
+    if device == "cuda":
+        buf.zero_()
+    else:
+        buf.sum()
+
+
 def time_call(fn: Callable, device: str) -> float:
-    """Seconds for one call (CUDA: events around the call, so CPU launch overhead that delays the
-    GPU is included, as it is for a user)."""
+    """Seconds for one call, after flush_caches (CUDA: events around the call, so CPU launch overhead
+    that delays the GPU is included, as it is for a user)."""
+    flush_caches(device)
     if device == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -388,12 +425,14 @@ def time_call(fn: Callable, device: str) -> float:
 
 
 def median_seconds(fn: Callable, device: str = "cpu", reps: int = 5) -> float:
-    """Median wall seconds of `reps` calls after one warm-up call, the device synchronised around
-    each (the microbenchmarks' simple policy; the report uses TimingPolicy and measure_group)."""
+    """Median wall seconds of `reps` calls after one warm-up call, each after flush_caches, the device
+    synchronised around each (the microbenchmarks' simple policy; the report uses TimingPolicy and measure_group)."""
     fn()
     sync(device)
     times = []
     for _ in range(reps):
+        flush_caches(device)
+        sync(device)
         t0 = time.perf_counter()
         fn()
         sync(device)

@@ -33,7 +33,8 @@ def environment(device):
     env = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "device": device,
            "torch": torch.__version__, "python": platform.python_version(),
            "threads": torch.get_num_threads(), "machine": platform.machine(),
-           "processor": platform.processor() or platform.machine()}
+           "processor": platform.processor() or platform.machine(),
+           "cache_flush_mib": common.flush_mib()}
     try:
         import triton
         env["triton"] = triton.__version__
@@ -131,7 +132,10 @@ def markdown(env, configs, rows, targets, skipped, quick, elapsed):
                      + "; ".join(f"{o['kernel']} d{o['head_dim']} {o['block_m']}x{o['block_n']} "
                                  f"w{o['num_warps']} s{o['num_stages']}" for o in env["triton_config_overrides"]))
     lines.append("")
-    lines.append("Median ms of single calls after warm-up; TFLOP/s counts useful FLOPs only "
+    flush = env.get("cache_flush_mib")
+    lines.append("Median ms of single calls after warm-up, each after "
+                 + (f"a {flush} MiB cache flush (HIERKERN_BENCH_FLUSH_MB); " if flush else "no cache flush; ")
+                 + "TFLOP/s counts useful FLOPs only "
                  "(4·B·H·D·visible_pairs forward, 3.5x that for fwd+bwd); peak MB is the peak extra "
                  "allocation of one call; ratio = peer time / hierkern time (> 1: hierkern faster).")
     lines.append("")
