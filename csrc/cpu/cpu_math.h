@@ -37,9 +37,11 @@ void sgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 
 // GCC 12 reports its own AVX-512 intrinsics (the _mm512_undefined_ps self-initialisation behind
 // min/max/shifts/reductions) as maybe-uninitialized once inlined at -O3 (GCC bug 105593, fixed in
-// 13); the warning is attributed along the inlining chain, so it is silenced for this header's code.
+// 13); the warning is attributed along the inlining chain, so it is silenced for this header's code
+// (in its -Wuninitialized form too, which an out-of-line exp_n<Vec16, N, true> draws).
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 namespace hierkern::cpu {
 
 // Uninitialised float scratch. std::vector<float>(n) zero-fills, and a kernel's per-call tiles sized
@@ -423,6 +425,9 @@ struct Vec8 {
   }
   static M not_ge(V x, float lo) { return _mm256_cmp_ps(x, set1(lo), _CMP_NGE_UQ); }  // x < lo or NaN
   static V select(M m, V a, V b) { return _mm256_blendv_ps(b, a, m); }              // m ? a : b
+  static M greater(V x, float y) { return _mm256_cmp_ps(x, set1(y), _CMP_GT_OQ); }
+  static V div(V a, V b) { return _mm256_div_ps(a, b); }
+  static V neg_abs(V x) { return _mm256_or_ps(x, set1(-0.f)); }  // -|x| (the sign bit set)
 };
 
 #ifdef HK_AVX512
@@ -459,6 +464,11 @@ struct Vec16 {
   }
   static M not_ge(V x, float lo) { return _mm512_cmp_ps_mask(x, set1(lo), _CMP_NGE_UQ); }
   static V select(M m, V a, V b) { return _mm512_mask_blend_ps(m, b, a); }
+  static M greater(V x, float y) { return _mm512_cmp_ps_mask(x, set1(y), _CMP_GT_OQ); }
+  static V div(V a, V b) { return _mm512_div_ps(a, b); }
+  static V neg_abs(V x) {  // integer or: _mm512_or_ps needs AVX512DQ
+    return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(x), _mm512_set1_epi32(int(0x80000000u))));
+  }
 };
 #endif
 

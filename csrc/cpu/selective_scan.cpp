@@ -50,44 +50,72 @@ inline int64_t pad8(int64_t m) { return (m + 7) / 8 * 8; }
 
 #ifdef HK_AVX2
 // log1p(e) for e in [0, 1]: 2 atanh(s) with s = e / (2 + e) <= 1/3, odd series to s^15 (rel. error < 2e-9).
-inline __m256 log1p_unit8(__m256 e) {
-  const __m256 s = _mm256_div_ps(e, _mm256_add_ps(_mm256_set1_ps(2.f), e));
-  const __m256 s2 = _mm256_mul_ps(s, s);
-  __m256 p = _mm256_set1_ps(1.f / 15.f);
-  for (float c : {1.f / 13.f, 1.f / 11.f, 1.f / 9.f, 1.f / 7.f, 1.f / 5.f, 1.f / 3.f, 1.f})
-    p = _mm256_fmadd_ps(p, s2, _mm256_set1_ps(c));
-  return _mm256_mul_ps(_mm256_add_ps(s, s), p);
+template <class O>
+inline typename O::V log1p_unit(typename O::V e) {
+  const typename O::V s = O::div(e, O::add(O::set1(2.f), e)), s2 = O::mul(s, s);
+  typename O::V p = O::set1(1.f / 15.f);
+  for (float c : {1.f / 13.f, 1.f / 11.f, 1.f / 9.f, 1.f / 7.f, 1.f / 5.f, 1.f / 3.f, 1.f}) p = O::fmadd(p, s2, O::set1(c));
+  return O::mul(O::add(s, s), p);
 }
 
 inline __m256 sigmoid8(__m256 x) {
   const __m256 one = _mm256_set1_ps(1.f);
   return _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), x))));
 }
+
+// x[i] <- f(x[i]) for i < m (a multiple of 8), O::kLanes at a time with four exps interleaved
+// (exp_n: one alone is a long serial chain), as wide as the build allows: AVX-512 for the first
+// m / 16 * 16 elements, AVX2 for the rest. F<O>::pre(v) gives the exp's argument, F<O>::post(v, e)
+// the result from v and the exp; the same operations at either width give the same bits.
+template <class O, class Op>
+inline int64_t map_exp_span(float* x, int64_t m) {
+  using V = typename O::V;
+  constexpr int64_t W = O::kLanes;
+  int64_t i = 0;
+  for (; i + 4 * W <= m; i += 4 * W) {
+    V v[4], e[4];
+    for (int j = 0; j < 4; ++j) e[j] = Op::pre(v[j] = O::load(x + i + W * j));
+    exp_n<O, 4>(e);
+    for (int j = 0; j < 4; ++j) O::store(x + i + W * j, Op::post(v[j], e[j]));
+  }
+  for (; i + W <= m; i += W) {
+    V v = O::load(x + i), e = Op::pre(v);
+    exp_n<O, 1>(&e);
+    O::store(x + i, Op::post(v, e));
+  }
+  return i;
+}
+
+template <template <class> class F>
+inline void map_exp(float* x, int64_t m) {
+  int64_t i = 0;
+#ifdef HK_AVX512
+  i = map_exp_span<Vec16, F<Vec16>>(x, m);
+#endif
+  map_exp_span<Vec8, F<Vec8>>(x + i, m - i);
+}
+
+// softplus(v) = max(v, 0) + log1p(exp(-|v|)) (the exp argument <= 0); v itself above 20.
+template <class O>
+struct SoftplusOp {
+  using V = typename O::V;
+  static V pre(V v) { return O::neg_abs(v); }
+  static V post(V v, V e) { return O::select(O::greater(v, 20.f), v, O::add(O::max(v, O::set1(0.f)), log1p_unit<O>(e))); }
+};
+
+// silu(v) = v / (1 + exp(-v))
+template <class O>
+struct SiluOp {
+  using V = typename O::V;
+  static V pre(V v) { return O::sub(O::set1(0.f), v); }
+  static V post(V v, V e) { return O::mul(v, O::div(O::set1(1.f), O::add(O::set1(1.f), e))); }
+};
 #endif
 
 // x <- softplus(x) as F.softplus (threshold 20: the identity above it); m a multiple of 8.
-// softplus(x) = max(x, 0) + log1p(exp(-|x|)) keeps the exp argument <= 0.
 inline void softplus_inplace(float* x, int64_t m) {
 #ifdef HK_AVX2
-  const __m256 sign = _mm256_set1_ps(-0.f), thr = _mm256_set1_ps(20.f);
-  auto finish = [&](float* xi, __m256 v, __m256 e) {  // e = exp(-|v|)
-    const __m256 sp = _mm256_add_ps(_mm256_max_ps(v, _mm256_setzero_ps()), log1p_unit8(e));
-    _mm256_storeu_ps(xi, _mm256_blendv_ps(sp, v, _mm256_cmp_ps(v, thr, _CMP_GT_OQ)));
-  };
-  int64_t i = 0;
-  for (; i + 32 <= m; i += 32) {  // four exps interleaved (exp8_n): one alone is a long serial chain
-    __m256 v[4], e[4];
-    for (int j = 0; j < 4; ++j) {
-      v[j] = _mm256_loadu_ps(x + i + 8 * j);
-      e[j] = _mm256_or_ps(v[j], sign);
-    }
-    exp8_n<4>(e);
-    for (int j = 0; j < 4; ++j) finish(x + i + 8 * j, v[j], e[j]);
-  }
-  for (; i < m; i += 8) {
-    const __m256 v = _mm256_loadu_ps(x + i);
-    finish(x + i, v, exp8(_mm256_or_ps(v, sign)));
-  }
+  map_exp<SoftplusOp>(x, m);
 #else
   for (int64_t i = 0; i < m; ++i) x[i] = x[i] > 20.f ? x[i] : std::log1p(std::exp(x[i]));
 #endif
@@ -182,25 +210,8 @@ inline void exp2_n(typename O::V dtv, typename O::V* a2) {
 #endif
 
 #ifdef HK_AVX2
-// x <- silu(x) = x sigmoid(x) (as sigmoid8), m a multiple of 8; four exps interleaved (exp8_n).
-inline void silu_inplace8(float* x, int64_t m) {
-  const __m256 one = _mm256_set1_ps(1.f);
-  int64_t i = 0;
-  for (; i + 32 <= m; i += 32) {
-    __m256 v[4], e[4];
-    for (int j = 0; j < 4; ++j) {
-      v[j] = _mm256_loadu_ps(x + i + 8 * j);
-      e[j] = _mm256_sub_ps(_mm256_setzero_ps(), v[j]);
-    }
-    exp8_n<4>(e);
-    for (int j = 0; j < 4; ++j)
-      _mm256_storeu_ps(x + i + 8 * j, _mm256_mul_ps(v[j], _mm256_div_ps(one, _mm256_add_ps(one, e[j]))));
-  }
-  for (; i < m; i += 8) {
-    const __m256 v = _mm256_loadu_ps(x + i);
-    _mm256_storeu_ps(x + i, _mm256_mul_ps(v, sigmoid8(v)));
-  }
-}
+// x <- silu(x) = x sigmoid(x) (as sigmoid8), m a multiple of 8.
+inline void silu_inplace8(float* x, int64_t m) { map_exp<SiluOp>(x, m); }
 #endif
 
 // a[k] = exp(s * A[k]) = 2^(s * A2[k]) for k < n, in the form above (A2 from dense_A(A, kLog2e)).
