@@ -664,8 +664,8 @@ inline int64_t scan_lanes() {
 // Share `part` of `parts` of the cache lines fwd_lanes reads after its first kStage steps, requested
 // into L2: the rows of delta, u (and z) of this tile's later stages (kStage steps each), then those of
 // stage 0 of the tile (next_b, next_d0; as wide as this one) the thread runs next (next_d0 < 0: none),
-// in that order. A share per time block (parts = the tile's time blocks) spreads the requests evenly
-// over the tile, and each stage's lines are all requested before its first block.
+// in that order. A share per kExpSteps steps (parts = the tile's runs of kExpSteps) spreads the
+// requests evenly over the tile, and each stage's lines are all requested before its first block.
 // Without it, an 8-lane tile's 24 rows are 24 interleaved runs of 256 bytes per time block, which the
 // hardware prefetcher follows poorly: a staged copy of 512 steps per row before the transposes was
 // 3-7% faster than that (Zen 3), and this prefetch then took the forward from 125 to 111 ms at
@@ -773,9 +773,6 @@ void fwd_lanes(const at::Tensor& u, const at::Tensor& delta, const std::vector<f
     int64_t i0 = 0;
     if constexpr (std::is_same_v<T, float>) {
       if (blocks) {
-        if (scan_prefetch_enabled(L))
-          prefetch_share(delta, u, z, L, s.l, b, d0, next_b, next_d0, t0 / kTimeBlock,
-                         (s.l + kTimeBlock - 1) / kTimeBlock);
         for (; i0 + 8 <= nt; i0 += 8)
           for (int64_t h = 0; h < L; h += 8) {
             transpose8x8(ds[h].p + t0 + i0, sd, dt + i0 * L + h, L);
@@ -797,13 +794,29 @@ void fwd_lanes(const at::Tensor& u, const at::Tensor& delta, const std::vector<f
     const float* zb = has_z ? zz : nullptr;
     const float* Bs = Bg ? Bg + t0 * n : B8;
     const float* Cs = Cg ? Cg + t0 * n : C8;
+    // The steps in runs of kExpSteps, each after its share of the input prefetch: one share per block
+    // issued at once (~200 lines at l = 680 with 16 lanes) filled every line fill buffer and stalled
+    // the thread on the prefetch instructions (~20% of the forward); spread over the block they
+    // overlap with the steps' arithmetic (same bits: lanes_steps runs kExpSteps at a time anyway).
+    const bool pf = std::is_same_v<T, float> && blocks && scan_prefetch_enabled(L);
     auto steps = [&](auto var_b, auto var_c) {
       constexpr bool VB = decltype(var_b)::value, VC = decltype(var_c)::value;
-      if constexpr (kStatesInRegisters) {
-        if (n == kRegisterStates)
-          return lanes_steps<O, VB, VC, kRegisterStates>(nt, n, dt, cf, uu, zb, Dv, A8, Amin, Amax, Bs, Cs, X, E, Y);
+      for (int64_t s0 = 0; s0 < nt; s0 += kExpSteps) {
+        if (pf)
+          prefetch_share(delta, u, z, L, s.l, b, d0, next_b, next_d0, (t0 + s0) / kExpSteps,
+                         (s.l + kExpSteps - 1) / kExpSteps);
+        const int64_t ns = std::min(kExpSteps, nt - s0);
+        const float *dts = dt + s0 * L, *cfs = cf + s0 * L, *uus = uu + s0 * L, *zbs = zb ? zb + s0 * L : nullptr;
+        const float *Bss = VB ? Bs + s0 * n : Bs, *Css = VC ? Cs + s0 * n : Cs;
+        if constexpr (kStatesInRegisters) {
+          if (n == kRegisterStates) {
+            lanes_steps<O, VB, VC, kRegisterStates>(ns, n, dts, cfs, uus, zbs, Dv, A8, Amin, Amax, Bss, Css, X, E,
+                                                    Y + s0 * L);
+            continue;
+          }
+        }
+        lanes_steps<O, VB, VC>(ns, n, dts, cfs, uus, zbs, Dv, A8, Amin, Amax, Bss, Css, X, E, Y + s0 * L);
       }
-      lanes_steps<O, VB, VC>(nt, n, dt, cf, uu, zb, Dv, A8, Amin, Amax, Bs, Cs, X, E, Y);
     };
     using Yes = std::true_type;
     using No = std::false_type;
