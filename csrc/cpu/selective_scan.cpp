@@ -548,7 +548,99 @@ void fwd_channel(const at::Tensor& u, const at::Tensor& delta, const float* A2d,
 
 #ifdef HK_AVX2
 constexpr int64_t kExpSteps = 8;  // steps whose exp(dt * A) fwd_lanes computes ahead of their updates
-constexpr int64_t kStage = 512;  // steps per unit of fwd_lanes's input prefetch (prefetch_share)
+constexpr int64_t kStage = 512;  // steps per unit of fwd_lanes's input prefetch (InputPrefetch)
+
+// Channels per forward tile: 16 (one per AVX-512 lane; the default where the build has AVX-512) or 8
+// (AVX2 lanes). HIERKERN_CPU_SCAN_LANES=8 forces the narrow tiles (tests run both widths).
+// The state updates and exps of a step run at twice the width for the same instruction count
+// (lanes_steps' share of the time fell by a quarter). On the sixteenth session's Xeon (b=8, d=2048,
+// n=16, variable B / C, D, z, softplus; cold caches; the input prefetch below on): 25.6-26.6 ms at
+// l = 680 against 32.7-33.2 for 8-lane tiles. Without the prefetch the wider tile's 48 interleaved
+// input rows stall its transposes on memory and most of the gain is lost.
+inline int64_t scan_lanes() {
+  static const int64_t lanes = [] {
+#ifdef HK_AVX512
+    const char* e = std::getenv("HIERKERN_CPU_SCAN_LANES");
+    if (e == nullptr || *e == '\0') return int64_t(16);
+    const std::string v(e);
+    TORCH_CHECK(v == "8" || v == "16", "hierkern: HIERKERN_CPU_SCAN_LANES must be 8 or 16, got '", v, "'");
+    return v == "8" ? int64_t(8) : int64_t(16);
+#else
+    return int64_t(8);
+#endif
+  }();
+  return lanes;
+}
+
+// The input prefetch of a tile: the cache lines fwd_lanes reads after its first kStage steps,
+// requested into L2 a few per step (until(t), called by lanes_steps), in order: the rows of delta, u
+// (and z) of this tile's later stages (kStage steps each), then those of stage 0 of the tile (next_b,
+// next_d0; as wide as this one) the thread runs next (next_d0 < 0: none). Evenly spread over the
+// tile's steps, each stage's lines are all requested before its first block.
+// Without it, a tile's rows (24 for 8 lanes, 48 for 16) are as many interleaved runs of 256 bytes per
+// time block, which the hardware prefetcher follows poorly (Zen 3: a staged copy of 512 steps per row
+// before the transposes was 3-7% faster than that; Zen 4, an earlier form of this prefetch: 125 ->
+// 111 ms at l = 2240). Into L1 (T0) the prefetch gained nothing: the exps already fill it; the output
+// rows for writing measured 2% slower. How the requests are spread matters: issued as one burst per
+// 64-step block (~200 lines at l = 680 with 16 lanes) they filled every line fill buffer and stalled
+// the thread on the prefetch instructions, which on the fourteenth session's Xeon made the forward
+// faster without any prefetch; a burst per 8 steps still left 7% of the samples there. A few lines
+// per step, on the sixteenth session's Xeon (b=8, d=2048, n=16, l=680): 16-lane tiles 25.6-26.6 ms
+// against 28.4-28.8 (per 8 steps), 32.3-32.9 (per block) and 33.9 (none); 8-lane tiles 32.7-33.2
+// against 37.7-37.8 (none); l = 2240, 16 lanes: 85.6 ms against 106.3 (per block).
+// HIERKERN_CPU_SCAN_PREFETCH=0 turns it off (A/B runs).
+inline bool scan_prefetch_enabled() {
+  static const bool on = [] {
+    const char* e = std::getenv("HIERKERN_CPU_SCAN_PREFETCH");
+    return !(e && e[0] == '0');
+  }();
+  return on;
+}
+
+class InputPrefetch {
+ public:
+  void start(const at::Tensor& delta, const at::Tensor& u, const std::optional<at::Tensor>& z, int64_t lanes,
+             int64_t l, int64_t b, int64_t d0, int64_t next_b, int64_t next_d0) {
+    const at::Tensor* src[3] = {&delta, &u, present(z) ? &*z : nullptr};
+    const int64_t rows = (src[2] ? 3 : 2) * lanes;
+    runs_.clear();
+    total_ = issued_ = 0;
+    run_ = line_ = 0;
+    l_ = l;
+    auto stage = [&](int64_t sb, int64_t sd0, int64_t t, int64_t m) {
+      // lines of m steps counted from the line that holds the first one
+      const int64_t lines = (m * int64_t(sizeof(float)) + 2 * kLine - 1) / kLine;
+      for (int64_t r = 0; r < rows; ++r) {
+        const at::Tensor& x = *src[r / lanes];
+        runs_.push_back({reinterpret_cast<const char*>(static_cast<const float*>(x.const_data_ptr()) +
+                                                       sb * x.stride(0) + (sd0 + r % lanes) * x.stride(1) + t),
+                         lines});
+        total_ += lines;
+      }
+    };
+    for (int64_t t = kStage; t < l; t += kStage) stage(b, d0, t, std::min(kStage, l - t));
+    if (next_d0 >= 0) stage(next_b, next_d0, 0, std::min(kStage, l));
+  }
+
+  // Requests the lines due by the end of step t of the tile's l: total * (t + 1) / l in all.
+  void until(int64_t t) {
+    const int64_t due = total_ * (t + 1) / l_;
+    for (; issued_ < due; ++issued_) {
+      _mm_prefetch(runs_[run_].p + line_ * kLine, _MM_HINT_T1);
+      if (++line_ == runs_[run_].lines) line_ = 0, ++run_;
+    }
+  }
+
+ private:
+  static constexpr int64_t kLine = 64;
+  struct Run {
+    const char* p;
+    int64_t lines;
+  };
+  std::vector<Run> runs_;
+  size_t run_ = 0;
+  int64_t line_ = 0, issued_ = 0, total_ = 0, l_ = 1;
+};
 
 // The state updates of nt steps of a tile (see fwd_lanes), kExpSteps at a time: first
 // every exp(dt_t * A_k) of those steps in one pass (E, kExpSteps * n vectors), then the updates.
@@ -571,7 +663,7 @@ constexpr int kRegisterStates = 16;
 template <class O, bool VarB, bool VarC, int NS = 0>
 void lanes_steps(int64_t nt, int64_t n_arg, const float* dt, const float* cf, const float* uu, const float* zz,
                  typename O::V Dv, const float* A8, typename O::V Amin, typename O::V Amax, const float* Bs,
-                 const float* Cs, float* X, float* E, float* Y) {
+                 const float* Cs, float* X, float* E, float* Y, InputPrefetch* pf, int64_t t_base) {
   using V = typename O::V;
   constexpr int64_t L = O::kLanes;
   const int64_t n = NS ? NS : n_arg;
@@ -579,6 +671,7 @@ void lanes_steps(int64_t nt, int64_t n_arg, const float* dt, const float* cf, co
   for (int64_t s0 = 0; s0 < nt; s0 += kExpSteps) {
     const int64_t ns = std::min(kExpSteps, nt - s0);
     for (int64_t i = 0; i < ns; ++i) {
+      if (pf) pf->until(t_base + s0 + i);  // a few lines per step: overlapped with the exps
       const V dtv = O::load(dt + (s0 + i) * L);
       float* e = E + i * n * L;
       // Rounded products are monotonic in A2, so every dt * A2_k of the step lies between these two;
@@ -638,84 +731,6 @@ void lanes_steps(int64_t nt, int64_t n_arg, const float* dt, const float* cf, co
 #endif
 
 #ifdef HK_AVX2
-// Channels per forward tile: 16 (one per AVX-512 lane; the default where the build has AVX-512) or 8
-// (AVX2 lanes). HIERKERN_CPU_SCAN_LANES=8 forces the narrow tiles (tests run both widths).
-// On the sixteenth session's Xeon (b=8, d=2048, n=16, variable B / C, D, z, softplus; cold caches)
-// 16-lane tiles with the input prefetch below took 31-32 ms at l = 680 against 34 ms for 8-lane tiles
-// without it (their best), and 102 against 106 ms at l = 2240. The state updates and exps of a step run
-// at twice the width for the same instruction count (lanes_steps' share of the time fell by a
-// quarter), but without the prefetch the wider tile's 48 interleaved input rows stalled its
-// transposes on memory and the gain was lost (36 ms).
-inline int64_t scan_lanes() {
-  static const int64_t lanes = [] {
-#ifdef HK_AVX512
-    const char* e = std::getenv("HIERKERN_CPU_SCAN_LANES");
-    if (e == nullptr || *e == '\0') return int64_t(16);
-    const std::string v(e);
-    TORCH_CHECK(v == "8" || v == "16", "hierkern: HIERKERN_CPU_SCAN_LANES must be 8 or 16, got '", v, "'");
-    return v == "8" ? int64_t(8) : int64_t(16);
-#else
-    return int64_t(8);
-#endif
-  }();
-  return lanes;
-}
-
-// Share `part` of `parts` of the cache lines fwd_lanes reads after its first kStage steps, requested
-// into L2: the rows of delta, u (and z) of this tile's later stages (kStage steps each), then those of
-// stage 0 of the tile (next_b, next_d0; as wide as this one) the thread runs next (next_d0 < 0: none),
-// in that order. A share per kExpSteps steps (parts = the tile's runs of kExpSteps) spreads the
-// requests evenly over the tile, and each stage's lines are all requested before its first block.
-// Without it, an 8-lane tile's 24 rows are 24 interleaved runs of 256 bytes per time block, which the
-// hardware prefetcher follows poorly: a staged copy of 512 steps per row before the transposes was
-// 3-7% faster than that (Zen 3), and this prefetch then took the forward from 125 to 111 ms at
-// l = 2240 (Zen 4), where the copy had stalled on memory (14% of the time); with the prefetch, the
-// copy no longer paid: transposing straight from the rows is 6-9% faster (31.8 vs 33.9 ms at l = 680,
-// 100 vs 108 ms at l = 2240). Into L1 (T0) the prefetch gained nothing: the exps already fill it.
-// Prefetching the output rows for writing measured 2% slower.
-// HIERKERN_CPU_SCAN_PREFETCH=1|0 forces it on or off. By default it is on for 16-lane tiles (see
-// scan_lanes) and, for 8-lane tiles, on AMD CPUs only: on the fourteenth session's Xeon the software
-// prefetches stalled an 8-lane tile's thread (42% of its own samples sat on the prefetch loop), and
-// without them the forward was faster in each of eight alternating pairs at l = 2240 (b=8, d=2048):
-// 107-122 ms against 112-133 (~2% at l = 680; 34 vs 35 ms again in the sixteenth session).
-inline bool scan_prefetch_enabled(int64_t lanes) {
-  static const int forced = [] {
-    const char* e = std::getenv("HIERKERN_CPU_SCAN_PREFETCH");
-    return e && e[0] ? int(e[0] != '0') : -1;
-  }();
-  static const bool amd = [] {
-    __builtin_cpu_init();
-    return (bool)__builtin_cpu_is("amd");
-  }();
-  return forced >= 0 ? forced == 1 : (lanes == 16 || amd);
-}
-
-inline void prefetch_share(const at::Tensor& delta, const at::Tensor& u, const std::optional<at::Tensor>& z,
-                           int64_t lanes, int64_t l, int64_t b, int64_t d0, int64_t next_b, int64_t next_d0,
-                           int64_t part, int64_t parts) {
-  constexpr int64_t kLine = 64;
-  const at::Tensor* src[3] = {&delta, &u, present(z) ? &*z : nullptr};
-  const int64_t rows = (src[2] ? 3 : 2) * lanes;
-  // Lines per row of a stage of m steps, counted from the line that holds its first step.
-  auto per_row = [](int64_t m) { return (m * int64_t(sizeof(float)) + 2 * kLine - 1) / kLine; };
-  int64_t total = next_d0 >= 0 ? rows * per_row(std::min(kStage, l)) : 0;
-  for (int64_t t = kStage; t < l; t += kStage) total += rows * per_row(std::min(kStage, l - t));
-  const int64_t lo = total * part / parts, hi = total * (part + 1) / parts;
-  int64_t first = 0;  // flat index of the current stage's first line
-  auto stage = [&](int64_t sb, int64_t sd0, int64_t t, int64_t m) {
-    const int64_t pr = per_row(m), n_lines = rows * pr;
-    for (int64_t i = std::max(lo, first); i < std::min(hi, first + n_lines);) {
-      const int64_t r = (i - first) / pr;
-      const at::Tensor& x = *src[r / lanes];
-      const char* row = reinterpret_cast<const char*>(static_cast<const float*>(x.const_data_ptr()) +
-                                                      sb * x.stride(0) + (sd0 + r % lanes) * x.stride(1) + t);
-      for (int64_t j = (i - first) % pr; j < pr && i < hi; ++j, ++i) _mm_prefetch(row + j * kLine, _MM_HINT_T1);
-    }
-    first += n_lines;
-  };
-  for (int64_t t = kStage; t < l && first < hi; t += kStage) stage(b, d0, t, std::min(kStage, l - t));
-  if (next_d0 >= 0 && first < hi) stage(next_b, next_d0, 0, std::min(kStage, l));
-}
 
 // L = O::kLanes (16 or 8) channels of one batch, one per vector lane: the forward's fast path.
 // Vectorising over the states (fwd_channel) leaves each step a serial chain through the state's store
@@ -730,7 +745,7 @@ void fwd_lanes(const at::Tensor& u, const at::Tensor& delta, const std::vector<f
                const Panel& Cp, const std::vector<float>& D, const std::optional<at::Tensor>& z,
                 const std::vector<float>& bias, const std::optional<at::Tensor>& init, bool softplus,
                 const Dims& s, int64_t b, int64_t d0, T* o, int64_t os1, int64_t os2, float* last,
-                const Scratch& sc, int64_t next_b = -1, int64_t next_d0 = -1) {
+                const Scratch& sc, InputPrefetch& prefetch, int64_t next_b = -1, int64_t next_d0 = -1) {
   using V = typename O::V;
   constexpr int64_t L = O::kLanes;
   const int64_t n = s.n;
@@ -768,6 +783,11 @@ void fwd_lanes(const at::Tensor& u, const at::Tensor& delta, const std::vector<f
   // L / 8 blocks side by side); anything else, and the nt % 8 tail, one element at a time.
   const bool blocks = us[0].st == 1 && ds[0].st == 1 && (!has_z || zs[0].st == 1);
   const int64_t su = u.stride(1), sd = delta.stride(1), sz = has_z ? z->stride(1) : 0;
+  InputPrefetch* pf = nullptr;
+  if (std::is_same_v<T, float> && blocks && scan_prefetch_enabled()) {
+    pf = &prefetch;
+    pf->start(delta, u, z, L, s.l, b, d0, next_b, next_d0);
+  }
   for (int64_t t0 = 0; t0 < s.l; t0 += kTimeBlock) {
     const int64_t nt = std::min(kTimeBlock, s.l - t0);
     int64_t i0 = 0;
@@ -794,29 +814,14 @@ void fwd_lanes(const at::Tensor& u, const at::Tensor& delta, const std::vector<f
     const float* zb = has_z ? zz : nullptr;
     const float* Bs = Bg ? Bg + t0 * n : B8;
     const float* Cs = Cg ? Cg + t0 * n : C8;
-    // The steps in runs of kExpSteps, each after its share of the input prefetch: one share per block
-    // issued at once (~200 lines at l = 680 with 16 lanes) filled every line fill buffer and stalled
-    // the thread on the prefetch instructions (~20% of the forward); spread over the block they
-    // overlap with the steps' arithmetic (same bits: lanes_steps runs kExpSteps at a time anyway).
-    const bool pf = std::is_same_v<T, float> && blocks && scan_prefetch_enabled(L);
     auto steps = [&](auto var_b, auto var_c) {
       constexpr bool VB = decltype(var_b)::value, VC = decltype(var_c)::value;
-      for (int64_t s0 = 0; s0 < nt; s0 += kExpSteps) {
-        if (pf)
-          prefetch_share(delta, u, z, L, s.l, b, d0, next_b, next_d0, (t0 + s0) / kExpSteps,
-                         (s.l + kExpSteps - 1) / kExpSteps);
-        const int64_t ns = std::min(kExpSteps, nt - s0);
-        const float *dts = dt + s0 * L, *cfs = cf + s0 * L, *uus = uu + s0 * L, *zbs = zb ? zb + s0 * L : nullptr;
-        const float *Bss = VB ? Bs + s0 * n : Bs, *Css = VC ? Cs + s0 * n : Cs;
-        if constexpr (kStatesInRegisters) {
-          if (n == kRegisterStates) {
-            lanes_steps<O, VB, VC, kRegisterStates>(ns, n, dts, cfs, uus, zbs, Dv, A8, Amin, Amax, Bss, Css, X, E,
-                                                    Y + s0 * L);
-            continue;
-          }
-        }
-        lanes_steps<O, VB, VC>(ns, n, dts, cfs, uus, zbs, Dv, A8, Amin, Amax, Bss, Css, X, E, Y + s0 * L);
+      if constexpr (kStatesInRegisters) {
+        if (n == kRegisterStates)
+          return lanes_steps<O, VB, VC, kRegisterStates>(nt, n, dt, cf, uu, zb, Dv, A8, Amin, Amax, Bs, Cs, X, E, Y,
+                                                         pf, t0);
       }
+      lanes_steps<O, VB, VC>(nt, n, dt, cf, uu, zb, Dv, A8, Amin, Amax, Bs, Cs, X, E, Y, pf, t0);
     };
     using Yes = std::true_type;
     using No = std::false_type;
@@ -866,6 +871,7 @@ void fwd_kernel(const at::Tensor& u, const at::Tensor& delta, const std::vector<
     // Sized for the widest tile; an 8-channel tile uses the front of each array.
     const int64_t w = t16 ? 16 : 8, tw = kTimeBlock * w;
     const Scratch scw{w * s.n, w * s.n, w * s.n, w * s.n, tw, tw, tw, tw, std::max(tw, s.n), kExpSteps * w * s.n};
+    InputPrefetch prefetch;
 #endif
     for (int64_t task = lo; task < hi; ++task) {
       const int64_t b = task / per_b, r = task % per_b;
@@ -880,12 +886,12 @@ void fwd_kernel(const at::Tensor& u, const at::Tensor& delta, const std::vector<
 #ifdef HK_AVX512
         if (wide) {
           fwd_lanes<Vec16, T>(u, delta, A2, Bp, Cp, D, z, bias, init, softplus, s, b, 16 * r, ob, os1, os2, lb,
-                              scw, next ? nb : -1, nd0);
+                              scw, prefetch, next ? nb : -1, nd0);
           continue;
         }
 #endif
         fwd_lanes<Vec8, T>(u, delta, A2, Bp, Cp, D, z, bias, init, softplus, s, b, 16 * t16 + 8 * (r - t16), ob,
-                           os1, os2, lb, scw, next ? nb : -1, nd0);
+                           os1, os2, lb, scw, prefetch, next ? nb : -1, nd0);
         continue;
       }
 #endif
