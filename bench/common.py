@@ -394,8 +394,8 @@ def flush_caches(device: str):
     place in the round (the L=680 diagonal forward: hierkern, timed right after the eager reference's
     ~170 MB of traffic, 6.4-7.3 ms; the per-scale loop, timed after compiled flex, 6.9-7.4 ms; each
     ~5.2 / ~6.1 ms when the two alternate alone). CPU: reads a HIERKERN_BENCH_FLUSH_MB (default 256)
-    buffer, which leaves clean lines (no write-backs charged to the next call); CUDA: zeroes it.
-    0 turns the flush off."""
+    buffer, which leaves clean lines (no write-backs charged to the next call); CUDA: zeroes it and
+    synchronises, so the call's launch overhead is still timed. 0 turns the flush off."""
     mb = flush_mib()
     if mb == 0:
         return
@@ -404,6 +404,8 @@ def flush_caches(device: str):
         buf = _flush_buffers[device] = torch.ones(mb << 18, dtype=torch.float32, device=device)
     if device == "cuda":
         buf.zero_()
+        # idle before the timed call: a queued flush would hide the call's launch overhead behind it
+        torch.cuda.synchronize()
     else:
         buf.sum()
 
