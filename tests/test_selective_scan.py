@@ -205,17 +205,17 @@ AVX512 = pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512",
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _run_with_env(code, **env):
-    return subprocess.run([sys.executable, "-c", code], env=dict(os.environ, **env), capture_output=True,
+def _python(args, **env):
+    """`python *args` from the repository root with `env` added to the environment."""
+    return subprocess.run([sys.executable, *args], env=dict(os.environ, **env), capture_output=True,
                           text=True, timeout=600, cwd=os.path.dirname(HERE))
 
 
 @AVX512
 def test_narrow_tiles_forced():
     """The tile tests again with HIERKERN_CPU_SCAN_LANES=8 (the 8-lane tiles AVX2-only builds use)."""
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-                        "channel_tiles or continuation_cpu"], env=dict(os.environ, HIERKERN_CPU_SCAN_LANES="8"),
-                       capture_output=True, text=True, timeout=600, cwd=os.path.dirname(HERE))
+    r = _python(["-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "channel_tiles or continuation_cpu"],
+                HIERKERN_CPU_SCAN_LANES="8")
     assert r.returncode == 0 and " passed" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
 
 
@@ -233,7 +233,7 @@ out, last = hierkern.selective_scan(**x, delta_softplus=True, return_last_state=
 torch.save((out, last), r"{tmp_path}/" + __import__("os").environ["HIERKERN_CPU_SCAN_LANES"] + ".pt")
 """
     for lanes in ("8", "16"):
-        r = _run_with_env(code, HIERKERN_CPU_SCAN_LANES=lanes)
+        r = _python(["-c", code], HIERKERN_CPU_SCAN_LANES=lanes)
         assert r.returncode == 0, r.stderr[-3000:]
     narrow, wide = torch.load(tmp_path / "8.pt"), torch.load(tmp_path / "16.pt")
     for a, c in zip(narrow, wide):
@@ -244,7 +244,7 @@ torch.save((out, last), r"{tmp_path}/" + __import__("os").environ["HIERKERN_CPU_
 def test_bad_tile_width_is_named():
     code = "import torch, hierkern; x = torch.randn(1, 16, 5); hierkern.selective_scan(x, x, -torch.ones(16, 4), " \
            "torch.randn(16, 4), torch.randn(16, 4), impl='cpu')"
-    r = _run_with_env(code, HIERKERN_CPU_SCAN_LANES="12")
+    r = _python(["-c", code], HIERKERN_CPU_SCAN_LANES="12")
     assert r.returncode != 0 and "HIERKERN_CPU_SCAN_LANES must be 8 or 16, got '12'" in r.stderr, r.stderr[-3000:]
 
 
