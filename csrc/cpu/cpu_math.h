@@ -394,6 +394,9 @@ struct Vec8 {
   static constexpr int64_t kLanes = 8;
   static V load(const float* p) { return _mm256_loadu_ps(p); }
   static void store(float* p, V x) { _mm256_storeu_ps(p, x); }
+  // p 32-byte aligned (a Scratch array, a multiple of kLanes in): GCC tuned for Zen 1 splits every
+  // 256-bit store it cannot prove aligned into two 128-bit halves, one more instruction per store.
+  static void store_aligned(float* p, V x) { _mm256_store_ps(p, x); }
   static V set1(float x) { return _mm256_set1_ps(x); }
   static V add(V a, V b) { return _mm256_add_ps(a, b); }
   static V sub(V a, V b) { return _mm256_sub_ps(a, b); }
@@ -437,6 +440,7 @@ struct Vec16 {
   static constexpr int64_t kLanes = 16;
   static V load(const float* p) { return _mm512_loadu_ps(p); }
   static void store(float* p, V x) { _mm512_storeu_ps(p, x); }
+  static void store_aligned(float* p, V x) { _mm512_store_ps(p, x); }  // p 64-byte aligned
   static V set1(float x) { return _mm512_set1_ps(x); }
   static V add(V a, V b) { return _mm512_add_ps(a, b); }
   static V sub(V a, V b) { return _mm512_sub_ps(a, b); }
@@ -539,10 +543,18 @@ inline __m256 gelu_tanh_grad8(__m256 y) {
   return _mm256_fmadd_ps(ys1s2, du, s);
 }
 
-// dst[c * ldd + r] = src[r * lds + c] for an 8 x 8 block.
+// dst[c * ldd + r] = src[r * lds + c] for an 8 x 8 block. Each register is loaded as two 128-bit
+// halves, rows r and r + 4 side by side, so the two 4 x 4 transposes run within 128-bit lanes and no
+// lane-crossing permute is needed (vperm2f128 is 8 macro-ops on Zen 1; selective_scan's forward
+// transposes three inputs and its output in 8 x 8 blocks). AlignedDst: dst and ldd keep every row
+// 32-byte aligned (see Vec8::store_aligned).
+template <bool AlignedDst = false>
 inline void transpose8x8(const float* src, int64_t lds, float* dst, int64_t ldd) {
   __m256 r[8], t[8];
-  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * lds);
+  for (int i = 0; i < 4; ++i)
+    for (int h = 0; h < 2; ++h)  // r[i]: columns 0-3 of rows i, i + 4; r[i + 4]: columns 4-7
+      r[i + 4 * h] = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(src + i * lds + 4 * h)),
+                                          _mm_loadu_ps(src + (i + 4) * lds + 4 * h), 1);
   for (int i = 0; i < 8; i += 2) {
     t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
     t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
@@ -553,9 +565,9 @@ inline void transpose8x8(const float* src, int64_t lds, float* dst, int64_t ldd)
     r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
     r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
   }
-  for (int i = 0; i < 4; ++i) {
-    _mm256_storeu_ps(dst + i * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
-    _mm256_storeu_ps(dst + (i + 4) * ldd, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+  for (int i = 0; i < 8; ++i) {
+    if constexpr (AlignedDst) _mm256_store_ps(dst + i * ldd, r[i]);
+    else _mm256_storeu_ps(dst + i * ldd, r[i]);
   }
 }
 

@@ -63,7 +63,7 @@ inline __m256 sigmoid8(__m256 x) {
   return _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), x))));
 }
 
-// x[i] <- f(x[i]) for i < m (a multiple of 8), O::kLanes at a time with four exps interleaved
+// x[i] <- f(x[i]) for i < m (a multiple of 8; x 64-byte aligned, a Scratch array), O::kLanes at a time with four exps interleaved
 // (exp_n: one alone is a long serial chain), as wide as the build allows: AVX-512 for the first
 // m / 16 * 16 elements, AVX2 for the rest. F<O>::pre(v) gives the exp's argument, F<O>::post(v, e)
 // the result from v and the exp; the same operations at either width give the same bits.
@@ -76,12 +76,12 @@ inline int64_t map_exp_span(float* x, int64_t m) {
     V v[4], e[4];
     for (int j = 0; j < 4; ++j) e[j] = Op::pre(v[j] = O::load(x + i + W * j));
     exp_n<O, 4>(e);
-    for (int j = 0; j < 4; ++j) O::store(x + i + W * j, Op::post(v[j], e[j]));
+    for (int j = 0; j < 4; ++j) O::store_aligned(x + i + W * j, Op::post(v[j], e[j]));
   }
   for (; i + W <= m; i += W) {
     V v = O::load(x + i), e = Op::pre(v);
     exp_n<O, 1>(&e);
-    O::store(x + i, Op::post(v, e));
+    O::store_aligned(x + i, Op::post(v, e));
   }
   return i;
 }
@@ -228,8 +228,8 @@ inline void exp_scaled(const float* A2, float s, int64_t n, float* a) {
   for (; k < n; ++k) a[k] = exp2_scalar(s, A2[k]);
 }
 
-// Per-thread scratch carved from one allocation: every array starts on its own cache line and the
-// block is padded by a line at each end. The hot per-step arrays (the state, the adjoint) are small
+// Per-thread scratch carved from one allocation: every array starts on its own cache line (so 64-byte
+// aligned: the vector stores into it are aligned ones) and the block is padded by a line at each end. The hot per-step arrays (the state, the adjoint) are small
 // (n floats) and stored every step; as separate small heap blocks two threads' arrays could share a
 // cache line and bounce it between cores.
 class Scratch {
@@ -684,13 +684,13 @@ void lanes_steps(int64_t nt, int64_t n_arg, const float* dt, const float* cf, co
         for (int j = 0; j < 4; ++j) a[j] = O::load(A8 + (k + j) * L);
         if (in_range) exp2_n<O, 4, true>(dtv, a);
         else exp2_n<O, 4, false>(dtv, a);
-        for (int j = 0; j < 4; ++j) O::store(e + (k + j) * L, a[j]);
+        for (int j = 0; j < 4; ++j) O::store_aligned(e + (k + j) * L, a[j]);
       }
       if constexpr (NS % 4 != 0 || NS == 0)  // none when NS % 4 == 0 (GCC warns about the dead loop)
         for (; k < n; ++k) {
           V a = O::load(A8 + k * L);
           exp2_n<O, 1, false>(dtv, &a);
-          O::store(e + k * L, a);
+          O::store_aligned(e + k * L, a);
         }
     }
     if constexpr (NS > 0)
@@ -711,7 +711,7 @@ void lanes_steps(int64_t nt, int64_t n_arg, const float* dt, const float* cf, co
         else xp = O::load(X + k * L);
         const V xk = O::fmadd(O::load(e + k * L), xp, O::mul(cv, bk));
         if constexpr (NS > 0) xs[k] = xk;
-        else O::store(X + k * L, xk);
+        else O::store_aligned(X + k * L, xk);
         acc = O::fmadd(ck, xk, acc);
       };
       int64_t k = 0;
@@ -722,10 +722,10 @@ void lanes_steps(int64_t nt, int64_t n_arg, const float* dt, const float* cf, co
       V yv = O::add(O::add(y[0], y[1]), O::add(y[2], y[3]));
       yv = O::add(yv, O::mul(Dv, O::load(uu + t * L)));
       if (zz) yv = O::mul(yv, O::load(zz + t * L));
-      O::store(Y + t * L, yv);
+      O::store_aligned(Y + t * L, yv);
     }
     if constexpr (NS > 0)
-      _Pragma("GCC unroll 16") for (int k = 0; k < NS; ++k) O::store(X + k * L, xs[k]);
+      _Pragma("GCC unroll 16") for (int k = 0; k < NS; ++k) O::store_aligned(X + k * L, xs[k]);
   }
 }
 #endif
@@ -795,9 +795,9 @@ void fwd_lanes(const at::Tensor& u, const at::Tensor& delta, const std::vector<f
       if (blocks) {
         for (; i0 + 8 <= nt; i0 += 8)
           for (int64_t h = 0; h < L; h += 8) {
-            transpose8x8(ds[h].p + t0 + i0, sd, dt + i0 * L + h, L);
-            transpose8x8(us[h].p + t0 + i0, su, uu + i0 * L + h, L);
-            if (has_z) transpose8x8(zs[h].p + t0 + i0, sz, zz + i0 * L + h, L);
+            transpose8x8<true>(ds[h].p + t0 + i0, sd, dt + i0 * L + h, L);
+            transpose8x8<true>(us[h].p + t0 + i0, su, uu + i0 * L + h, L);
+            if (has_z) transpose8x8<true>(zs[h].p + t0 + i0, sz, zz + i0 * L + h, L);
           }
       }
     }
@@ -807,9 +807,9 @@ void fwd_lanes(const at::Tensor& u, const at::Tensor& delta, const std::vector<f
         uu[i * L + c] = us[c][t0 + i];
         if (has_z) zz[i * L + c] = zs[c][t0 + i];
       }
-    for (int64_t i = 0; i < nt; ++i) O::store(dt + i * L, O::add(O::load(dt + i * L), biasv));
+    for (int64_t i = 0; i < nt; ++i) O::store_aligned(dt + i * L, O::add(O::load(dt + i * L), biasv));
     if (softplus) softplus_inplace(dt, nt * L);
-    for (int64_t i = 0; i < nt; ++i) O::store(cf + i * L, O::mul(O::load(dt + i * L), O::load(uu + i * L)));
+    for (int64_t i = 0; i < nt; ++i) O::store_aligned(cf + i * L, O::mul(O::load(dt + i * L), O::load(uu + i * L)));
     if (has_z) silu_inplace8(zz, nt * L);  // the gate
     const float* zb = has_z ? zz : nullptr;
     const float* Bs = Bg ? Bg + t0 * n : B8;
