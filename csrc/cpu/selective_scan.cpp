@@ -63,10 +63,11 @@ inline __m256 sigmoid8(__m256 x) {
   return _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), x))));
 }
 
-// x[i] <- f(x[i]) for i < m (a multiple of 8; x 64-byte aligned, a Scratch array), O::kLanes at a time with four exps interleaved
-// (exp_n: one alone is a long serial chain), as wide as the build allows: AVX-512 for the first
-// m / 16 * 16 elements, AVX2 for the rest. F<O>::pre(v) gives the exp's argument, F<O>::post(v, e)
-// the result from v and the exp; the same operations at either width give the same bits.
+// x[i] <- f(x[i]) for i < m (a multiple of 8; x 64-byte aligned, a Scratch array), O::kLanes at a
+// time with four exps interleaved (exp_n: one alone is a long serial chain), as wide as the build
+// allows: AVX-512 for the first m / 16 * 16 elements, AVX2 for the rest. F<O>::pre(v) gives the exp's
+// argument, F<O>::post(v, e) the result from v and the exp; the same operations at either width give
+// the same bits.
 template <class O, class Op>
 inline int64_t map_exp_span(float* x, int64_t m) {
   using V = typename O::V;
@@ -229,9 +230,9 @@ inline void exp_scaled(const float* A2, float s, int64_t n, float* a) {
 }
 
 // Per-thread scratch carved from one allocation: every array starts on its own cache line (so 64-byte
-// aligned: the vector stores into it are aligned ones) and the block is padded by a line at each end. The hot per-step arrays (the state, the adjoint) are small
-// (n floats) and stored every step; as separate small heap blocks two threads' arrays could share a
-// cache line and bounce it between cores.
+// aligned: the vector stores into it are aligned ones) and the block is padded by a line at each end.
+// The hot per-step arrays (the state, the adjoint) are small (n floats) and stored every step; as
+// separate small heap blocks two threads' arrays could share a cache line and bounce it between cores.
 class Scratch {
  public:
   explicit Scratch(std::initializer_list<int64_t> sizes) {
